@@ -1,0 +1,221 @@
+"""Artifact conventions shared by every stage.
+
+An artifact is a directory: data files (safetensors, Arrow, JSON) plus `manifest.json`, written by the
+producing stage. The manifest records the stage, bltool version, full config, the input artifacts with
+their content hashes, the creation time, and a table of the artifact's own files (bytes and SHA-256).
+The artifact's hash is the SHA-256 of that file table, so a consumer can cite its inputs by content
+without rereading gigabytes of weights.
+
+Directories are written atomically: the stage builds a temporary sibling and renames it into place, so
+a killed or failed stage leaves nothing at `--out`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bltool import __version__
+from bltool.errors import ArtifactError, UsageError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(value, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse to replace an existing, non-empty output unless asked to (checked before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path, overwrite: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` only if the block finishes without error.
+
+    The temporary directory is a sibling of `out` (same filesystem, so the final rename is atomic).
+    On any exception, KeyboardInterrupt included, it is removed and `out` is left as it was.
+    """
+    out = Path(out).absolute()
+    check_output_dir(out, overwrite, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):  # some writers create 0600 files; give them the umask's mode
+            if path.is_file():
+                os.chmod(path, 0o666 & ~_umask())
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    """Bytes and SHA-256 of every file under `directory` except the manifest (relative POSIX names)."""
+    directory = Path(directory)
+    table = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name == MANIFEST or name.startswith("."):
+            continue
+        table[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return table
+
+
+def write_manifest(
+    directory: Path,
+    stage: str,
+    config: dict[str, Any],
+    inputs: list[dict[str, Any]],
+    **sections: Any,
+) -> dict[str, Any]:
+    """Write `manifest.json` describing the files already in `directory`; return the manifest."""
+    files = file_table(directory)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "stage": stage,
+        "bltool_version": __version__,
+        "created_at": now_iso(),
+        "config": config,
+        "inputs": inputs,
+        **sections,
+        "files": files,
+        "hash": sha256_json(files),
+    }
+    write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path, stages: tuple[str, ...] | None = None, flag: str = "PATH") -> dict:
+    """Read and check an artifact's manifest: it exists, parses, comes from one of `stages`, and
+    every file it lists is present with its recorded size (a cheap guard against truncation)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ArtifactError(f"{flag}: {directory} does not exist")
+    if not directory.is_dir():
+        raise ArtifactError(f"{flag}: {directory} is not a directory")
+    path = directory / MANIFEST
+    if not path.is_file():
+        wanted = " or ".join(f"`bltool {s}`" for s in stages) if stages else "a bltool stage"
+        raise ArtifactError(f"{flag}: {directory} has no {MANIFEST}; make it with {wanted}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{flag}: {path} is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or "stage" not in manifest or "files" not in manifest:
+        raise ArtifactError(f"{flag}: {path} is not a bltool manifest")
+    if stages is not None and manifest["stage"] not in stages:
+        wanted = " or ".join(f"`bltool {s}`" for s in stages)
+        raise ArtifactError(
+            f"{flag}: {directory} was made by `bltool {manifest['stage']}`, expected the output of {wanted}"
+        )
+    for name, entry in manifest["files"].items():
+        file = directory / name
+        if not file.is_file():
+            raise ArtifactError(f"{flag}: {file} is missing (listed in {MANIFEST})")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise ArtifactError(
+                f"{flag}: {file} has {size} bytes, its manifest says {entry['bytes']} (truncated or modified)"
+            )
+    return manifest
+
+
+def artifact_ref(directory: Path, manifest: dict, role: str) -> dict[str, Any]:
+    """How a consumer cites an input artifact in its own manifest."""
+    return {
+        "role": role,
+        "path": str(Path(directory).absolute()),
+        "stage": manifest["stage"],
+        "hash": manifest["hash"],
+    }
+
+
+def check_safetensors(path: Path, flag: str = "PATH") -> None:
+    """Check that a .safetensors file is complete: a parseable header whose tensors fit the file.
+
+    safetensors layout: 8-byte little-endian header length N, N bytes of JSON, then the data buffer;
+    each tensor's `data_offsets` index that buffer, so the file must be exactly 8 + N + max(end).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes but the file has {size}")
+            header = json.loads(handle.read(n).decode("utf-8"))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as err:
+        raise ArtifactError(f"{flag}: {path} is not a valid safetensors file ({err})") from None
+    if 8 + n + end != size:
+        raise ArtifactError(
+            f"{flag}: {path} is truncated or corrupt: tensors need {8 + n + end} bytes, file has {size}"
+        )

@@ -1,0 +1,107 @@
+"""build-student: copy chosen teacher layers, plus embeddings, final norm and LM head, into a smaller
+model that is a plain Hugging Face checkpoint (METHOD.md §1).
+
+The student is constructed from a copy of the teacher's config with `num_hidden_layers = n` (and
+per-layer config lists such as `layer_types` cut to the chosen layers), so transformers numbers its
+attention layers 0..n-1 and the KV cache is addressed correctly; the chosen teacher layers' weights
+are then loaded into it under their new indices, strictly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bltool import ui
+from bltool.artifacts import atomic_output, check_output_dir, write_manifest
+from bltool.errors import UsageError
+from bltool.layers import canonical_mode, select_layers
+from bltool.models import (
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    quiet_transformers,
+    resolve_model,
+    tokenizer_identity,
+)
+
+STAGE = "build-student"
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class BuildStudentConfig:
+    teacher: str  # teacher model: path, .gguf or alias
+    out: str  # output directory
+    layers: int = 6  # student depth n
+    mode: str = "mixed"  # first (truncated) | middle | last | mixed
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", canonical_mode(self.mode))
+        if self.layers < 1:
+            raise UsageError(f"--layers must be at least 1, got {self.layers}")
+
+
+def student_config(teacher_config, indices: list[int]):
+    """The teacher's config for n = len(indices) layers, per-layer lists cut to the chosen layers."""
+    config = copy.deepcopy(teacher_config)
+    n_teacher = teacher_config.num_hidden_layers
+    config.num_hidden_layers = len(indices)
+    for key in PER_LAYER_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == n_teacher:
+            setattr(config, key, [value[i] for i in indices])
+    return config
+
+
+def student_state_dict(teacher_state: dict, indices: list[int]) -> dict:
+    """Teacher tensors renamed for the student: layer indices[j] → layer j, other layers dropped."""
+    position = {teacher_index: j for j, teacher_index in enumerate(indices)}
+    state = {}
+    for key, tensor in teacher_state.items():
+        match = _LAYER_KEY.match(key)
+        if match is None:
+            state[key] = tensor
+        elif int(match.group(1)) in position:
+            state[f"model.layers.{position[int(match.group(1))]}.{match.group(2)}"] = tensor
+    return state
+
+
+def run(config: BuildStudentConfig) -> Path:
+    check_output_dir(Path(config.out), config.overwrite)
+    teacher_ref = resolve_model(config.teacher, flag="--teacher")
+    teacher = load_model(teacher_ref, flag="--teacher")
+    tokenizer = load_tokenizer(teacher_ref, flag="--teacher")
+    n_teacher = teacher.config.num_hidden_layers
+    indices = select_layers(n_teacher, config.layers, config.mode)
+
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        student = AutoModelForCausalLM.from_config(student_config(teacher.config, indices), dtype=teacher.dtype)
+    student.load_state_dict(student_state_dict(teacher.state_dict(), indices), strict=True)
+    student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.eval()
+
+    with atomic_output(Path(config.out), config.overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(
+            tmp,
+            STAGE,
+            config=asdict(config),
+            inputs=[{"role": "teacher", **teacher_ref.describe(), "content": model_content_hash(teacher_ref)}],
+            teacher={"layers": n_teacher, "parameters": count_parameters(teacher), "model_type":
+                     teacher.config.model_type},
+            student={"layers": len(indices), "teacher_layers": indices, "mode": config.mode,
+                     "parameters": count_parameters(student), "dtype": str(student.dtype).replace("torch.", "")},
+            tokenizer=tokenizer_identity(tokenizer),
+        )
+    ui.info(f"student: teacher layers {indices} of {n_teacher} ({count_parameters(student):,} parameters)")
+    return Path(config.out)
+

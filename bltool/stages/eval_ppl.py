@@ -1,0 +1,192 @@
+"""eval-ppl: held-out perplexity and bits-per-byte (METHOD.md §6).
+
+Protocol: the held-out split's packed windows (documents joined with EOS, non-overlapping windows of
+the data's sequence length), taken in file order until `--max-tokens` tokens; every token of a window
+except its first is predicted from the tokens before it in the same window.
+
+    ppl = exp(Σ NLL / tokens scored)
+    bpb = Σ NLL / (ln 2 · UTF-8 bytes of the scored tokens)
+
+Perplexity depends on the tokenizer; bits-per-byte does not, so it compares models with different
+vocabularies. Every scored token counts in both sums, EOS included (EOS stands for 0 bytes, so the
+cost of predicting document boundaries is charged to the text's bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bltool import ui
+from bltool.artifacts import atomic_output, check_output_dir, write_json, write_manifest
+from bltool.data import PreparedData
+from bltool.errors import UsageError
+from bltool.models import (
+    check_vocab_fits,
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    tokenizer_identity,
+)
+from bltool.nll import token_nll
+
+STAGE = "eval-ppl"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EvalPplConfig:
+    model: str  # model path, .gguf or alias
+    data: str  # a prepare-data output directory
+    out: str | None = None  # output directory (default: DATA/ppl/<model name>)
+    max_tokens: int = 10_000_000  # token budget (capped by the held-out split)
+    batch_size: int = 8  # windows per forward pass
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    chunk: int = 256  # positions per LM-head chunk (bounds logits memory)
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        if self.max_tokens < 2:
+            raise UsageError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.chunk < 1:
+            raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
+
+
+def budget_windows(data: PreparedData, max_tokens: int):
+    """Held-out windows in file order, the last one cut so the total is at most `max_tokens`."""
+    left = max_tokens
+    for ids, nbytes in data.iter_sequences("heldout"):
+        if left < 2:
+            return
+        if len(ids) > left:
+            ids, nbytes = ids[:left], nbytes[:left]
+        left -= len(ids)
+        yield ids, nbytes
+
+
+def _batches(windows, batch_size: int):
+    batch = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _collate(batch, pad_id: int, device: str):
+    """Right-pad windows to one length: (B, T) ids and mask, and (B, T) byte counts."""
+    length = max(len(ids) for ids, _ in batch)
+    ids = np.full((len(batch), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), length), dtype=np.int64)
+    nbytes = np.zeros((len(batch), length), dtype=np.int64)
+    for row, (window_ids, window_bytes) in enumerate(batch):
+        ids[row, : len(window_ids)] = window_ids
+        mask[row, : len(window_ids)] = 1
+        nbytes[row, : len(window_ids)] = window_bytes
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device), nbytes
+
+
+def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> dict:
+    """Σ NLL, tokens and bytes scored over the budgeted windows."""
+    pad_id = int(data.tokenizer["eos_token_id"])
+    available = sum(len(ids) for ids, _ in budget_windows(data, config.max_tokens))
+    nll_sum, scored, scored_bytes, windows, window_tokens = 0.0, 0, 0, 0, 0
+    watch = ui.Stopwatch()
+    with ui.token_progress() as progress:
+        task = progress.add_task("eval-ppl", total=available, tokens=0)
+        for batch in _batches(budget_windows(data, config.max_tokens), config.batch_size):
+            ids, mask, nbytes = _collate(batch, pad_id, device)
+            nll = token_nll(model, ids, mask, chunk=config.chunk)  # (B, T-1) float32
+            nll_sum += float(nll.double().sum())
+            scored += int(mask[:, 1:].sum())
+            scored_bytes += int(nbytes[:, 1:].sum())
+            windows += len(batch)
+            window_tokens += int(mask.sum())
+            progress.update(task, advance=int(mask.sum()), tokens=window_tokens)
+    seconds = watch.seconds
+    if scored == 0:
+        raise UsageError(f"--data: {data.path} has no held-out tokens to score")
+    mean = nll_sum / scored
+    return {
+        "perplexity": math.exp(mean),
+        "bits_per_byte": nll_sum / (math.log(2) * scored_bytes) if scored_bytes else None,
+        "mean_nll": mean,
+        "nll_sum": nll_sum,
+        "protocol": {
+            "split": "heldout",
+            "seq_len": data.seq_len,
+            "windows": windows,
+            "tokens_in_windows": window_tokens,
+            "tokens_scored": scored,
+            "bytes_scored": scored_bytes,
+            "max_tokens": config.max_tokens,
+            "rule": "non-overlapping windows in file order; the first token of each window is not scored",
+        },
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(window_tokens / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def default_out(config: EvalPplConfig, label: str) -> Path:
+    return Path(config.data) / "ppl" / label
+
+
+def run(config: EvalPplConfig) -> Path:
+    data = PreparedData.open(Path(config.data))
+    ref = resolve_model(config.model, flag="MODEL")
+    out = Path(config.out) if config.out else default_out(config, ref.label)
+    check_output_dir(out, config.overwrite)
+    tokenizer = load_tokenizer(ref)
+    identity = tokenizer_identity(tokenizer)
+    data.check_tokenizer(identity, what=config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = load_model(ref, dtype=dtype, device=device)
+    check_vocab_fits(model.config, tokenizer, "MODEL")
+
+    result = evaluate(model, data, config, device)
+    result.update(
+        model=config.model,
+        model_path=str(ref.path),
+        data=str(Path(config.data).absolute()),
+        device=device,
+        dtype=str(dtype).replace("torch.", ""),
+        threads=torch.get_num_threads(),
+    )
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", result)
+        row = {k: v for k, v in result.items() if k != "protocol"}
+        row.update({f"protocol_{k}": v for k, v in result["protocol"].items()})
+        table = pa.Table.from_pylist([row])
+        with pa.OSFile(str(tmp / "result.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        write_manifest(
+            tmp,
+            STAGE,
+            config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, data.ref()],
+            result={k: result[k] for k in ("perplexity", "bits_per_byte", "mean_nll")},
+        )
+    p = result["protocol"]
+    ui.info(
+        f"{config.model}: perplexity {result['perplexity']:.3f}, bits/byte {result['bits_per_byte']:.4f} "
+        f"({p['tokens_scored']:,} tokens scored in {p['windows']} windows of ≤{p['seq_len']}; "
+        f"{result['tokens_per_s']:,.0f} tok/s on {device} {result['dtype']})"
+    )
+    return out
+

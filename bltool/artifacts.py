@@ -91,6 +91,7 @@ def atomic_output(out: Path, overwrite: bool = False, flag: str = "--out") -> It
     """
     out = Path(out).absolute()
     check_output_dir(out, overwrite, flag)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
@@ -108,6 +109,9 @@ def atomic_output(out: Path, overwrite: bool = False, flag: str = "--out") -> It
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # parents this call made, if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
 
 

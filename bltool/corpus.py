@@ -115,6 +115,9 @@ class CorpusReader:
         self.id_field = id_field
         self.records: list[InputRecord] = []
         self.formats = [detect_format(p) for p in self.paths]  # checks every input up front
+        for path, fmt in zip(self.paths, self.formats):
+            if fmt == "text-dir" and not any(p.is_file() for p in path.glob(glob)):
+                raise UsageError(f"INPUT: no files in {path} match --glob {glob!r}")
 
     def total_bytes(self) -> int:
         return sum(input_size(p, self.glob) for p in self.paths)

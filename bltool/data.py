@@ -11,6 +11,7 @@ UTF-8 bytes of the original text each token stands for, which is what bits-per-b
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,15 @@ def heldout_bucket(key: str) -> int:
     return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % HELDOUT_BUCKETS
 
 
+def heldout_threshold(fraction: float) -> int:
+    """Buckets below this are held out: the integer form of `bucket < 10000 · p`, computed so that
+    float error cannot add a bucket (0.0051 · 10000 is 51.00000000000001 in floating point)."""
+    return math.ceil(round(HELDOUT_BUCKETS * fraction, 9))
+
+
 def is_heldout(key: str, fraction: float) -> bool:
     """A pure function of the document, so the split is stable across runs, machines and corpus order."""
-    return heldout_bucket(key) < HELDOUT_BUCKETS * fraction
+    return heldout_bucket(key) < heldout_threshold(fraction)
 
 
 def token_byte_counts(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:

@@ -20,11 +20,11 @@ console = Console(stderr=True, highlight=False)
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 class TokenRateColumn(ProgressColumn):
@@ -47,7 +47,7 @@ def byte_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=True,  # the stage prints a summary line instead; errors stay one line
     )
 
 
@@ -61,7 +61,7 @@ def token_progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=True,  # the stage prints a summary line instead; errors stay one line
     )
 
 

@@ -183,10 +183,12 @@ def run(config: EvalPplConfig) -> Path:
             result={k: result[k] for k in ("perplexity", "bits_per_byte", "mean_nll")},
         )
     p = result["protocol"]
+    bpb = "n/a" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"  # no bytes scored
+    rate = "n/a" if result["tokens_per_s"] is None else f"{result['tokens_per_s']:,.0f}"
     ui.info(
-        f"{config.model}: perplexity {result['perplexity']:.3f}, bits/byte {result['bits_per_byte']:.4f} "
+        f"{config.model}: perplexity {result['perplexity']:.3f}, bits/byte {bpb} "
         f"({p['tokens_scored']:,} tokens scored in {p['windows']} windows of ≤{p['seq_len']}; "
-        f"{result['tokens_per_s']:,.0f} tok/s on {device} {result['dtype']})"
+        f"{rate} tok/s on {device} {result['dtype']})"
     )
     return out
 

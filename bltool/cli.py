@@ -105,15 +105,20 @@ def teachers(
         typer.echo(json.dumps([s.as_dict() for s in statuses], indent=2))
         return
     table = Table(title=f"teachers (registry: {stage.registry_file()})", title_justify="left")
-    for column in ("alias", "available", "converted", "source", "origin", "install"):
+    table.add_column("alias", no_wrap=True)
+    for column in ("available", "converted", "source"):
         table.add_column(column)
     for s in statuses:
-        converted = "-" if s.converted is None else ("yes" if s.converted else "no (on first use)")
-        table.add_row(s.name, "yes" if s.available else "[red]no[/red]", converted, s.target or "-", s.origin,
-                      s.install or "-")
+        converted = "-" if s.converted is None else ("yes" if s.converted else "on first use")
+        table.add_row(s.name, "yes" if s.available else "[red]no[/red]", converted, s.target or "-")
     from rich.console import Console
 
-    Console(soft_wrap=True).print(table)
+    out = Console(soft_wrap=True)
+    out.print(table)
+    for s in statuses:
+        if not s.available:
+            out.print(f"{s.name}: not available; " + (f"install with `{s.install}`" if s.install else
+                                                      f"its path is set in {s.origin}"), soft_wrap=True)
 
 
 @app.command("prepare-data")

@@ -402,7 +402,7 @@ def test_devices_and_dtypes():
 
 
 class Boom(Exception):
-    pass
+    """An ordinary failure inside a stage."""
 
 
 @pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
@@ -464,8 +464,8 @@ def test_atomic_output_success_and_empty_existing_dir(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(UsageError, match="not a directory"):
-        with atomic_output(a_file, overwrite=True):
-            pass
+        with atomic_output(a_file, overwrite=True) as tmp:
+            raise AssertionError(f"atomic_output yielded {tmp} for a file --out")
 
 
 def _umask() -> int:

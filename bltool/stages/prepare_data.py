@@ -80,8 +80,9 @@ def run(config: PrepareDataConfig) -> Path:
         with ui.byte_progress() as progress:
             task = progress.add_task("prepare-data", total=total or None, tokens=0)
             for batch in _batches(reader, BATCH_CHARS):
+                held = [is_heldout(d.key, config.heldout) for d in batch]
                 for split in SPLITS:
-                    docs = [d for d in batch if is_heldout(d.key, config.heldout) == (split == "heldout")]
+                    docs = [d for d, h in zip(batch, held) if h == (split == "heldout")]
                     tokens += _encode(docs, tokenizer, packers[split], writers[split], stats[split])
                 progress.update(task, advance=sum(d.nbytes for d in batch), tokens=tokens)
         for split in SPLITS:

@@ -1,0 +1,125 @@
+"""Gated LoRA linear (METHOD.md §2): exact outputs, the ρ = 0 skip, and injection into a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bltool.errors import UsageError
+from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora
+
+
+def hand_set(rank=2, gated=True, rho=1.0, bias=False):
+    base = nn.Linear(3, 2, bias=bias)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]]))
+        if bias:
+            base.bias.copy_(torch.tensor([0.5, -0.5]))
+    layer = GatedLoRALinear(base, rank=rank, alpha=4.0, dropout=0.0, gated=gated, gate_init=0.0)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]))
+        layer.lora_B.copy_(torch.tensor([[1.0, 2.0], [0.0, -1.0]]))
+    layer.set_rho(rho)
+    return layer
+
+
+def test_exact_output_with_gates_and_rho():
+    layer = hand_set(rho=0.5)
+    x = torch.tensor([[1.0, 1.0, 2.0]])
+    # W x = [1+2+6, -1+0+2] = [9, 1]; A x = [1, 3]; g = sigmoid(0) = 0.5 → [0.5, 1.5]
+    # B·(g∘Ax) = [0.5 + 3, -1.5] = [3.5, -1.5]; scaling α/r = 2 → [7, -3]; ρ W x = [4.5, 0.5]
+    assert torch.allclose(layer(x), torch.tensor([[11.5, -2.5]]))
+    plain = hand_set(gated=False, rho=1.0)  # no gates: B A x = [1 + 6, -3] → ×2 = [14, -6]
+    assert torch.allclose(plain(x), torch.tensor([[23.0, -5.0]]))
+
+
+def test_bias_is_scaled_with_the_dense_path():
+    layer = hand_set(rho=0.5, bias=True)
+    x = torch.tensor([[1.0, 1.0, 2.0]])
+    assert torch.allclose(layer(x), torch.tensor([[11.5 + 0.25, -2.5 - 0.25]]))
+
+
+def test_starts_equal_to_dense_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = GatedLoRALinear(base, rank=4, alpha=8.0, dropout=0.0)
+    x = torch.randn(5, 16)
+    assert torch.equal(layer(x), base(x))
+    assert torch.sigmoid(layer.gate_logits).min() > 0.98  # γ starts at +4
+
+
+class ExplodingLinear(nn.Linear):
+    def forward(self, x):
+        raise AssertionError("the dense matmul ran at rho == 0")
+
+
+def test_rho_zero_never_touches_dense_weight():
+    base = ExplodingLinear(6, 4)
+    layer = GatedLoRALinear(base, rank=2, alpha=2.0, dropout=0.0)
+    nn.init.normal_(layer.lora_B)
+    layer.set_rho(0.0)
+    x = torch.randn(3, 6, requires_grad=True)
+    out = layer(x)
+    assert torch.allclose(out, layer.lora(x))
+    out.sum().backward()  # backward does not need the dense weight either
+    assert base.weight.grad is None
+    layer.set_rho(0.3)
+    with pytest.raises(AssertionError, match="dense matmul ran"):
+        layer(x)
+
+
+def test_only_lora_and_gates_train():
+    layer = GatedLoRALinear(nn.Linear(6, 4), rank=3)
+    trainable = {name for name, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "gate_logits"}
+    assert "rho" in dict(layer.named_buffers())
+
+
+def test_rho_survives_state_dict_round_trip():
+    layer = GatedLoRALinear(nn.Linear(6, 4), rank=3)
+    layer.set_rho(0.25)
+    fresh = GatedLoRALinear(nn.Linear(6, 4), rank=3)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh._rho == 0.25 and float(fresh.rho) == 0.25
+    with pytest.raises(ValueError):
+        layer.set_rho(1.5)
+
+
+def test_mac_accounting():
+    layer = GatedLoRALinear(nn.Linear(768, 192), rank=128)
+    assert layer.dense_macs == 768 * 192
+    assert layer.lora_macs == 128 * (768 + 192)
+
+
+def test_inject_into_llama_in_registration_order(tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), 2, tied=True)).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 9))
+    before = model(ids).logits
+    adapted = inject_lora(model, LoRASpec(rank=4, alpha=8.0, dropout=0.0))
+    names = [name for name, _ in adapted]
+    assert len(names) == 14
+    assert [n.rsplit(".", 1)[-1] for n in names[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"]
+    assert all(isinstance(model.get_submodule(n), GatedLoRALinear) for n in names)
+    assert torch.allclose(model(ids).logits, before)  # B = 0: unchanged at start
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "gate_logits" in n for n in trainable)
+    assert set(DEFAULT_TARGETS) == {n.rsplit(".", 1)[-1] for n in names}
+
+
+def test_inject_unknown_target_and_spec_validation(tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), 1, tied=True))
+    with pytest.raises(UsageError, match="--target-modules.*qkv"):
+        inject_lora(model, LoRASpec(targets=("q_proj", "qkv")))
+    for kwargs, flag in (({"rank": 0}, "--rank"), ({"alpha": 0}, "--lora-alpha"),
+                         ({"dropout": 1.0}, "--lora-dropout"), ({"targets": ()}, "--target-modules")):
+        with pytest.raises(UsageError, match=flag):
+            LoRASpec(**kwargs)

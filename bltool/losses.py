@@ -1,0 +1,136 @@
+"""The distillation loss of METHOD.md §4, computed over sequence chunks.
+
+Over the non-padding next-token positions (position t predicts token t+1, right padding):
+
+    L = α_kd · T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)) + (1 − α_kd) · CE(z_S, labels)
+
+KL is summed over the vocabulary and both terms are averaged per predicted token; the T² keeps the
+soft term's gradient on the scale of the hard term's as T grows (Hinton et al. 2015).
+
+Memory: as in `nll.token_nll`, the LM heads are applied `chunk` positions at a time to the final hidden
+states, so neither model's (B, T, V) float32 logits ever exist; one chunk's (B, c, V) do. With
+`checkpoint=True` (the default) each chunk's heads and loss run under activation checkpointing, so the
+backward pass also holds only the (B, T, d) hidden states plus one chunk's (B, c, V) intermediates
+(recomputed, teacher head included: one extra pass of both heads). With `checkpoint=False` the backward
+keeps three (B, c, V) float32 tensors per chunk (the student's two log-softmaxes and the teacher's
+probabilities), which grows with T like the unchunked loss. benchmarks/kd_loss_memory.py measures both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from bltool.errors import UsageError
+
+IGNORE_INDEX = -100  # label of a position with no target (padding), as in F.cross_entropy
+
+Head = Callable[[torch.Tensor], torch.Tensor]  # (B, c, d) hidden → (B, c, V) logits, e.g. the LM head
+
+
+class KDLoss(NamedTuple):
+    """The loss to backpropagate and its two parts for logging (detached, 0-dim, float32)."""
+
+    loss: torch.Tensor  # α_kd · T² · kl + (1 − α_kd) · ce
+    kl: torch.Tensor  # mean KL(teacher ‖ student) per token at temperature T, without the T²
+    ce: torch.Tensor  # mean cross-entropy of the student against the labels, at temperature 1
+
+
+def check_kd_args(temperature: float, kd_weight: float, chunk: int = 1) -> None:
+    """Raise UsageError, naming the CLI flag, for a temperature, KD weight or chunk out of range."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--temperature must be a positive number, got {temperature}")
+    if not 0.0 <= kd_weight <= 1.0:  # also rejects NaN
+        raise UsageError(f"--kd-weight must be in [0, 1], got {kd_weight}")
+    if chunk < 1:
+        raise UsageError(f"--chunk must be at least 1, got {chunk}")
+
+
+def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Labels (B, T-1) for positions 0..T-2: the next token, or IGNORE_INDEX where it is padding."""
+    return input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least (bf16/fp16 are upcast; float64, used by tests, is kept)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _kl_ce_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """[Σ KL, Σ CE] over the positions whose label is not IGNORE_INDEX; logits (..., V), labels (...)."""
+    valid = labels != IGNORE_INDEX  # (...)
+    with torch.no_grad():
+        log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)  # (..., V)
+        p_t = log_p_t.exp()
+        neg_entropy_t = (p_t * log_p_t).sum(-1)  # (...) Σ_v p_T log p_T
+        del log_p_t
+    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)  # (..., V), saved for the backward
+    kl = neg_entropy_t - (p_t * log_p_s).sum(-1)  # (...) Σ_v p_T (log p_T − log p_S)
+    kl = torch.where(valid, kl, 0.0).sum()
+    ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def _combine(sums: torch.Tensor, n_valid: torch.Tensor, temperature: float, kd_weight: float) -> KDLoss:
+    kl, ce = sums / n_valid.clamp(min=1)  # means per predicted token
+    loss = kd_weight * temperature**2 * kl + (1.0 - kd_weight) * ce
+    return KDLoss(loss, kl.detach().float(), ce.detach().float())
+
+
+def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
+            input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
+            kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True) -> KDLoss:
+    """The §4 loss from both models' final hidden states (B, T, d_S) and (B, T, d_T), chunk by chunk.
+
+    Hidden states come from `nll.hidden_states`; the heads are the models' `get_output_embeddings()`.
+    Gradients reach the student's hidden states and head only: the teacher's side runs under no_grad.
+    """
+    check_kd_args(temperature, kd_weight, chunk)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+    valid = labels != IGNORE_INDEX
+    n_valid = valid.sum()
+    # With right padding the tail is padding in every row: stop after the last column with a target
+    # (one host sync per call).
+    span = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 0
+    teacher_hidden = teacher_hidden.detach()
+
+    def chunk_sums(h_s: torch.Tensor, h_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z_s = _fp32(student_head(h_s))  # (B, c, V) float32
+        with torch.no_grad():
+            z_t = _fp32(teacher_head(h_t))  # (B, c, V) float32, no graph
+        return _kl_ce_sums(z_s, z_t, y, temperature)  # (2,)
+
+    # [Σ KL, Σ CE]; the zero term keeps the loss on the student's graph even for an all-padding batch
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    sums = student_hidden[:, :0].sum().to(dtype) * torch.zeros(2, dtype=dtype, device=student_hidden.device)
+    for start in range(0, span, chunk):
+        stop = min(start + chunk, span)
+        args = (student_hidden[:, start:stop], teacher_hidden[:, start:stop], labels[:, start:stop])
+        if checkpoint and torch.is_grad_enabled():
+            # Saves only the inputs; the backward recomputes this chunk's logits, then frees them.
+            sums = sums + _checkpoint(chunk_sums, *args, use_reentrant=False)
+        else:
+            sums = sums + chunk_sums(*args)
+    return _combine(sums, n_valid, temperature, kd_weight)
+
+
+def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8) -> KDLoss:
+    """The same loss from full logits (B, T, V) of both models, unchunked: for tests and comparisons."""
+    check_kd_args(temperature, kd_weight)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+    valid = labels != IGNORE_INDEX
+    z_s = _fp32(student_logits[:, :-1][valid])  # (N, V) the N predicted positions
+    z_t = _fp32(teacher_logits[:, :-1][valid].detach())  # (N, V)
+    log_p_s = F.log_softmax(z_s / temperature, dim=-1)
+    log_p_t = F.log_softmax(z_t / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
+    ce = F.cross_entropy(z_s, labels[valid], reduction="sum")
+    return _combine(torch.stack([kl, ce]), valid.sum(), temperature, kd_weight)

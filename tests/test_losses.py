@@ -1,0 +1,180 @@
+"""The distillation loss (METHOD.md §4): a hand-computed value, chunked = unchunked (values and gradients),
+padding, the α_kd extremes, no teacher gradient, and bad arguments."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bltool.errors import UsageError
+from bltool.losses import kd_loss, kd_loss_reference
+
+
+def identity_head(v: int) -> torch.nn.Linear:
+    """A bias-free head whose logits are the hidden state itself, so tests can set logits directly."""
+    head = torch.nn.Linear(v, v, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(v))
+    return head
+
+
+def softmax(z: list[float], t: float) -> list[float]:
+    e = [math.exp(x / t) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def test_hand_computed_value():
+    # B=2, T=3, V=3; row 1 is right-padded after 2 tokens, so 3 predicted positions in all.
+    z_s = [[[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [9.0, 9.0, 9.0]],
+           [[0.3, 0.2, -0.4], [7.0, 7.0, 7.0], [5.0, 5.0, 5.0]]]
+    z_t = [[[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [9.0, 0.0, 0.0]],
+           [[-1.0, 2.5, 0.0], [0.0, 7.0, 0.0], [0.0, 0.0, 5.0]]]
+    ids = [[0, 2, 1], [2, 1, 0]]
+    mask = [[1, 1, 1], [1, 1, 0]]
+    temp, alpha = 2.0, 0.8
+    kls, ces = [], []
+    for b, t in [(0, 0), (0, 1), (1, 0)]:  # (row, position) of the predicted tokens
+        p, q = softmax(z_t[b][t], temp), softmax(z_s[b][t], temp)
+        kls.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+        ces.append(-math.log(softmax(z_s[b][t], 1.0)[ids[b][t + 1]]))
+    kl, ce = sum(kls) / 3, sum(ces) / 3
+    expected = alpha * temp**2 * kl + (1 - alpha) * ce
+
+    s, t = torch.tensor(z_s, dtype=torch.float64), torch.tensor(z_t, dtype=torch.float64)
+    ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+    head = identity_head(3)
+    for chunk in (1, 2, 256):
+        out = kd_loss(s, t, head, head, ids_t, mask_t, temperature=temp, kd_weight=alpha, chunk=chunk)
+        assert out.loss.item() == pytest.approx(expected, rel=1e-12)
+        assert out.kl.item() == pytest.approx(kl, rel=1e-6)  # the parts are reported in float32
+        assert out.ce.item() == pytest.approx(ce, rel=1e-6)
+    ref = kd_loss_reference(s, t, ids_t, mask_t, temperature=temp, kd_weight=alpha)
+    assert ref.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def make_batch(seed: int = 0, b: int = 2, t: int = 9, d_s: int = 8, d_t: int = 6, v: int = 11):
+    """Random float64 hidden states and heads (the teacher has another hidden size); row 1 is padded."""
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(b, t, d_s, generator=g, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(b, t, d_t, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    head_s = torch.nn.Linear(d_s, v, dtype=torch.float64)
+    head_t = torch.nn.Linear(d_t, v, bias=False, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 6:] = 0  # row 1: 6 tokens, then right padding
+    return h_s, h_t, head_s, head_t, ids, mask
+
+
+def grads(loss, h_s, head_s):
+    return torch.autograd.grad(loss, [h_s, head_s.weight, head_s.bias])
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_chunked_equals_unchunked(checkpoint):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    ref = kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask)
+    ref_grads = grads(ref.loss, h_s, head_s)
+    for chunk in (1, 2, 3, 8, 9, 100):
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=chunk, checkpoint=checkpoint)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.kl, ref.kl)
+        torch.testing.assert_close(out.ce, ref.ce)
+        for got, want in zip(grads(out.loss, h_s, head_s), ref_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_does_not_matter():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=4)
+    g = grads(out.loss, h_s, head_s)
+    assert g[0][1, 5:].abs().max() == 0  # positions whose target is padding get no gradient
+    # Other values at the padded positions (hidden states and token ids) change nothing.
+    h_s2, h_t2, ids2 = h_s.detach().clone(), h_t.clone(), ids.clone()
+    h_s2[1, 6:] = 100.0
+    h_t2[1, 6:] = -50.0
+    ids2[1, 6:] = 0
+    h_s2.requires_grad_()
+    out2 = kd_loss(h_s2, h_t2, head_s, head_t, ids2, mask, chunk=4)
+    torch.testing.assert_close(out2.loss, out.loss, rtol=1e-13, atol=0)
+    for got, want in zip(grads(out2.loss, h_s2, head_s), g):
+        torch.testing.assert_close(got, want)
+    ref2 = kd_loss_reference(head_s(h_s2), head_t(h_t2), ids2, mask)
+    torch.testing.assert_close(ref2.loss, out.loss, rtol=1e-12, atol=0)
+    # A one-row batch: its padded form equals its unpadded form.
+    one = kd_loss(h_s[1:, :6], h_t[1:, :6], head_s, head_t, ids[1:, :6], mask[1:, :6])
+    padded = kd_loss(h_s[1:], h_t[1:], head_s, head_t, ids[1:], mask[1:])
+    torch.testing.assert_close(padded.loss, one.loss, rtol=1e-13, atol=0)
+
+
+def test_kd_weight_zero_is_cross_entropy():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, kd_weight=0.0, chunk=3)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    want = F.cross_entropy(head_s(h_s)[:, :-1].transpose(1, 2), labels, ignore_index=-100)
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+
+
+def test_kd_weight_one_identical_models_is_zero():
+    h_s, _, head_s, _, ids, mask = make_batch()
+    out = kd_loss(h_s, h_s, head_s, head_s, ids, mask, kd_weight=1.0, chunk=4)
+    assert abs(out.loss.item()) < 1e-12
+    assert out.ce.item() > 0  # the CE part is still measured, only weighted by 0
+
+
+def test_teacher_gets_no_gradient():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    h_t.requires_grad_()
+    for checkpoint in (True, False):
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=4, checkpoint=checkpoint)
+        out.loss.backward()
+        assert h_t.grad is None and head_t.weight.grad is None
+        assert h_s.grad is not None and head_s.weight.grad.abs().sum() > 0
+        assert not out.kl.requires_grad and not out.ce.requires_grad
+        h_s.grad = None
+        head_s.zero_grad()
+
+
+def test_no_grad_and_bf16():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    with torch.no_grad():
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=4)
+    torch.testing.assert_close(out.loss, kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask).loss)
+    # bf16 hidden states and heads: logits are upcast, the loss is float32.
+    low = kd_loss(h_s.bfloat16(), h_t.bfloat16(), head_s.bfloat16(), head_t.bfloat16(), ids, mask, chunk=4)
+    assert low.loss.dtype == low.kl.dtype == low.ce.dtype == torch.float32
+    assert low.loss.item() == pytest.approx(out.loss.item(), rel=0.05)
+
+
+def test_all_padding_batch_is_zero_and_backpropagates():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    mask[:, 1:] = 0
+    out = kd_loss(h_s, h_t, head_s, head_t, ids, mask)
+    assert out.loss.item() == 0
+    out.loss.backward()
+    assert h_s.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"temperature": 0.0}, "--temperature"),
+        ({"temperature": -1.0}, "--temperature"),
+        ({"temperature": math.nan}, "--temperature"),
+        ({"temperature": math.inf}, "--temperature"),
+        ({"kd_weight": -0.1}, "--kd-weight"),
+        ({"kd_weight": 1.5}, "--kd-weight"),
+        ({"kd_weight": math.nan}, "--kd-weight"),
+        ({"chunk": 0}, "--chunk"),
+    ],
+)
+def test_bad_arguments(kwargs, flag):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    with pytest.raises(UsageError, match=flag):
+        kd_loss(h_s, h_t, head_s, head_t, ids, mask, **kwargs)
+    if "chunk" not in kwargs:
+        with pytest.raises(UsageError, match=flag):
+            kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask, **kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +18,7 @@ import typer
 from rich.table import Table
 
 from bltool import __version__, ui
-from bltool.errors import BltoolError
+from bltool.errors import BltoolError, UsageError
 
 app = typer.Typer(
     name="bltool",
@@ -182,6 +183,108 @@ def eval_ppl(
 
     config = EvalPplConfig(model=model, data=data, out=out, max_tokens=max_tokens, batch_size=batch_size,
                            dtype=dtype, device=device, chunk=chunk, overwrite=overwrite)
+    _emit(run(config))
+
+
+def parse_count(text: str, flag: str) -> int:
+    """A count such as 2000000, 2_000_000, 500k, 2M or 1.5B."""
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+    value = text.strip().replace("_", "").lower()
+    factor = scale.get(value[-1:], 1)
+    number = value[:-1] if factor > 1 else value
+    try:
+        count = float(number) * factor
+    except ValueError:
+        raise UsageError(f"{flag} must be a count like 2000000, 500k or 2M, got {text!r}") from None
+    if not math.isfinite(count) or not count.is_integer():
+        raise UsageError(f"{flag} must be a whole count, got {text!r}")
+    return int(count)
+
+
+@app.command()
+@stage_command
+def distill(
+    student: Annotated[str, typer.Option(help="Student model (a build-student output, checkpoint dir or alias).")],
+    data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
+    out: Annotated[str, typer.Option(help="Output directory (the distilled student).")],
+    teacher: Annotated[str | None, typer.Option(help="Teacher model (path, .gguf or alias); optional with "
+                                                     "--teacher-logits.", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="kd-full, kd-lora or budgeted-lora.")] = "budgeted-lora",
+    budget: Annotated[float | None, typer.Option(help="Final dense budget F in [0, 1] (budgeted-lora).",
+                                                 show_default=False)] = None,
+    tokens: Annotated[str, typer.Option(help="Token budget over all processes, e.g. 2M.")] = "2M",
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 3e-4 LoRA methods, 1e-4 kd-full].",
+                                             show_default=False)] = None,
+    temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 3.0,
+    kd_weight: Annotated[float, typer.Option(help="Weight α_kd of the KL term (1 − α_kd on CE).")] = 0.8,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 128,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA α (scaling α / r).")] = 256.0,
+    lora_dropout: Annotated[float, typer.Option(help="Dropout on the LoRA path's input.")] = 0.05,
+    target_modules: Annotated[str, typer.Option(help="Comma-separated linear layers to adapt.")]
+    = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    decay_start: Annotated[float, typer.Option(help="s0: fraction of training where the budget starts to fall.")]
+    = 0.1,
+    decay_end: Annotated[float, typer.Option(help="s1: fraction of training where it reaches F.")] = 0.3,
+    rho_ema: Annotated[float, typer.Option(help="β: smoothing of ρ toward its target.")] = 0.9,
+    tau_drop: Annotated[float, typer.Option(help="ρ below this is clamped to 0 (dense matmul skipped).")] = 0.05,
+    warmup: Annotated[float, typer.Option(help="Warm-up fraction of the steps.")] = 0.03,
+    warmup_cap: Annotated[int, typer.Option(help="At most this many warm-up steps.")] = 2000,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Data order, LoRA initialisation and dropout.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end or when stopped).")]
+    = 200,
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Where checkpoints go [default: OUT.checkpoint].",
+                                                       show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
+    teacher_logits: Annotated[str | None, typer.Option(help="A teacher-logits output to read instead of running "
+                                                            "the teacher.", show_default=False)] = None,
+    chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk in the loss (bounds memory).")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out and checkpoint.")] = False,
+):
+    """Distil a student: kd-full, kd-lora or budgeted-lora (the budget controller). Runs under torchrun too."""
+    from bltool.stages.distill import DistillConfig, run
+
+    config = DistillConfig(
+        student=student, data=data, out=out, teacher=teacher, method=method, budget=budget,
+        tokens=parse_count(tokens, "--tokens"), batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        temperature=temperature, kd_weight=kd_weight, rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), decay_start=decay_start,
+        decay_end=decay_end, rho_ema=rho_ema, tau_drop=tau_drop, warmup=warmup, warmup_cap=warmup_cap,
+        grad_clip=grad_clip, seed=seed, save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume,
+        teacher_logits=teacher_logits, chunk=chunk, device=device, overwrite=overwrite,
+    )
+    path = run(config)
+    if path is not None:  # rank 0 of a torchrun job, or a single process
+        _emit(path)
+
+
+@app.command("teacher-logits")
+@stage_command
+def teacher_logits(
+    teacher: Annotated[str, typer.Option(help="Teacher model: path, .gguf or alias.")],
+    data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
+    out: Annotated[str, typer.Option(help="Output directory.")],
+    tokens: Annotated[str, typer.Option(help="Cover the sequences a distill run of this many tokens reads.")] = "2M",
+    seed: Annotated[int, typer.Option(help="The --seed of the distill runs that will read the cache.")] = 0,
+    top_k: Annotated[int, typer.Option(help="Logits kept per position.")] = 64,
+    temperature: Annotated[float, typer.Option(help="The distill --temperature (the tail mass depends on it).")]
+    = 3.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward pass.")] = 8,
+    chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk.")] = 256,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+    = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    """Store a teacher's top-k logits for the sequences distillation will read (pay for the teacher once)."""
+    from bltool.stages.teacher_logits import TeacherLogitsConfig, run
+
+    config = TeacherLogitsConfig(teacher=teacher, data=data, out=out, tokens=parse_count(tokens, "--tokens"),
+                                 seed=seed, top_k=top_k, temperature=temperature, batch_size=batch_size,
+                                 chunk=chunk, dtype=dtype, device=device, overwrite=overwrite)
     _emit(run(config))
 
 

@@ -17,3 +17,11 @@ class UsageError(BltoolError):
 
 class ArtifactError(UsageError):
     """An input artifact is missing, corrupt, or was made by another stage than expected."""
+
+
+class Interrupted(BltoolError):
+    """A run stopped by SIGTERM / SIGINT after writing a checkpoint. Exit code 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -53,7 +53,7 @@ class GatedLoRALinear(nn.Module):
     def set_rho(self, value: float) -> None:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {value}")
-        self._rho = float(value)
+        self._rho = float(torch.tensor(value, dtype=torch.float32))  # the value the buffer holds
         self.rho.fill_(self._rho)
 
     def _sync_rho(self) -> None:

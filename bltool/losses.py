@@ -84,6 +84,29 @@ def _combine(sums: torch.Tensor, n_valid: torch.Tensor, temperature: float, kd_w
     return KDLoss(loss, kl.detach().float(), ce.detach().float())
 
 
+def _chunked_sums(student_hidden: torch.Tensor, labels: torch.Tensor, chunk: int, checkpoint: bool,
+                  chunk_sums: Callable[..., torch.Tensor], *teacher: torch.Tensor) -> torch.Tensor:
+    """Σ over chunks of `chunk_sums(h_s, labels, *teacher)` ([Σ KL, Σ CE]), position chunks of `chunk`.
+
+    `teacher` tensors are sliced along dim 1 like the student's hidden states. With right padding the
+    tail is padding in every row, so the loop stops after the last column with a target (one host sync).
+    """
+    valid = labels != IGNORE_INDEX
+    span = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 0
+    # the zero term keeps the loss on the student's graph even for an all-padding batch
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    sums = student_hidden[:, :0].sum().to(dtype) * torch.zeros(2, dtype=dtype, device=student_hidden.device)
+    for start in range(0, span, chunk):
+        stop = min(start + chunk, span)
+        args = (student_hidden[:, start:stop], labels[:, start:stop], *(t[:, start:stop] for t in teacher))
+        if checkpoint and torch.is_grad_enabled():
+            # Saves only the inputs; the backward recomputes this chunk's logits, then frees them.
+            sums = sums + _checkpoint(chunk_sums, *args, use_reentrant=False)
+        else:
+            sums = sums + chunk_sums(*args)
+    return sums
+
+
 def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
             input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
             kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True) -> KDLoss:
@@ -94,31 +117,64 @@ def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
     """
     check_kd_args(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
-    valid = labels != IGNORE_INDEX
-    n_valid = valid.sum()
-    # With right padding the tail is padding in every row: stop after the last column with a target
-    # (one host sync per call).
-    span = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 0
-    teacher_hidden = teacher_hidden.detach()
 
-    def chunk_sums(h_s: torch.Tensor, h_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def chunk_sums(h_s: torch.Tensor, y: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
         z_s = _fp32(student_head(h_s))  # (B, c, V) float32
         with torch.no_grad():
             z_t = _fp32(teacher_head(h_t))  # (B, c, V) float32, no graph
         return _kl_ce_sums(z_s, z_t, y, temperature)  # (2,)
 
-    # [Σ KL, Σ CE]; the zero term keeps the loss on the student's graph even for an all-padding batch
-    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    sums = student_hidden[:, :0].sum().to(dtype) * torch.zeros(2, dtype=dtype, device=student_hidden.device)
-    for start in range(0, span, chunk):
-        stop = min(start + chunk, span)
-        args = (student_hidden[:, start:stop], teacher_hidden[:, start:stop], labels[:, start:stop])
-        if checkpoint and torch.is_grad_enabled():
-            # Saves only the inputs; the backward recomputes this chunk's logits, then frees them.
-            sums = sums + _checkpoint(chunk_sums, *args, use_reentrant=False)
-        else:
-            sums = sums + chunk_sums(*args)
-    return _combine(sums, n_valid, temperature, kd_weight)
+    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, teacher_hidden.detach())
+    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight)
+
+
+def _topk_kl_ce_sums(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
+                     topk_logits: torch.Tensor, teacher_lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[Σ KL, Σ CE] against a teacher known by its top-k logits (..., k) and the log-sum-exp (...) of its
+    full logits at `temperature`: the KL between both distributions coarse-grained to k + 1 outcomes
+    (the teacher's k tokens, and one bucket for everything else)."""
+    valid = labels != IGNORE_INDEX
+    with torch.no_grad():
+        log_p = _fp32(topk_logits) / temperature - _fp32(teacher_lse).unsqueeze(-1)  # (..., k)
+        p = log_p.exp()
+        p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)  # (...) teacher mass beyond its top k
+        tail_entropy = torch.where(p_tail > 0, p_tail * p_tail.clamp(min=1e-30).log(), 0.0)
+    log_q_all = F.log_softmax(student_logits / temperature, dim=-1)  # (..., V)
+    log_q = log_q_all.gather(-1, topk_ids.long())  # (..., k)
+    # log(1 − Σ_k q) = log(−expm1(logsumexp(log q_k))), clamped where the student puts no mass outside
+    log_q_tail = (-torch.expm1(torch.logsumexp(log_q, dim=-1))).clamp(min=1e-30).log()  # (...)
+    kl = (p * (log_p - log_q)).sum(-1) + tail_entropy - torch.where(p_tail > 0, p_tail * log_q_tail, 0.0)
+    kl = torch.where(valid, kl, 0.0).sum()
+    ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="sum")
+    return torch.stack([kl, ce])
+
+
+def kd_loss_topk(student_hidden: torch.Tensor, student_head: Head, topk_ids: torch.Tensor,
+                 topk_logits: torch.Tensor, teacher_lse: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8,
+                 chunk: int = 256, checkpoint: bool = True) -> KDLoss:
+    """The §4 loss with a cached teacher (`bltool teacher-logits`): `topk_ids` / `topk_logits` (B, T-1, k)
+    are the teacher's k largest logits at each predicting position, `teacher_lse` (B, T-1) the log-sum-exp
+    of all its logits divided by `temperature` (the temperature the cache was made at).
+
+    How the tail is treated: the teacher's mass beyond its top k is one bucket. The KL term compares the
+    teacher's k probabilities and that bucket's total with the student's probabilities of the same k
+    tokens and the student's remaining mass, so the student is pushed to put the right total mass on
+    the tail but not told how to spread it. This is the exact KL between the two distributions
+    coarse-grained to k + 1 outcomes, a lower bound on the full KL that reaches it when k = V. The CE
+    term is unchanged (it needs no teacher).
+    """
+    check_kd_args(temperature, kd_weight, chunk)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+
+    def chunk_sums(h_s: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor,
+                   lse: torch.Tensor) -> torch.Tensor:
+        z_s = _fp32(student_head(h_s))  # (B, c, V) float32
+        return _topk_kl_ce_sums(z_s, y, ids, logits, lse, temperature)  # (2,)
+
+    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, topk_ids, topk_logits, teacher_lse)
+    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight)
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,

@@ -305,8 +305,32 @@ def resolve_device(device: str, flag: str = "--device") -> str:
     return device
 
 
+def artifact_manifest(path: Path) -> dict | None:
+    """The bltool manifest of a model directory, or None for a plain Hugging Face checkpoint."""
+    if not (Path(path) / MANIFEST).is_file():
+        return None
+    return read_manifest(Path(path), None, str(path))
+
+
 def load_model(ref: ModelRef, dtype=None, device: str = "cpu", flag: str = "MODEL"):
-    """Load a causal LM strictly: every checkpoint key used, every model weight present."""
+    """Load a causal LM strictly: every checkpoint key used, every model weight present.
+
+    Students that carry adapters (`distill` kd-lora / budgeted-lora) or compressed low-rank modules
+    (`compress`) are rebuilt from their manifest first, so every stage takes them like any model.
+    """
+    manifest = artifact_manifest(ref.path)
+    if manifest is not None and manifest.get("adapters"):
+        from bltool.adapters import load_adapted
+
+        return load_adapted(ref.path, manifest["adapters"], dtype=dtype, flag=flag).to(device).eval()
+    if manifest is not None and manifest.get("compressed"):
+        from bltool.compression import load_compressed
+
+        return load_compressed(ref.path, manifest["compressed"], dtype=dtype, flag=flag).to(device).eval()
+    return _load_plain(ref, dtype, device, flag)
+
+
+def _load_plain(ref: ModelRef, dtype, device: str, flag: str):
     from transformers import AutoModelForCausalLM
 
     try:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bltool.errors import UsageError
-from bltool.losses import kd_loss, kd_loss_reference
+from bltool.losses import kd_loss, kd_loss_reference, kd_loss_topk
 
 
 def identity_head(v: int) -> torch.nn.Linear:
@@ -178,3 +178,54 @@ def test_bad_arguments(kwargs, flag):
     if "chunk" not in kwargs:
         with pytest.raises(UsageError, match=flag):
             kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask, **kwargs)
+
+
+# -- the teacher-logits (top-k) form ---------------------------------------------------------------------
+
+
+def topk_inputs(h_t, head_t, k, temperature=3.0):
+    with torch.no_grad():
+        z_t = head_t(h_t)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+        top = z_t.topk(k, dim=-1)
+        lse = torch.logsumexp(z_t / temperature, dim=-1)
+    return top.indices, top.values, lse
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_topk_with_the_whole_vocabulary_equals_the_full_loss(chunk):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    full = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=chunk)
+    top = kd_loss_topk(h_s, head_s, *topk_inputs(h_t, head_t, 11), ids, mask, chunk=chunk)
+    torch.testing.assert_close(top.loss, full.loss, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(top.loss, h_s, head_s), grads(full.loss, h_s, head_s)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_topk_tail_is_one_bucket_hand_computed():
+    # One predicted position, V = 4, k = 2: teacher logits [3, 1, 0, -1], student logits [0, 2, 1, 1].
+    t = 2.0
+    z_t, z_s = [3.0, 1.0, 0.0, -1.0], [0.0, 2.0, 1.0, 1.0]
+    p, q = softmax(z_t, t), softmax(z_s, t)
+    p_tail, q_tail = p[2] + p[3], q[2] + q[3]
+    kl = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1]) + p_tail * math.log(p_tail / q_tail)
+    ce = -math.log(softmax(z_s, 1.0)[2])
+    h_s = torch.tensor([[z_s, [0.0] * 4]], dtype=torch.float64)  # (1, 2, 4); the 2nd position is the last
+    ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
+    lse = torch.tensor([[math.log(sum(math.exp(z / t) for z in z_t))]], dtype=torch.float64)
+    out = kd_loss_topk(h_s, identity_head(4), torch.tensor([[[0, 1]]]), torch.tensor([[[3.0, 1.0]]]), lse, ids,
+                       mask, temperature=t, kd_weight=0.5)
+    assert out.kl.item() == pytest.approx(kl, rel=1e-6)
+    assert out.loss.item() == pytest.approx(0.5 * t**2 * kl + 0.5 * ce, rel=1e-6)
+    # the coarse-grained KL is a lower bound on the full KL
+    full = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert kl <= full
+
+
+def test_topk_padding_and_no_nan_at_padded_positions():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    top_ids, top_logits, lse = topk_inputs(h_t, head_t, 3)
+    top_ids[1, 5:], top_logits[1, 5:], lse[1, 5:] = 0, 0.0, 0.0  # as the cache pads past a row's end
+    out = kd_loss_topk(h_s, head_s, top_ids, top_logits, lse, ids, mask, chunk=4)
+    assert torch.isfinite(out.loss)
+    g = grads(out.loss, h_s, head_s)
+    assert g[0][1, 5:].abs().max() == 0 and torch.isfinite(g[0]).all()

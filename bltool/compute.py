@@ -1,0 +1,83 @@
+"""Training compute of the adapted modules: the proxy of METHOD.md §7 and what a run really executed.
+
+MACs per token, counted over the adapted linears only (attention scores, norms, embeddings and the LM
+head are the same for every method, so they cancel in the comparison):
+
+    kd-full        3D          forward, activation backward and weight backward of every dense matmul
+    kd-lora        2D + 3L     the frozen dense path needs no weight gradient; LoRA pays all three
+    budgeted-lora  2D·ρ̄ + 3L   ρ̄ = s0 + (s1 − s0)(1 + F)/2 + (1 − s1)F, the schedule's mean retention
+
+with D = Σ d_in·d_out and L = Σ r(d_in + d_out). The proxy is normalised so that kd-full is 1.
+
+The proxy assumes dense cost falls with ρ. It does not: a module's dense matmul runs in full for any
+ρ > 0 and stops only at ρ = 0. `ComputeMeter` therefore counts, step by step, the dense MACs actually
+executed (2·Σ_{ρ_m > 0} c_m per token for the LoRA methods) and reports them with the same
+normalisation as `realised`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bltool.budget import scheduled_mean_retention
+
+
+def proxy(method: str, dense: int, lora: int, budget: float | None = None, decay_start: float = 0.1,
+          decay_end: float = 0.3) -> float:
+    """METHOD.md §7's training-compute proxy, normalised to kd-full = 1."""
+    if method == "kd-full":
+        return 1.0
+    if method == "kd-lora":
+        return (2 * dense + 3 * lora) / (3 * dense)
+    rho_bar = scheduled_mean_retention(budget, decay_start, decay_end)
+    return (2 * dense * rho_bar + 3 * lora) / (3 * dense)
+
+
+@dataclass
+class ComputeMeter:
+    """Accumulates, per step, the tokens processed and the dense MACs the adapted modules executed."""
+
+    method: str
+    costs: list[int]  # c_m per adapted module (dense MACs per token)
+    lora: int  # L: LoRA MACs per token at full rank, summed over modules (0 for kd-full)
+    tokens: int = 0
+    dense_forward_macs: int = 0  # Σ tokens · Σ_{m computed} c_m
+    steps: int = field(default=0)
+
+    @property
+    def dense(self) -> int:
+        return sum(self.costs)
+
+    def add(self, tokens: int, rho: list[float] | None) -> None:
+        """One step of `tokens` tokens with retention `rho` (None: every dense matmul runs)."""
+        active = self.dense if rho is None else sum(c for r, c in zip(rho, self.costs) if r > 0)
+        self.tokens += int(tokens)
+        self.dense_forward_macs += int(tokens) * active
+        self.steps += 1
+
+    def summary(self, budget: float | None = None, decay_start: float = 0.1, decay_end: float = 0.3) -> dict:
+        dense, lora = self.dense, self.lora
+        dense_passes = 3 if self.method == "kd-full" else 2  # + weight backward when the dense weights train
+        executed = dense_passes * self.dense_forward_macs
+        lora_total = 3 * lora * self.tokens
+        full = 3 * dense * self.tokens
+        return {
+            "proxy": proxy(self.method, dense, lora, budget, decay_start, decay_end),
+            "realised": (executed + lora_total) / full if full else None,
+            "dense_fraction_executed": self.dense_forward_macs / (dense * self.tokens) if self.tokens else None,
+            "dense_macs_executed": executed,
+            "lora_macs": lora_total,
+            "dense_macs_kd_full": full,
+            "adapted_dense_macs_per_token": dense,
+            "lora_macs_per_token": lora,
+            "tokens": self.tokens,
+            "note": "adapted linears only, forward + backward MACs; normalised so that kd-full is 1",
+        }
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "dense_forward_macs": self.dense_forward_macs, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens = int(state["tokens"])
+        self.dense_forward_macs = int(state["dense_forward_macs"])
+        self.steps = int(state["steps"])

@@ -1,0 +1,102 @@
+"""Data-parallel runs under `torchrun` (PyTorch DDP): process-group set-up and the few collectives the
+training loop needs. A plain `bltool distill` is a world of one and never touches torch.distributed.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on CUDA and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bltool.errors import UsageError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup(device_flag: str) -> World:
+    """Join the process group torchrun made (if any) and choose this process's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda") or device_flag.startswith("cuda")
+    if device_flag.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device_flag}: CUDA is not available on this machine")
+    if device_flag not in ("auto", "cpu") and not device_flag.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device_flag!r}")
+    if size > 1 and cuda and device_flag.startswith("cuda:"):
+        raise UsageError("--device cuda:N cannot be used under torchrun; each process uses cuda:LOCAL_RANK")
+    if cuda:
+        device = device_flag if device_flag.startswith("cuda:") else f"cuda:{local}"
+        torch.cuda.set_device(device)
+    else:
+        device = "cpu"
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return World(rank, size, local, device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_true(world: World, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (used to stop all ranks at the same step)."""
+    if not world.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def sum_int(world: World, value: int) -> int:
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=world.device)
+    dist.all_reduce(tensor)
+    return int(tensor.item())
+
+
+def mean_float(world: World, value: float) -> float:
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / world.size
+
+
+def gather_tensors(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's `tensor` (same shape and dtype on all ranks), in rank order, on the CPU."""
+    if not world.distributed:
+        return [tensor.cpu()]
+    local = tensor.to(world.device)
+    out = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(out, local)
+    return [t.cpu() for t in out]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

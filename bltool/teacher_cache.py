@@ -1,0 +1,146 @@
+"""The teacher-logits cache: a teacher's top-k logits for the sequences a distillation run will read.
+
+`bltool teacher-logits` writes `topk.arrow`, an Arrow IPC stream with one row per training sequence:
+
+    sequence     int64              index of the sequence in the data's train split
+    topk_ids     list<int32>        (T-1)·k token ids, position-major: the k largest teacher logits at
+                                    each predicting position 0..T-2 (position t predicts token t+1)
+    topk_logits  list<float16>      the matching raw logits (temperature 1)
+    lse          list<float32>      (T-1) log-sum-exp of all V logits divided by the cache's temperature
+
+`lse` is what turns k logits into probabilities at the distillation temperature and gives the mass of
+the tail beyond the top k (see `losses.kd_loss_topk` for how the loss treats it). Because it depends
+on the temperature, a cache serves runs at the temperature it was made with, and `distill` refuses
+another.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bltool.artifacts import artifact_ref, read_manifest
+from bltool.errors import ArtifactError
+
+STAGE = "teacher-logits"
+FILE = "topk.arrow"
+SCHEMA = pa.schema([
+    pa.field("sequence", pa.int64()),
+    pa.field("topk_ids", pa.list_(pa.int32())),
+    pa.field("topk_logits", pa.list_(pa.float16())),
+    pa.field("lse", pa.list_(pa.float32())),
+])
+
+
+@torch.no_grad()
+def teacher_topk(hidden: torch.Tensor, head, k: int, temperature: float, chunk: int = 256):
+    """From the teacher's final hidden states (B, T, d): top-k ids (B, T-1, k) int32, their logits
+    (B, T-1, k) float32, and log-sum-exp of all logits / temperature (B, T-1) float32, chunk by chunk."""
+    hidden = hidden[:, :-1]
+    ids, values, lse = [], [], []
+    for start in range(0, hidden.shape[1], chunk):
+        logits = head(hidden[:, start: start + chunk]).float()  # (B, c, V) float32
+        top = logits.topk(k, dim=-1)
+        ids.append(top.indices.to(torch.int32))
+        values.append(top.values)
+        lse.append(torch.logsumexp(logits / temperature, dim=-1))
+        del logits
+    return torch.cat(ids, 1), torch.cat(values, 1), torch.cat(lse, 1)
+
+
+def _list_array(rows: list[np.ndarray], dtype) -> pa.ListArray:
+    offsets = np.concatenate(([0], np.cumsum([len(r) for r in rows]))).astype(np.int32)
+    values = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+class CacheWriter:
+    """Streams rows into `topk.arrow`."""
+
+    def __init__(self, path: Path):
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
+        self.rows = 0
+
+    def write(self, sequences: list[int], ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
+              lengths: list[int]) -> None:
+        """One batch: `lengths[i]` real tokens in row i (its predicting positions are lengths[i] − 1)."""
+        n = [length - 1 for length in lengths]
+        ids_np, logits_np, lse_np = ids.cpu().numpy(), logits.cpu().numpy(), lse.cpu().numpy()
+        batch = pa.RecordBatch.from_arrays([
+            pa.array(np.asarray(sequences, dtype=np.int64)),
+            _list_array([ids_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.int32),
+            _list_array([logits_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.float16),
+            _list_array([lse_np[i, : n[i]] for i in range(len(n))], np.float32),
+        ], schema=SCHEMA)
+        self._writer.write_batch(batch)
+        self.rows += len(sequences)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+class TeacherCache:
+    """Random access, by sequence index, to a `teacher-logits` artifact (memory-mapped)."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.k = int(manifest["config"]["top_k"])
+        self.temperature = float(manifest["config"]["temperature"])
+        file = self.path / FILE
+        try:
+            self._source = pa.memory_map(str(file))
+            batches = list(pa.ipc.open_stream(self._source))
+        except (OSError, pa.ArrowInvalid) as err:
+            raise ArtifactError(f"--teacher-logits: {file} is not a readable Arrow stream ({err})") from None
+        self._columns = []
+        where: dict[int, tuple[int, int]] = {}
+        for b, batch in enumerate(batches):
+            cols = {}
+            for name in ("topk_ids", "topk_logits", "lse"):
+                lists = batch.column(name)
+                cols[name] = (lists.values.to_numpy(zero_copy_only=False), lists.offsets.to_numpy(zero_copy_only=False))
+            self._columns.append(cols)
+            for row, sequence in enumerate(batch.column("sequence").to_numpy()):
+                where[int(sequence)] = (b, row)
+        self._where = where
+
+    @classmethod
+    def open(cls, path: Path, flag: str = "--teacher-logits") -> TeacherCache:
+        return cls(Path(path), read_manifest(Path(path), (STAGE,), flag))
+
+    def ref(self) -> dict:
+        return artifact_ref(self.path, self.manifest, "teacher-logits")
+
+    def __contains__(self, sequence: int) -> bool:
+        return int(sequence) in self._where
+
+    def _row(self, name: str, b: int, row: int) -> np.ndarray:
+        values, offsets = self._columns[b][name]
+        return values[offsets[row]: offsets[row + 1]]
+
+    def batch(self, sequences: list[int], length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids (B, length-1, k) int64, logits (B, length-1, k) float32, lse (B, length-1) float32),
+        zero past each row's end (those positions are padding and carry no loss)."""
+        n, k = len(sequences), self.k
+        ids = np.zeros((n, length - 1, k), dtype=np.int64)
+        logits = np.zeros((n, length - 1, k), dtype=np.float32)
+        lse = np.zeros((n, length - 1), dtype=np.float32)
+        for i, sequence in enumerate(sequences):
+            if int(sequence) not in self._where:
+                raise ArtifactError(f"--teacher-logits: {self.path} has no logits for train sequence {sequence}")
+            b, row = self._where[int(sequence)]
+            row_lse = self._row("lse", b, row)
+            positions = len(row_lse)
+            if positions > length - 1:
+                raise ArtifactError(f"--teacher-logits: {self.path}: sequence {sequence} is longer than the data's")
+            lse[i, :positions] = row_lse
+            ids[i, :positions] = self._row("topk_ids", b, row).reshape(positions, k)
+            logits[i, :positions] = self._row("topk_logits", b, row).reshape(positions, k)
+        return (torch.from_numpy(ids).to(device), torch.from_numpy(logits).to(device),
+                torch.from_numpy(lse).to(device))

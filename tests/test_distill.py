@@ -1,0 +1,347 @@
+"""distill (METHOD.md §2–4): the three methods end to end on tiny models, the per-step log and compute
+accounting, resume equivalence (bitwise on CPU), stopping on SIGTERM, a 2-process gloo run against a
+1-process run with the same global batch, the teacher-logits cache, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from conftest import save_tiny_model, write_corpus
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import bltool
+from bltool.adapters import adapted_modules
+from bltool.artifacts import read_manifest
+from bltool.batches import PackedSequences, collate, positions_to_indices
+from bltool.budget import target_fraction
+from bltool.cli import app, parse_count
+from bltool.errors import UsageError
+from bltool.nll import hidden_states
+from bltool.stages import distill as distill_stage
+from bltool.stages.build_student import BuildStudentConfig
+from bltool.stages.build_student import run as build_student
+from bltool.stages.distill import DistillConfig
+from bltool.stages.prepare_data import PrepareDataConfig
+from bltool.stages.prepare_data import run as prepare_data
+from bltool.teacher_cache import TeacherCache, teacher_topk
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--save-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, tokenizer):
+    """A 4-layer tiny teacher, its 2-layer mixed student, and data packed into 32-token sequences."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher = save_tiny_model(root / "teacher", tokenizer, "llama", layers=4, tied=True, seed=3)
+    corpus = write_corpus(root / "corpus", n_docs=80, seed=1)
+    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(root / "data"),
+                                          heldout=0.2, seq_len=32))
+    student = build_student(BuildStudentConfig(teacher=str(teacher), out=str(root / "student"), layers=2))
+    return {"teacher": teacher, "student": student, "data": data, "root": root}
+
+
+def invoke(setting, out, *args, env=None):
+    base = ["distill", "--teacher", str(setting["teacher"]), "--student", str(setting["student"]),
+            "--data", str(setting["data"]), "--out", str(out)]
+    return CliRunner().invoke(app, base + list(args), env=env)
+
+
+def read_log(path: Path) -> list[dict]:
+    with pa.memory_map(str(path / "log.arrow")) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def budgeted(setting):
+    """One budgeted-lora run with F = 0.4 over 60 steps (enough for ρ to settle after s1 = 0.3)."""
+    out = setting["root"] / "bl"
+    result = invoke(setting, out, "--method", "budgeted-lora", "--budget", "0.4", "--tokens", str(60 * 64), *SMALL)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    return out
+
+
+def test_budgeted_run_log_schedule_and_output(budgeted, setting):
+    manifest = read_manifest(budgeted, ("distill",))
+    assert manifest["method"] == "budgeted-lora" and manifest["schedule"]["steps"] == 60
+    log = read_log(budgeted)
+    assert [row["step"] for row in log] == list(range(1, 61))
+    for row in log:
+        assert row["target_fraction"] == pytest.approx(target_fraction(row["step"] / 60, 0.4, 0.1, 0.3))
+        assert row["actual_fraction"] >= row["target_fraction"] - 1e-9
+    assert log[-1]["actual_fraction"] == pytest.approx(0.4, abs=0.01)
+    assert log[-1]["modules_dropped"] > 0
+    assert all(row[k] > 0 for row in log for k in ("loss", "kl", "ce", "tokens_per_s"))
+    assert log[0]["lr"] == 0.0 and all(row["lr"] > 0 for row in log[1:])  # linear warm-up from 0
+    # the dense fraction computed in a step counts only modules with ρ > 0
+    assert log[-1]["computed_fraction"] < 1.0 and log[0]["computed_fraction"] == 1.0
+    rho = manifest["controller"]["rho"]
+    assert sum(r == 0 for r in rho) == log[-1]["modules_dropped"]
+    assert [m["rho"] for m in manifest["adapters"]["modules"]] == pytest.approx(rho, abs=1e-6)
+    compute = manifest["compute"]
+    assert compute["tokens"] == manifest["training"]["tokens_seen"] == 60 * 2 * 32
+    assert compute["realised"] > compute["proxy"]  # ρ > 0 modules compute in full, and smoothing lags
+    assert 0 < compute["dense_fraction_executed"] < 1
+
+
+def test_distilled_student_loads_and_dropped_modules_skip_dense(budgeted):
+    model = bltool.load_model(budgeted)
+    modules = adapted_modules(model)
+    assert len(modules) == 2 * 7
+    dropped = [m for _, m in modules if m._rho == 0.0]
+    assert dropped
+    for m in dropped:  # poison the dense weights of dropped modules: outputs must not change
+        m.base.weight.data.fill_(float("nan"))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_kd_full_and_kd_lora(setting):
+    out = setting["root"] / "full"
+    result = invoke(setting, out, "--method", "kd-full", "--tokens", str(4 * 64), *SMALL)
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out, ("distill",))
+    assert manifest["adapters"] is None and manifest["compute"]["proxy"] == 1.0
+    assert manifest["compute"]["realised"] == pytest.approx(1.0)
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out)  # kd-full writes a plain Hugging Face checkpoint
+    before = AutoModelForCausalLM.from_pretrained(setting["student"])
+    assert not torch.equal(plain.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+
+    out = setting["root"] / "lora"
+    result = invoke(setting, out, "--method", "kd-lora", "--tokens", str(4 * 64), *SMALL)
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out, ("distill",))
+    assert manifest["adapters"]["gated"] is False
+    compute = manifest["compute"]
+    assert compute["realised"] == pytest.approx(compute["proxy"])  # every dense matmul runs
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any(k.endswith("gate_logits") for k in weights)
+    log = read_log(out)
+    assert all(row["target_fraction"] == 1.0 and row["modules_dropped"] == 0 for row in log)
+
+
+def test_resume_is_bitwise_identical(setting, monkeypatch, tmp_path):
+    args = ["--method", "budgeted-lora", "--budget", "0.3", "--tokens", str(12 * 64), *SMALL]
+    whole = tmp_path / "whole"
+    assert invoke(setting, whole, *args).exit_code == 0
+
+    class StopAfter(distill_stage.StopSignals):
+        """Reports SIGTERM at the 5th between-steps check, as if the scheduler preempted the job."""
+
+        checks = 0
+
+        @property
+        def received(self):
+            StopAfter.checks += 1
+            return signal.SIGTERM if StopAfter.checks >= 5 else None
+
+        @received.setter
+        def received(self, value):
+            pass
+
+    monkeypatch.setattr(distill_stage, "StopSignals", StopAfter)
+    parts = tmp_path / "parts"
+    stopped = invoke(setting, parts, *args)
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.stderr
+    assert "--resume" in stopped.stderr and stopped.stdout == ""
+    assert not parts.exists()
+    state = json.loads((Path(f"{parts}.checkpoint") / "state.json").read_text())
+    assert state["step"] == 5
+    monkeypatch.undo()
+
+    refused = invoke(setting, parts, *args)  # a checkpoint exists: must say --resume or --overwrite
+    assert refused.exit_code == 2 and "--resume" in refused.stderr
+    changed = invoke(setting, parts, *args[:-len(SMALL)], "--rank", "4", "--lora-alpha", "8", "--batch-size", "2",
+                     "--save-every", "0", "--seed", "7", "--resume")
+    assert changed.exit_code == 2 and "--seed" in changed.stderr
+
+    resumed = invoke(setting, parts, *args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(parts / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    whole_log, parts_log = read_log(whole), read_log(parts)
+    drop = ("seconds", "tokens_per_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in parts_log] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in whole_log]
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_writes_a_resumable_checkpoint(setting, tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "bltool", "distill", "--teacher", str(setting["teacher"]), "--student",
+           str(setting["student"]), "--data", str(setting["data"]), "--out", str(out), "--method", "budgeted-lora",
+           "--budget", "0.4", "--tokens", str(5000 * 64), *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env())
+    for line in proc.stderr:  # the loop starts right after this line
+        if line.startswith("distill budgeted-lora"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr and stdout == ""
+    assert not out.exists()
+    state = json.loads((Path(f"{out}.checkpoint") / "state.json").read_text())
+    assert 1 <= state["step"] < 5000 and len(state["log"]) == state["step"]
+
+
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(setting, tmp_path):
+    common = ["--teacher", str(setting["teacher"]), "--student", str(setting["student"]), "--data",
+              str(setting["data"]), "--method", "budgeted-lora", "--budget", "0.5", "--tokens", str(6 * 128),
+              "--rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "bltool", "distill", *common, "--batch-size", "2",
+                          "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=_cli_env())
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(29500 + os.getpid() % 1000), "-m", "bltool", "distill", *common, "--batch-size", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=_cli_env())
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.strip() == str(tmp_path / "two")  # only rank 0 prints the path
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["tokens"] for r in log_one] == [r["tokens"] for r in log_two]
+    assert [r["loss"] for r in log_one] == pytest.approx([r["loss"] for r in log_two], rel=1e-5)
+
+
+def test_teacher_logits_cache(setting, tmp_path, tokenizer):
+    """A cache with k = V reproduces full-logit distillation (up to float16 storage of the logits); a
+    smaller k runs too; the cache is refused when it does not fit the run."""
+    vocab = len(tokenizer)
+    cache = tmp_path / "cache"
+    made = CliRunner().invoke(app, ["teacher-logits", "--teacher", str(setting["teacher"]), "--data",
+                                    str(setting["data"]), "--out", str(cache), "--tokens", str(4 * 64),
+                                    "--top-k", str(vocab)])
+    assert made.exit_code == 0, made.stderr
+    assert read_manifest(cache, ("teacher-logits",))["coverage"]["sequences"] == 8
+    # the cache holds, for each sequence a run reads, exactly the teacher's top-k at each position
+    stored = TeacherCache.open(cache)
+    train = PackedSequences(Path(setting["data"]) / "train.arrow")
+    index = [int(i) for i in positions_to_indices(0, 8, len(train), 0)]
+    ids, mask = collate([train[i] for i in index], 0, "cpu")
+    teacher = bltool.load_model(setting["teacher"])
+    expected = teacher_topk(hidden_states(teacher, ids, mask), teacher.lm_head, vocab, 3.0)
+    got = stored.batch(index, ids.shape[1], "cpu")
+    assert torch.equal(got[0], expected[0].long())
+    assert torch.allclose(got[1], expected[1], rtol=1e-3, atol=1e-3)  # float16 storage
+    assert torch.allclose(got[2], expected[2], rtol=1e-6)
+    args = ["--method", "kd-lora", "--tokens", str(4 * 64), "--lora-dropout", "0", *SMALL]
+    full = invoke(setting, tmp_path / "full", *args)
+    cached = CliRunner().invoke(app, ["distill", "--student", str(setting["student"]), "--data", str(setting["data"]),
+                                      "--teacher-logits", str(cache), "--out", str(tmp_path / "cached"), *args])
+    assert full.exit_code == 0 and cached.exit_code == 0, cached.stderr
+    for a, b in zip(read_log(tmp_path / "full"), read_log(tmp_path / "cached")):
+        assert b["kl"] == pytest.approx(a["kl"], rel=0.1)  # float16 logits; exactness: test_losses
+        assert b["ce"] == pytest.approx(a["ce"], rel=1e-5)
+
+    small = tmp_path / "small"
+    assert CliRunner().invoke(app, ["teacher-logits", "--teacher", str(setting["teacher"]), "--data",
+                                    str(setting["data"]), "--out", str(small), "--tokens", str(4 * 64),
+                                    "--top-k", "8"]).exit_code == 0
+    topk = CliRunner().invoke(app, ["distill", "--student", str(setting["student"]), "--data", str(setting["data"]),
+                                    "--teacher-logits", str(small), "--out", str(tmp_path / "topk"), *args])
+    assert topk.exit_code == 0, topk.stderr
+    assert all(0 <= r["kl"] for r in read_log(tmp_path / "topk"))
+
+    for extra, message in ((["--tokens", str(40 * 64)], "lacks"), (["--temperature", "2"], "--temperature"),
+                           (["--seed", "1"], "--seed")):
+        result = CliRunner().invoke(app, ["distill", "--student", str(setting["student"]), "--data",
+                                          str(setting["data"]), "--teacher-logits", str(small), "--out",
+                                          str(tmp_path / "refused"), *args, *extra])
+        assert result.exit_code == 2 and message in result.stderr, (extra, result.stderr)
+        assert not (tmp_path / "refused").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_a_checkpoint(setting, tmp_path):
+    out = tmp_path / "nan"
+    result = invoke(setting, out, "--method", "kd-full", "--lr", "1e30", "--tokens", str(20 * 64), *SMALL)
+    assert result.exit_code == 1 and "non-finite" in result.stderr, result.stderr
+    assert not out.exists()
+    state = json.loads((Path(f"{out}.checkpoint") / "state.json").read_text())
+    weights = load_file(str(Path(f"{out}.checkpoint") / "trainable.safetensors"))
+    assert state["step"] >= 1 and all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--budget", "1.5"], "--budget"),
+    (["--budget", "-0.1"], "--budget"),
+    (["--budget", "0.4", "--decay-start", "0.3", "--decay-end", "0.2"], "--decay-start"),
+    (["--budget", "0.4", "--tokens", "63"], "--tokens"),  # one step is 2 sequences × 32 tokens
+    (["--budget", "0.4", "--tokens", "lots"], "--tokens"),
+    (["--method", "kd-lora", "--budget", "0.4"], "--budget"),
+    ([], "--budget"),  # budgeted-lora needs one
+    (["--method", "lora"], "--method"),
+    (["--budget", "0.4", "--target-modules", "qq_proj"], "--target-modules"),
+    (["--budget", "0.4", "--resume"], "--resume"),
+])
+def test_bad_input(setting, tmp_path, args, flag):
+    out = tmp_path / "out"
+    result = invoke(setting, out, "--batch-size", "2", *args)
+    assert result.exit_code == 2, result.stderr
+    assert flag in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not Path(f"{out}.checkpoint").exists()
+
+
+def test_mismatched_tokenizer_vocabulary_and_width(setting, tmp_path, other_model, tokenizer):
+    result = invoke(setting, tmp_path / "o", "--budget", "0.4", "--teacher", str(other_model))
+    assert result.exit_code == 2 and "different tokenizer" in result.stderr
+    wide = save_tiny_model(tmp_path / "padded", tokenizer, "llama", layers=2, seed=5)
+    config = json.loads((wide / "config.json").read_text())
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config["vocab_size"] += 16  # same tokenizer, a padded vocabulary: logits do not line up
+    padded = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    padded.save_pretrained(wide)
+    result = invoke(setting, tmp_path / "v", "--budget", "0.4", "--teacher", str(wide))
+    assert result.exit_code == 2 and "vocabulary" in result.stderr, result.stderr
+    result = CliRunner().invoke(app, ["distill", "--teacher", str(setting["student"]), "--student",
+                                      str(setting["teacher"]), "--data", str(setting["data"]), "--out",
+                                      str(tmp_path / "w"), "--method", "kd-full", "--tokens", "64", *SMALL])
+    assert result.exit_code == 0, result.stderr  # same width: fine
+    config["hidden_size"] = 64
+    bigger = AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in config.items()
+                                                             if k not in ("model_type", "vocab_size")},
+                                                          vocab_size=len(tokenizer)))
+    bigger.save_pretrained(tmp_path / "wide")
+    tokenizer.save_pretrained(tmp_path / "wide")
+    result = CliRunner().invoke(app, ["distill", "--teacher", str(setting["teacher"]), "--student",
+                                      str(tmp_path / "wide"), "--data", str(setting["data"]), "--out",
+                                      str(tmp_path / "x"), "--method", "kd-full", *SMALL])
+    assert result.exit_code == 2 and "hidden size" in result.stderr, result.stderr
+
+
+def test_parse_count():
+    assert parse_count("2M", "--tokens") == 2_000_000
+    assert parse_count("500k", "--tokens") == 500_000
+    assert parse_count("1.5B", "--tokens") == 1_500_000_000
+    assert parse_count("2_048", "--tokens") == 2048
+    for bad in ("", "1.5", "two", "inf", "nanM"):
+        with pytest.raises(UsageError, match="--tokens"):
+            parse_count(bad, "--tokens")
+
+
+def test_config_requires_a_teacher():
+    with pytest.raises(UsageError, match="--teacher"):
+        DistillConfig(student="s", data="d", out="o", method="kd-lora")

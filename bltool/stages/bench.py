@@ -1,0 +1,399 @@
+"""bench: measure what compression buys at inference, next to what the MAC count promises (METHOD.md §7).
+
+(a) Modules. Every adapted module of MODEL (the modules its `compressed` section lists, or a distilled
+    student's gated LoRA modules) is timed against the dense module of the same name in --baseline, on
+    the same random input, at a prefill shape (1 × --prefill-tokens) and decode shapes (B × 1 for each
+    --decode-batch). Sums over modules give the measured speedup, printed next to the MAC ratio (the
+    bound at compute-bound shapes) and the weight-bytes ratio (the bound at memory-bound decode shapes).
+(b) End to end. Prefill tokens/s (one forward pass with a KV cache, logits for the last position only,
+    as `generate()` does) and decode tokens/s (--decode-steps greedy steps after a --decode-context
+    token prompt, per batch size), --baseline against MODEL, next to the bound their forward MACs allow:
+    attention and the LM head are not compressed, so it is smaller than the module ratio.
+(c) Parameters and weight bytes of both models.
+(d) Training compute: the proxy and the realised value from the distill manifest (carried by
+    `compress`, or found by following the manifests' inputs).
+
+Timing protocol (bltool.timing): warm-up calls, then the median of --repeats, the compared candidates
+interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine's load are recorded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from bltool import ui
+from bltool.artifacts import MANIFEST, atomic_output, check_output_dir, read_manifest, write_json, write_manifest
+from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token
+from bltool.errors import ArtifactError, UsageError
+from bltool.lora import GatedLoRALinear
+from bltool.lowrank import KERNELS, set_kernel
+from bltool.models import load_model, model_content_hash, resolve_device, resolve_dtype, resolve_model
+from bltool.timing import machine_info, measure
+
+STAGE = "bench"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str  # the model to measure: a compressed (or distilled) student
+    baseline: str | None  # the dense model it replaces, e.g. the student before distillation (required)
+    out: str | None = None  # output directory (default: MODEL's parent/bench/<model name>)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    threads: int | None = None  # torch CPU threads (default: torch's choice)
+    kernel: str = "auto"  # low-rank kernel: auto | linear | mm | compile
+    prefill_tokens: int = 2048  # tokens of the prefill shape (batch 1)
+    decode_batches: tuple[int, ...] = (1, 8, 32)  # batch sizes of the decode shapes (one token each)
+    decode_context: int = 128  # prompt tokens in the KV cache before the timed decode steps
+    decode_steps: int = 16  # greedy decode steps per timed run
+    warmup: int = 2  # untimed calls before timing
+    repeats: int = 10  # timed calls; the median is reported
+    modules: bool = True  # --modules/--no-modules: part (a)
+    end_to_end: bool = True  # --end-to-end/--no-end-to-end: part (b)
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        if not self.baseline:
+            raise UsageError("--baseline is required: the dense model MODEL replaces (e.g. the built student)")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kernel not in KERNELS:
+            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        for flag, value in (("--prefill-tokens", self.prefill_tokens), ("--decode-context", self.decode_context),
+                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
+        if not self.decode_batches or any(b < 1 for b in self.decode_batches):
+            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batches}")
+
+
+def parse_batches(text: str) -> tuple[int, ...]:
+    """'1,8,32' → (1, 8, 32)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--decode-batch must be comma-separated integers like 1,8,32, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# What is compared
+
+
+def compared_modules(model: nn.Module, manifest: dict | None) -> list[dict[str, Any]]:
+    """The adapted modules of MODEL: its `compressed` section's list, else its gated LoRA modules."""
+    if manifest and manifest.get("compressed"):
+        return [{"name": m["name"], "form": m["form"], "layout": m["layout"]}
+                for m in manifest["compressed"]["modules"]]
+    return [{"name": name, "form": "lora", "layout": "gated-lora"} for name, m in model.named_modules()
+            if isinstance(m, GatedLoRALinear)]
+
+
+def check_baseline(model, baseline, modules: list[dict], spec: str) -> None:
+    for key in SAME_ARCHITECTURE:
+        a, b = getattr(model.config, key, None), getattr(baseline.config, key, None)
+        if a != b:
+            raise UsageError(f"--baseline: {spec} is not the same architecture as MODEL ({key} {b} vs {a})")
+    for entry in modules:
+        try:
+            dense = baseline.get_submodule(entry["name"])
+        except AttributeError:
+            raise UsageError(f"--baseline: {spec} has no module {entry['name']}") from None
+        mine = model.get_submodule(entry["name"])
+        if not isinstance(dense, nn.Linear) or (dense.in_features, dense.out_features) != (
+                mine.in_features, mine.out_features):
+            raise UsageError(f"--baseline: {spec}'s {entry['name']} is not a dense linear of MODEL's shape")
+
+
+def training_compute(path: Path, depth: int = 0) -> dict[str, Any] | None:
+    """The `compute` section of the distill manifest behind a model: found by following the manifests'
+    inputs (role "model") back to `distill`, else the copy a later stage (compress) carried over."""
+    try:
+        manifest = read_manifest(path, None, str(path)) if (path / MANIFEST).is_file() else None
+    except ArtifactError:
+        return None  # an input that has changed since: fall back to what the later stage copied
+    if manifest is None or depth > 8:
+        return None
+    if manifest["stage"] != "distill":
+        for item in manifest.get("inputs", []):
+            if item.get("role") == "model" and item.get("path"):
+                found = training_compute(Path(item["path"]), depth + 1)
+                if found:
+                    return found
+    if manifest.get("compute"):
+        return {**manifest["compute"], "source": str(path.absolute()), "source_stage": manifest["stage"]}
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# (a) modules
+
+
+def bench_modules(model, baseline, modules, config: BenchConfig, device: str, dtype) -> list[dict[str, Any]]:
+    shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batches]
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for entry in modules:
+        dense, mine = baseline.get_submodule(entry["name"]), model.get_submodule(entry["name"])
+        for phase, batch, tokens in shapes:
+            x = torch.randn(batch, tokens, dense.in_features, generator=generator).to(device=device, dtype=dtype)
+            timing = measure({"dense": lambda d=dense, x=x: d(x), "compressed": lambda m=mine, x=x: m(x)},
+                             config.warmup, config.repeats, device)
+            rows.append({
+                **entry, "phase": phase, "batch": batch, "tokens": tokens,
+                "in_features": dense.in_features, "out_features": dense.out_features,
+                "dense_s": timing["dense"]["median_s"], "compressed_s": timing["compressed"]["median_s"],
+                "dense_macs": layer_macs(dense), "macs": layer_macs(mine),
+                "dense_weight_bytes": layer_weight_bytes(dense), "weight_bytes": layer_weight_bytes(mine),
+            })
+    return rows
+
+
+def summarize_modules(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per shape: Σ time dense / Σ time compressed against Σ MACs and Σ weight bytes."""
+    out = []
+    for key in dict.fromkeys((r["phase"], r["batch"], r["tokens"]) for r in rows):
+        group = [r for r in rows if (r["phase"], r["batch"], r["tokens"]) == key]
+        dense_s, mine_s = sum(r["dense_s"] for r in group), sum(r["compressed_s"] for r in group)
+        mac_ratio = sum(r["dense_macs"] for r in group) / sum(r["macs"] for r in group)
+        bytes_ratio = sum(r["dense_weight_bytes"] for r in group) / sum(r["weight_bytes"] for r in group)
+        speedup = dense_s / mine_s
+        bound = mac_ratio if key[0] == "prefill" else bytes_ratio
+        out.append({"phase": key[0], "batch": key[1], "tokens": key[2], "modules": len(group),
+                    "dense_s": dense_s, "compressed_s": mine_s, "speedup": speedup, "mac_ratio": mac_ratio,
+                    "bytes_ratio": bytes_ratio, "bound": "macs" if key[0] == "prefill" else "weight bytes",
+                    "fraction_of_bound": speedup / bound})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# (b) end to end
+
+
+def _step(model, ids, cache, logits_to_keep: int = 1):
+    """One forward pass that appends to `cache` (a DynamicCache); logits for the last position only.
+    transformers renamed `past_key_values` to `cache` during 5.x: pass whichever this version takes."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: cache})
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def bench_end_to_end(models: dict[str, nn.Module], config: BenchConfig, device: str) -> list[dict[str, Any]]:
+    vocab = next(iter(models.values())).config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    # prefill: one forward over the prompt writing a fresh KV cache, logits for the last position only
+    ids = torch.randint(0, vocab, (1, config.prefill_tokens), generator=generator).to(device)
+    timing = measure({name: (lambda m=m: _step(m, ids, _new_cache(m))) for name, m in models.items()},
+                     config.warmup, config.repeats, device)
+    for name, m in models.items():
+        macs = macs_per_token(m, context=(config.prefill_tokens + 1) / 2, logits_per_token=1 / config.prefill_tokens)
+        rows.append({"model": name, "phase": "prefill", "batch": 1, "tokens": config.prefill_tokens,
+                     "seconds": timing[name]["median_s"],
+                     "tokens_per_s": config.prefill_tokens / timing[name]["median_s"], "macs_per_token": macs})
+    # decode: --decode-steps greedy steps, one token per sequence each, after a --decode-context prompt
+    context = (config.decode_context + config.decode_context + config.decode_steps - 1) / 2 + 1
+    for batch in config.decode_batches:
+        prompt = torch.randint(0, vocab, (batch, config.decode_context), generator=generator).to(device)
+        state: dict[str, Any] = {}
+
+        def setup(name, m, prompt=prompt, state=state):
+            cache = _new_cache(m)
+            state[name] = (cache, _step(m, prompt, cache).logits[:, -1].argmax(-1, keepdim=True))
+
+        def decode(name, m, state=state):
+            cache, token = state[name]
+            for _ in range(config.decode_steps):
+                token = _step(m, token, cache).logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+
+        timing = measure({name: (lambda n=name, m=m: decode(n, m)) for name, m in models.items()},
+                         config.warmup, config.repeats, device,
+                         setup={name: (lambda n=name, m=m: setup(n, m)) for name, m in models.items()})
+        for name, m in models.items():
+            rows.append({"model": name, "phase": "decode", "batch": batch, "tokens": batch * config.decode_steps,
+                         "seconds": timing[name]["median_s"],
+                         "tokens_per_s": batch * config.decode_steps / timing[name]["median_s"],
+                         "macs_per_token": macs_per_token(m, context=context)})
+    return rows
+
+
+def summarize_end_to_end(rows: list[dict]) -> list[dict[str, Any]]:
+    """Per phase and batch: MODEL's tokens/s over the baseline's, next to the MAC bound."""
+    out = []
+    for key in dict.fromkeys((r["phase"], r["batch"]) for r in rows):
+        pair = {r["model"]: r for r in rows if (r["phase"], r["batch"]) == key}
+        base, mine = pair["baseline"]["macs_per_token"], pair["model"]["macs_per_token"]
+        base_rate, rate = pair["baseline"]["tokens_per_s"], pair["model"]["tokens_per_s"]
+        out.append({"phase": key[0], "batch": key[1], "baseline_tokens_per_s": base_rate,
+                    "model_tokens_per_s": rate, "speedup": rate / base_rate,
+                    "mac_bound": base["total"] / mine["total"],
+                    "projection_mac_ratio": base["projections"] / mine["projections"],
+                    "projection_share_of_baseline_macs": base["projections"] / base["total"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# (c) size
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    seen, params, nbytes = set(), 0, 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+            nbytes += p.numel() * p.element_size()
+    return {"parameters": params, "weight_bytes": nbytes}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def default_out(config: BenchConfig, label: str) -> Path:
+    return Path(config.model).absolute().parent / "bench" / label
+
+
+def _write_arrow(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _flat(row: dict) -> dict:
+    """One Arrow row: the per-token MAC breakdown spread into columns."""
+    out = {k: v for k, v in row.items() if k != "macs_per_token"}
+    out.update({f"macs_per_token_{k}": float(v) for k, v in row.get("macs_per_token", {}).items()})
+    return out
+
+
+def run(config: BenchConfig) -> Path:
+    threads = torch.get_num_threads()
+    try:
+        return _run(config)
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this run only
+
+
+def _run(config: BenchConfig) -> Path:
+    ref = resolve_model(config.model, flag="MODEL")
+    base_ref = resolve_model(config.baseline, flag="--baseline")
+    out = Path(config.out) if config.out else default_out(config, ref.label)
+    check_output_dir(out, config.overwrite)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    manifest = read_manifest(ref.path, None, "MODEL") if (ref.path / MANIFEST).is_file() else None
+    model = load_model(ref, dtype=dtype, device=device, flag="MODEL")
+    kernel = set_kernel(model, config.kernel)
+    baseline = load_model(base_ref, dtype=dtype, device=device, flag="--baseline")
+    modules = compared_modules(model, manifest)
+    check_baseline(model, baseline, modules, config.baseline)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(config.prefill_tokens, config.decode_context + config.decode_steps)
+    if limit is not None and longest > limit:
+        raise UsageError(f"--prefill-tokens / --decode-context + --decode-steps: {longest} positions exceed MODEL's "
+                         f"max_position_embeddings ({limit})")
+    if config.modules and not modules:
+        ui.info("MODEL has no compressed or adapted modules: the module comparison (a) is skipped")
+    compute = training_compute(ref.path)
+
+    machine = {**machine_info(device), "dtype": str(dtype).replace("torch.", ""), "kernel": kernel}
+    ui.info(f"bench on {machine['device_name']} ({device}, {machine['dtype']}, {machine['threads']} threads, "
+            f"low-rank kernel {kernel}; load average {machine.get('load_average', 'n/a')})")
+    module_rows = bench_modules(model, baseline, modules, config, device, dtype) if config.modules else []
+    e2e_rows = bench_end_to_end({"baseline": baseline, "model": model}, config, device) if config.end_to_end else []
+    result = {
+        "model": config.model, "model_path": str(ref.path), "baseline": config.baseline,
+        "baseline_path": str(base_ref.path), "machine": machine,
+        "protocol": {"warmup": config.warmup, "repeats": config.repeats, "statistic": "median",
+                     "interleaved": True, "timer": "cuda events" if device.startswith("cuda") else "perf_counter",
+                     "prefill_tokens": config.prefill_tokens, "decode_batches": list(config.decode_batches),
+                     "decode_context": config.decode_context, "decode_steps": config.decode_steps},
+        "modules": summarize_modules(module_rows) if module_rows else [],
+        "end_to_end": summarize_end_to_end(e2e_rows) if e2e_rows else [],
+        "end_to_end_runs": e2e_rows,
+        "size": {"baseline": model_size(baseline), "model": model_size(model)},
+        "training_compute": compute,
+    }
+    if hasattr(os, "getloadavg"):
+        machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", {**result, "module_runs": module_rows})
+        if module_rows:
+            _write_arrow(tmp / "modules.arrow", module_rows)
+        if e2e_rows:
+            _write_arrow(tmp / "end_to_end.arrow", [_flat(r) for r in e2e_rows])
+        write_manifest(
+            tmp, STAGE, config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},
+                    {"role": "baseline", **base_ref.describe(), "content": model_content_hash(base_ref)}],
+            machine=machine,
+        )
+    print_tables(result)
+    return out
+
+
+def print_tables(result: dict) -> None:
+    from rich.table import Table
+
+    console = ui.console
+    if result["modules"]:
+        table = Table(title="(a) adapted modules: dense vs compressed, Σ over modules", title_justify="left")
+        for column in ("shape", "modules", "dense ms", "compressed ms", "speedup", "MAC ratio", "bytes ratio",
+                       "of bound"):
+            table.add_column(column, justify="right")
+        for s in result["modules"]:
+            shape = f"{s['phase']} {s['batch']}×{s['tokens']}"
+            table.add_row(shape, str(s["modules"]), f"{s['dense_s'] * 1e3:.2f}", f"{s['compressed_s'] * 1e3:.2f}",
+                          f"{s['speedup']:.2f}×", f"{s['mac_ratio']:.2f}×", f"{s['bytes_ratio']:.2f}×",
+                          f"{s['fraction_of_bound']:.0%} of {s['bound']}")
+        console.print(table)
+    if result["end_to_end"]:
+        table = Table(title="(b) end to end with KV cache: tokens/s", title_justify="left")
+        for column in ("phase", "batch", "baseline tok/s", "model tok/s", "speedup", "MAC bound",
+                       "projections' share of MACs"):
+            table.add_column(column, justify="right")
+        for s in result["end_to_end"]:
+            table.add_row(s["phase"], str(s["batch"]), f"{s['baseline_tokens_per_s']:,.1f}",
+                          f"{s['model_tokens_per_s']:,.1f}", f"{s['speedup']:.2f}×", f"{s['mac_bound']:.2f}×",
+                          f"{s['projection_share_of_baseline_macs']:.0%}")
+        console.print(table)
+    table = Table(title="(c) size", title_justify="left")
+    for column in ("model", "parameters", "weight MB"):
+        table.add_column(column, justify="right")
+    for name, size in result["size"].items():
+        table.add_row(name, f"{size['parameters']:,}", f"{size['weight_bytes'] / 1e6:,.1f}")
+    console.print(table)
+    compute = result["training_compute"]
+    if compute:
+        realised = compute.get("realised")
+        console.print(f"(d) training compute (kd-full = 1.00): proxy {compute.get('proxy', float('nan')):.2f}, "
+                      f"realised {'n/a' if realised is None else format(realised, '.2f')} "
+                      f"(from {compute['source']})", soft_wrap=True)
+    else:
+        console.print("(d) training compute: no distill manifest with a compute section in MODEL's inputs",
+                      soft_wrap=True)
+    m = result["machine"]
+    console.print(f"measured on {m['device_name']} ({m['device']}, {m['dtype']}, {m['threads']} threads, kernel "
+                  f"{m['kernel']}); load average before {m.get('load_average', 'n/a')}, after "
+                  f"{m.get('load_average_after', 'n/a')}", soft_wrap=True)

@@ -1,0 +1,153 @@
+"""compress: turn a distilled student into the model that is actually served (METHOD.md §5).
+
+Takes the output of `bltool distill` for every method:
+- kd-full        passes through (a plain dense student; nothing to compress),
+- kd-lora        merges each LoRA module into its dense weight (W + (α/r)BA): the same cost as the
+                 dense student, which the summary says,
+- budgeted-lora  compresses each module into drop / SVD / keep from its final ρ (bltool.compression).
+
+The output is a Hugging Face checkpoint (config, tokenizer, model.safetensors) whose adapted modules are
+dense or two-factor low-rank linears; the manifest's `compressed` section lists each module's form, ρ,
+kept LoRA rank, SVD rank, MACs and parameters, and `bltool.load_model` rebuilds it from there. With
+`--densify` every low-rank layer is multiplied out, so any tool that reads dense Hugging Face weights
+can load it, and the speedup is given up. The distill manifest's `compute` section is carried over so
+that `bench` can report training compute next to inference speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from bltool import ui
+from bltool.artifacts import artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
+from bltool.compression import (
+    CompressionPolicy,
+    compress_model,
+    compressed_section,
+    densify_model,
+    merge_model,
+    save_compressed,
+)
+from bltool.errors import ArtifactError, UsageError
+from bltool.models import count_parameters, load_model, load_tokenizer, resolve_model
+
+STAGE = "compress"
+METHODS = ("kd-full", "kd-lora", "budgeted-lora")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model: str  # a `bltool distill` output directory
+    out: str  # output directory (a Hugging Face checkpoint)
+    tau_rank: float = 0.5  # --tau-rank: keep ranks whose gate is at least this
+    tau_drop: float | None = None  # --tau-drop: ρ below this drops the dense weight (default: distill's, else 0.05)
+    tau_svd: float = 0.5  # --tau-svd: ρ at or above this keeps the module dense
+    k_max: int = 64  # --k-max: largest SVD rank
+    dense_fallback: bool = True  # --dense-fallback: multiply out low-rank forms that cost ≥ dense
+    densify: bool = False  # --densify: write every module dense (plain HF checkpoint; no speedup)
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        self.policy(0.05)  # validates the thresholds with the flags' names
+
+    def policy(self, default_tau_drop: float) -> CompressionPolicy:
+        return CompressionPolicy(tau_rank=self.tau_rank,
+                                 tau_drop=self.tau_drop if self.tau_drop is not None else default_tau_drop,
+                                 tau_svd=self.tau_svd, k_max=self.k_max, dense_fallback=self.dense_fallback)
+
+
+def distill_method(manifest: dict, path: Path) -> str:
+    """The training method, from the manifest's config, checked against its adapters section."""
+    adapters = manifest.get("adapters")
+    inferred = "kd-full" if not adapters else ("budgeted-lora" if adapters.get("gated") else "kd-lora")
+    method = (manifest.get("config") or {}).get("method") or inferred
+    if method not in METHODS:
+        raise ArtifactError(f"MODEL: {path} was distilled with unknown method {method!r}")
+    if method != inferred:
+        raise ArtifactError(f"MODEL: {path}'s manifest says method {method!r} but its adapters say {inferred!r}")
+    return method
+
+
+def run(config: CompressConfig) -> Path:
+    out = Path(config.out)
+    check_output_dir(out, config.overwrite)
+    path = Path(config.model)
+    if not path.is_dir():
+        raise UsageError(f"MODEL: {config.model} is not a directory; give the output of `bltool distill`")
+    manifest = read_manifest(path, ("distill",), "MODEL")
+    method = distill_method(manifest, path)
+    policy = config.policy(float((manifest.get("budget") or {}).get("tau_drop", 0.05)))
+    ref = resolve_model(str(path), flag="MODEL")
+    model = load_model(ref, flag="MODEL")
+    tokenizer = load_tokenizer(ref, flag="MODEL")
+
+    if method == "budgeted-lora":
+        records = compress_model(model, policy)
+    elif method == "kd-lora":
+        records = merge_model(model)
+    else:
+        records = []
+    speedup = compressed_section(method, policy, records, densified=False)["summary"]["mac_speedup"]
+    if config.densify:
+        records = densify_model(model, records)
+    section = compressed_section(method, policy if method == "budgeted-lora" else None, records, config.densify)
+    summary = section["summary"]
+    parameters = {"model": count_parameters(model),
+                  "dense_model": count_parameters(model) - summary["params"] + summary["dense_params"],
+                  "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+
+    with atomic_output(out, config.overwrite) as tmp:
+        save_compressed(tmp, model, tokenizer)
+        write_manifest(
+            tmp,
+            STAGE,
+            config={**asdict(replace(config, tau_drop=policy.tau_drop)), "out": str(out.absolute())},
+            inputs=[artifact_ref(path, manifest, "model")],
+            compressed=section,
+            compute=manifest.get("compute"),
+            parameters=parameters,
+        )
+    print_summary(config.model, section, parameters)
+    if method == "kd-full":
+        ui.info("kd-full: a dense student; nothing to compress, passed through unchanged")
+    elif method == "kd-lora":
+        ui.info("kd-lora: LoRA merged into the dense weights; this saves nothing (1.00× MACs): plain LoRA is "
+                "never cheaper than its base")
+    if config.densify and speedup and speedup > 1.0:
+        ui.warn(f"--densify: every module multiplied out into a dense linear; this gives up the {speedup:.2f}× "
+                "MAC speedup of the low-rank forms (the weights still compute the compressed function)")
+    return out
+
+
+def print_summary(name: str, section: dict, parameters: dict) -> None:
+    """The paper's Table 8 for this student (one column), on stderr."""
+    from rich.table import Table
+
+    s = section["summary"]
+    title = f"compress {name}: {section['method']}{', densified' if section['densified'] else ''}"
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+
+    def fmt(value, spec, suffix=""):
+        return "-" if value is None else format(value, spec) + suffix
+
+    rows = [
+        ("adapted modules", str(s["modules"])),
+        ("dense kept", str(s["kept"])),
+        ("SVD", str(s["svd"])),
+        ("dropped", str(s["dropped"])),
+        ("multiplied out (low rank cost more)", str(s["multiplied_out"])),
+        ("average kept LoRA rank", fmt(s["average_kept_lora_rank"], ".1f")),
+        ("average rank of low-rank modules", fmt(s["average_lowrank_rank"], ".1f")),
+        ("MAC speedup (adapted modules)", fmt(s["mac_speedup"], ".2f", "×")),
+        ("parameter reduction (adapted modules)", fmt(s["param_reduction"], ".1%")),
+        ("model parameters (dense → now)", f"{parameters['dense_model']:,} → {parameters['model']:,}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    ui.console.print(table)
+    if s["multiplied_out"] and not section["densified"]:
+        ui.info(f"{s['multiplied_out']} low-rank module(s) multiplied out into dense linears: their low-rank form "
+                "would cost at least as many MACs as the dense matrix (--no-dense-fallback keeps them low-rank)")

@@ -1,0 +1,94 @@
+"""Wall-clock timing for benchmarks: warm-up, then the median of repeats.
+
+Candidates that are compared (dense against compressed) are timed interleaved, one repeat of each in
+turn, so that a change in machine load during the run affects both alike. On CUDA each call is timed
+with CUDA events around it (start and end recorded on the current stream, then synchronised); on CPU
+with `time.perf_counter`. An optional per-candidate `setup` runs before each of its calls, untimed
+(e.g. re-prefilling a KV cache before timing decode steps).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds that one call of `fn` took."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def measure(candidates: dict[str, Callable[[], Any]], warmup: int = 3, repeats: int = 10,
+            device: str | torch.device = "cpu",
+            setup: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict]:
+    """Time each candidate `repeats` times, interleaved, after `warmup` untimed calls of each.
+
+    Returns {name: {"median_s", "min_s", "max_s", "repeats", "samples_s"}}."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be at least 1 and warmup at least 0")
+    device = torch.device(device)
+    setup = setup or {}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name, fn in candidates.items():
+                if name in setup:
+                    setup[name]()
+                fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                if name in setup:
+                    setup[name]()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                samples[name].append(_timed(fn, device))
+    return {
+        name: {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values),
+               "repeats": len(values), "samples_s": values}
+        for name, values in samples.items()
+    }
+
+
+def machine_info(device: str | torch.device) -> dict[str, Any]:
+    """Where a timing was taken: device, threads, CPU, torch build and the load at the time."""
+    device = torch.device(device)
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

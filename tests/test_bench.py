@@ -1,0 +1,164 @@
+"""`bltool bench` and the timer: the files and tables it writes, what it compares, where it finds the
+training compute, and refused inputs. Tiny shapes and one repeat; nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pytest
+from test_compression import distilled_student
+from typer.testing import CliRunner
+
+from bltool.artifacts import read_manifest
+from bltool.cli import app
+from bltool.stages.bench import summarize_end_to_end, summarize_modules
+from bltool.timing import measure
+
+FAST = ["--prefill-tokens", "16", "--decode-batch", "1,2", "--decode-context", "4", "--decode-steps", "2",
+        "--warmup", "0", "--repeats", "1", "--device", "cpu"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory, tiny_llama):
+    from bltool.stages.compress import CompressConfig, run
+
+    root = tmp_path_factory.mktemp("bench")
+    source, _ = distilled_student(root / "distilled", tiny_llama)
+    return run(CompressConfig(model=str(source), out=str(root / "compressed")))
+
+
+def read_arrow(path):
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def test_measure_interleaves_warms_up_and_keeps_setup_out_of_the_time():
+    calls = []
+    timing = measure({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3,
+                     setup={"b": lambda: (calls.append("setup"), time.sleep(0.02))})
+    assert calls == ["a", "setup", "b"] * 5
+    assert timing["a"]["repeats"] == 3 and len(timing["b"]["samples_s"]) == 3
+    assert timing["b"]["median_s"] < 0.02  # the sleeping setup is not timed
+    assert timing["a"]["min_s"] <= timing["a"]["median_s"] <= timing["a"]["max_s"]
+    with pytest.raises(ValueError):
+        measure({"a": lambda: None}, repeats=0)
+
+
+def test_summaries_sum_over_modules_and_pick_the_bound():
+    rows = [
+        {"phase": "prefill", "batch": 1, "tokens": 8, "dense_s": 4.0, "compressed_s": 1.0, "dense_macs": 100,
+         "macs": 20, "dense_weight_bytes": 400, "weight_bytes": 80},
+        {"phase": "prefill", "batch": 1, "tokens": 8, "dense_s": 2.0, "compressed_s": 2.0, "dense_macs": 50,
+         "macs": 50, "dense_weight_bytes": 200, "weight_bytes": 200},
+        {"phase": "decode", "batch": 4, "tokens": 1, "dense_s": 3.0, "compressed_s": 2.0, "dense_macs": 100,
+         "macs": 25, "dense_weight_bytes": 300, "weight_bytes": 100},
+    ]
+    prefill, decode = summarize_modules(rows)
+    assert prefill["speedup"] == 2.0 and prefill["mac_ratio"] == 150 / 70 and prefill["bound"] == "macs"
+    assert prefill["fraction_of_bound"] == pytest.approx(2.0 / (150 / 70))
+    assert decode["speedup"] == 1.5 and decode["bytes_ratio"] == 3.0 and decode["fraction_of_bound"] == 0.5
+    e2e = summarize_end_to_end([
+        {"model": "baseline", "phase": "decode", "batch": 2, "tokens_per_s": 10.0,
+         "macs_per_token": {"projections": 80, "total": 100}},
+        {"model": "model", "phase": "decode", "batch": 2, "tokens_per_s": 15.0,
+         "macs_per_token": {"projections": 20, "total": 40}},
+    ])
+    assert e2e == [{"phase": "decode", "batch": 2, "baseline_tokens_per_s": 10.0, "model_tokens_per_s": 15.0,
+                    "speedup": 1.5, "mac_bound": 2.5, "projection_mac_ratio": 4.0,
+                    "projection_share_of_baseline_macs": 0.8}]
+
+
+def test_bench_writes_tables_arrow_and_json(tmp_path, compressed, tiny_llama):
+    out = tmp_path / "runs" / "bench"
+    result = invoke("bench", str(compressed), "--baseline", str(tiny_llama), "--out", str(out), *FAST,
+                    "--kernel", "mm", "--threads", "1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{out}\n"
+    for needle in ("(a) adapted modules", "(b) end to end", "(c) size", "(d) training compute", "proxy 0.59",
+                   "realised 0.61", "kernel mm", "1 threads"):
+        assert needle in result.stderr, needle
+    data = json.loads((out / "result.json").read_text())
+    section = read_manifest(compressed)["compressed"]
+    modules = read_arrow(out / "modules.arrow")
+    assert modules.num_rows == len(section["modules"]) * 3  # prefill + two decode shapes
+    assert set(modules.column("name").to_pylist()) == {m["name"] for m in section["modules"]}
+    assert modules.column("macs").to_pylist()[:1] == [section["modules"][0]["macs"]]
+    assert [(s["phase"], s["batch"], s["tokens"]) for s in data["modules"]] == [
+        ("prefill", 1, 16), ("decode", 1, 1), ("decode", 2, 1)]
+    assert data["modules"][0]["mac_ratio"] == pytest.approx(section["summary"]["mac_speedup"])
+    e2e = read_arrow(out / "end_to_end.arrow").to_pylist()
+    assert [(r["model"], r["phase"], r["batch"]) for r in e2e] == [
+        ("baseline", "prefill", 1), ("model", "prefill", 1), ("baseline", "decode", 1), ("model", "decode", 1),
+        ("baseline", "decode", 2), ("model", "decode", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in e2e)
+    assert all(s["mac_bound"] < s["projection_mac_ratio"] for s in data["end_to_end"])  # head + attention
+    assert data["machine"]["kernel"] == "mm" and data["machine"]["threads"] == 1
+    assert data["machine"]["dtype"] == "float32" and data["protocol"]["repeats"] == 1
+    assert data["training_compute"]["proxy"] == 0.59 and data["training_compute"]["source_stage"] == "distill"
+    assert data["size"]["model"]["parameters"] < data["size"]["baseline"]["parameters"]
+    assert read_manifest(out, ("bench",))["inputs"][1]["role"] == "baseline"
+
+
+def test_training_compute_follows_inputs_then_falls_back_to_the_copy(tmp_path, tiny_llama):
+    from bltool.stages.bench import training_compute
+    from bltool.stages.compress import CompressConfig, run
+
+    source, _ = distilled_student(tmp_path / "s", tiny_llama, compute={"proxy": 0.5, "realised": 0.7})
+    out = run(CompressConfig(model=str(source), out=str(tmp_path / "c")))
+    found = training_compute(out)
+    assert (found["proxy"], found["source_stage"], found["source"]) == (0.5, "distill", str(source))
+    (source / "model.safetensors").write_bytes(b"changed")  # the distill artifact no longer matches
+    found = training_compute(out)
+    assert (found["proxy"], found["source_stage"]) == (0.5, "compress")
+    assert training_compute(tiny_llama) is None
+
+
+def test_bench_of_a_distilled_student(tmp_path, tiny_llama):
+    source, _ = distilled_student(tmp_path / "s", tiny_llama, compute={"proxy": 0.38, "realised": None})
+    out = tmp_path / "b"
+    result = invoke("bench", str(source), "--baseline", str(tiny_llama), "--out", str(out), *FAST,
+                    "--no-end-to-end")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads((out / "result.json").read_text())
+    assert {r["layout"] for r in data["module_runs"]} == {"gated-lora"} and data["end_to_end"] == []
+    assert not (out / "end_to_end.arrow").exists()
+    assert "proxy 0.38, realised n/a" in result.stderr
+
+
+def test_bench_defaults_its_output_next_to_the_model(tmp_path, compressed, tiny_llama):
+    result = invoke("bench", str(compressed), "--baseline", str(tiny_llama), *FAST, "--no-modules",
+                    "--no-end-to-end")
+    assert result.exit_code == 0, result.stderr
+    out = compressed.parent / "bench" / "compressed"
+    assert result.stdout == f"{out}\n" and (out / "result.json").is_file()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--decode-batch", "1,x"], ["--decode-batch"]),
+    (["--decode-batch", "0"], ["--decode-batch"]),
+    (["--kernel", "fastest"], ["--kernel"]),
+    (["--repeats", "0"], ["--repeats"]),
+    (["--dtype", "int8"], ["--dtype"]),
+    (["--baseline-other"], ["--baseline", "architecture"]),
+    (["--no-baseline"], ["--baseline", "required"]),
+])
+def test_bad_inputs_are_refused_in_one_line(extra, needles, tmp_path, compressed, tiny_llama, other_model):
+    baseline = ["--baseline", str(tiny_llama)]
+    if extra == ["--baseline-other"]:
+        extra, baseline = [], ["--baseline", str(other_model)]
+    elif extra == ["--no-baseline"]:
+        extra, baseline = [], []
+    out = tmp_path / "b"
+    result = invoke("bench", str(compressed), *baseline, "--out", str(out), *FAST, *extra)
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert result.stdout == "" and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    assert not out.exists()

@@ -1,0 +1,159 @@
+"""Serving capacity under KV-cache memory (METHOD.md §8): pure functions, no I/O.
+
+The model (Nie, Si & Zhou 2026): one GPU worker holds at most `M` KV tokens. A request with prompt
+length `s` and output length `o` is prefilled in chunks of `ŝ` tokens, one chunk per batch iteration,
+then decodes one token per iteration, and its KV cache is freed when it completes. Its lifetime memory
+`g(s, o)` is the number of KV tokens it holds, summed over the iterations it is in the batch. Because
+the cache never holds more than `M` tokens, `b̄` seconds of iteration serve at most `M` token·iterations,
+so no policy completes more than `μ = M / (b̄ · E[g])` requests per second.
+
+Units: lengths in tokens, memory in bytes (KV and weights) or tokens (`M`, `g`), times in seconds,
+rates in requests per second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Bytes per element of the KV cache / weights for each --dtype.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1}
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What fixes the KV cache's size per token: attention layers, KV heads and head width."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+
+
+def kv_shape(config: Mapping[str, Any] | Any) -> KVShape:
+    """KV shape from a transformers config (object or config.json dict).
+
+    `head_dim` is the config's own when set (Qwen3 and others decouple it from the width), else
+    `hidden_size // num_attention_heads`; KV heads default to the attention heads (no GQA).
+    """
+
+    def get(name):
+        return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+    layers, heads, hidden = get("num_hidden_layers"), get("num_attention_heads"), get("hidden_size")
+    if not layers or not heads:
+        raise ValueError("config has no num_hidden_layers / num_attention_heads")
+    kv_heads = get("num_key_value_heads") or heads
+    head_dim = get("head_dim") or (hidden // heads if hidden else None)
+    if not head_dim:
+        raise ValueError("config has neither head_dim nor hidden_size")
+    return KVShape(int(layers), int(kv_heads), int(head_dim))
+
+
+def kv_bytes_per_token(shape: KVShape, dtype_bytes: int) -> int:
+    """`2 · n_layers · n_kv_heads · head_dim · dtype_bytes`: one key and one value vector per KV head
+    per layer. Compression of the projections leaves it unchanged (same layers and KV heads)."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes
+
+
+def kv_capacity(gpu_mem: float, mem_util: float, weight_bytes: float, activation_reserve: float,
+                kv_bytes: int) -> int:
+    """`M = floor((gpu_mem · util − weights − activation_reserve) / kv_bytes_per_token)`, in tokens
+    (negative when the weights and reserve do not fit; the caller reports that)."""
+    return math.floor((gpu_mem * mem_util - weight_bytes - activation_reserve) / kv_bytes)
+
+
+def prefill_memory(s, chunk: int):
+    """Token·iterations held during chunked prefill: `Σ_{j=1..⌈s/ŝ⌉} min(j·ŝ, s)`.
+
+    With `q = s // ŝ` full chunks the sum is `ŝ·q(q+1)/2`, plus `s` for the last, partial chunk when
+    `ŝ` does not divide `s`. Exact integers; `s` may be an int or an integer array.
+    """
+    s = np.asarray(s, dtype=np.int64)
+    q = s // chunk
+    value = chunk * q * (q + 1) // 2 + np.where(s % chunk > 0, s, 0)
+    return int(value) if value.ndim == 0 else value
+
+
+def lifetime_memory(s, o, chunk: int):
+    """`g(s, o)`: KV token·iterations a request holds from admission to completion.
+
+    Prefill (above), then `o` decode iterations holding `s + 1, …, s + o` tokens:
+    `s·o + o(o+1)/2`. Exact for integer lengths; scalars or arrays.
+    """
+    s = np.asarray(s, dtype=np.int64)
+    o = np.asarray(o, dtype=np.int64)
+    value = prefill_memory(s, chunk) + s * o + o * (o + 1) // 2
+    return int(value) if np.ndim(value) == 0 else value
+
+
+def lifetime_memory_smooth(s: float, o: float, chunk: int) -> float:
+    """The paper's closed form `(1 + s/ŝ)·s/2 + s·o + (1 + o)·o/2` for real `s`, `o` (equal to
+    `lifetime_memory` when `ŝ` divides `s`). Used to show what plugging in mean lengths gives."""
+    return (1 + s / chunk) * s / 2 + s * o + (1 + o) * o / 2
+
+
+def iterations(s, o, chunk: int):
+    """Batch iterations a request spends in the batch: `⌈s/ŝ⌉` prefill chunks, then `o` decodes."""
+    s = np.asarray(s, dtype=np.int64)
+    o = np.asarray(o, dtype=np.int64)
+    value = -(-s // chunk) + o
+    return int(value) if np.ndim(value) == 0 else value
+
+
+def service_rate(m_tokens: int, iteration_s: float, mean_g: float) -> float:
+    """`μ = M / (b̄ · E[g])`: requests per second the KV memory can sustain. `E[g]` must be the mean
+    of g over the joint length distribution: g is quadratic, so g(E[s], E[o]) underestimates it."""
+    return m_tokens / (iteration_s * mean_g)
+
+
+def memory_slack(max_request_tokens: int, m_tokens: int) -> float:
+    """`δ = max(s + o) / M`: the share of memory a work-conserving policy may leave idle because the
+    next request does not fit. Stable for `λ < μ(1 − δ)`, unstable for `λ > μ`."""
+    return max_request_tokens / m_tokens
+
+
+def token_throughput_bound(mean_s: float, mean_o: float, prefill_tps: float, decode_tps: float) -> float:
+    """`1 / (E[s]/P + E[o]/D)`: requests per second when compute, not memory, is the limit (a request
+    costs E[s] prefill tokens at P tokens/s and E[o] decode tokens at D tokens/s)."""
+    return 1.0 / (mean_s / prefill_tps + mean_o / decode_tps)
+
+
+def concurrency_bound(max_seqs: int, iteration_s: float, mean_iterations: float) -> float:
+    """`max_seqs / (b̄ · E[iterations])`: with at most `max_seqs` sequences in the batch, each in it
+    for E[iterations] iterations of b̄ seconds, Little's law caps the completion rate here."""
+    return max_seqs / (iteration_s * mean_iterations)
+
+
+def gpus_needed(rate: float, max_stable_rate: float, target_util: float) -> int:
+    """`⌈λ / (u · μ)⌉`: data-parallel replicas add their rates; run each at utilisation u."""
+    return max(1, math.ceil(rate / (target_util * max_stable_rate) - 1e-12))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The ceilings on a worker's completion rate (requests/s) and the one that binds first."""
+
+    memory: float  # μ = M / (b̄ · E[g])
+    tokens: float | None  # 1 / (E[s]/P + E[o]/D), when P and D are known
+    sequences: float | None  # max_seqs / (b̄ · E[iterations]), when a cap is set
+
+    @property
+    def named(self) -> dict[str, float]:
+        values = {"memory": self.memory, "tokens": self.tokens, "sequences": self.sequences}
+        return {k: v for k, v in values.items() if v is not None}
+
+    @property
+    def binding(self) -> str:
+        named = self.named
+        return min(named, key=named.get)
+
+    @property
+    def max_stable_rate(self) -> float:
+        return self.named[self.binding]

@@ -1,0 +1,129 @@
+"""bench-serving: the serving measurements `capacity` needs (METHOD.md §8), on this device.
+
+Measures, with transformers' continuous batching (see `bltool.serving` for exactly what is timed):
+b̄, the median batch-iteration time of memory-constrained continuous batching (chunked prefill plus
+decode) at saturation; P, prefill tokens/s; D, decode tokens/s. The artifact also records what
+capacity needs about the model (KV shape, parameters), so `bltool capacity DIR` works from it alone.
+The CLI reaches this stage as `bltool bench MODEL --serving --out DIR`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import transformers
+
+from bltool import ui
+from bltool.artifacts import atomic_output, check_output_dir, write_json, write_manifest
+from bltool.errors import UsageError
+from bltool.models import (
+    count_parameters,
+    load_model,
+    model_content_hash,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from bltool.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
+from bltool.serving import ServingSettings, measure
+from bltool.timing import machine_info
+
+STAGE = "bench-serving"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class BenchServingConfig:
+    model: str  # MODEL: checkpoint directory, .gguf or alias
+    out: str  # --out: output directory
+    chunk: int = 256  # --chunk: prefill tokens per iteration (ŝ), beside one decode token per sequence
+    concurrency: int = 8  # --concurrency: sequences the KV cache holds at their peak (the saturated batch)
+    prompt_len: int = 256  # --prompt-len: prompt tokens per request (pick the workload's mean)
+    output_len: int = 64  # --output-len: generated tokens per request (pick the workload's mean)
+    requests: int = 0  # --requests: requests in the saturated run (0: 4 × concurrency)
+    page_size: int = 16  # --page-size: KV cache page size in tokens
+    repeats: int = 3  # --repeats: measurement repeats after one warm-up run
+    dtype: str = "auto"  # --dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # --device: auto | cpu | cuda | cuda:N
+    seed: int = 0  # --seed: random prompt tokens
+    overwrite: bool = False  # --overwrite: replace an existing --out
+
+    def __post_init__(self):
+        for flag, value in (("--chunk", self.chunk), ("--concurrency", self.concurrency),
+                            ("--prompt-len", self.prompt_len), ("--output-len", self.output_len),
+                            ("--page-size", self.page_size), ("--repeats", self.repeats)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1, got {value}")
+        if self.requests != 0 and self.requests < 2 * self.concurrency:
+            raise UsageError(
+                f"--requests must be at least 2 × --concurrency ({2 * self.concurrency}) so the batch saturates, "
+                f"got {self.requests}"
+            )
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def settings(self) -> ServingSettings:
+        return ServingSettings(chunk=self.chunk, concurrency=self.concurrency, prompt_len=self.prompt_len,
+                               output_len=self.output_len, requests=self.requests or 4 * self.concurrency,
+                               page_size=self.page_size, repeats=self.repeats, seed=self.seed)
+
+
+def run(config: BenchServingConfig) -> Path:
+    out = Path(config.out)
+    check_output_dir(out, config.overwrite)
+    ref = resolve_model(config.model, flag="MODEL")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = load_model(ref, dtype=dtype, device=device)
+    shape = kv_shape(model.config)
+    settings = config.settings
+    ui.info(f"bench --serving {ref.label}: {settings.requests} requests of {settings.prompt_len}+"
+            f"{settings.output_len} tokens, {settings.concurrency} sequences, chunk {settings.chunk}, "
+            f"{settings.repeats} repeat(s) on {device}")
+    measured = measure(model, settings)
+    dtype_name = str(dtype).replace("torch.", "")
+    g = lifetime_memory(settings.prompt_len, settings.output_len, settings.chunk)
+    result = {
+        "model": config.model,
+        "model_path": str(ref.path),
+        "label": ref.label,
+        "kv_shape": shape.as_dict(),
+        "kv_bytes_per_token": kv_bytes_per_token(shape, torch.finfo(dtype).bits // 8),
+        "parameters": count_parameters(model),
+        "settings": asdict(settings),
+        **measured,
+        # the saturated run as a small real-system check of μ = M / (b̄ · g) for its own cache M,
+        # with b̄ the median (METHOD §8) and the mean iteration time
+        "lifetime_memory": g,
+        "predicted_requests_per_s": measured["kv_cache_tokens"] / (measured["iteration_s"] * g),
+        "predicted_requests_per_s_mean": measured["kv_cache_tokens"] / (measured["iteration_s_mean"] * g),
+        "dtype": dtype_name,
+        **machine_info(device),
+        "transformers": transformers.__version__,
+    }
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", result)
+        row = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        row.update({f"kv_{k}": v for k, v in result["kv_shape"].items()})
+        row.update({f"settings_{k}": v for k, v in result["settings"].items()})
+        table = pa.Table.from_pylist([row])
+        with pa.OSFile(str(tmp / "result.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        write_manifest(
+            tmp,
+            STAGE,
+            config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}],
+            result={k: result[k] for k in ("iteration_s", "prefill_tokens_per_s", "decode_tokens_per_s")},
+        )
+    ui.info(
+        f"{ref.label}: b̄ {measured['iteration_s'] * 1e3:.1f} ms (mean {measured['iteration_s_mean'] * 1e3:.1f}, "
+        f"{measured['iterations_measured']} iterations), prefill {measured['prefill_tokens_per_s']:,.0f} tok/s, "
+        f"decode {measured['decode_tokens_per_s']:,.0f} tok/s, saturated {measured['saturated_requests_per_s']:.3g} "
+        f"req/s on {device} {dtype_name}, {result['threads']} threads"
+    )
+    return out

@@ -1,0 +1,408 @@
+"""capacity: from a model (or its bench-serving measurement) and a workload to a serving plan under
+KV-cache memory (METHOD.md §8), optionally checked by simulation.
+
+For each model: KV bytes per token, weight bytes, KV capacity M, E[g] over the workload's joint
+length distribution, b̄, μ = M / (b̄ · E[g]), δ, the token-throughput and concurrent-sequences bounds,
+which one binds, the maximum stable rate, and the GPUs needed for --rate at --target-util. With
+--validate, the discrete-event simulator (`bltool.simulator`) runs each model at 0.8, 1.0 and 1.2 times
+its predicted rate, independently of the formula.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from bltool import ui
+from bltool.artifacts import (
+    MANIFEST,
+    artifact_ref,
+    atomic_output,
+    check_output_dir,
+    read_manifest,
+    sha256_file,
+    write_json,
+    write_manifest,
+)
+from bltool.errors import ArtifactError, UsageError
+from bltool.models import model_content_hash, resolve_model
+from bltool.queueing import (
+    DTYPE_BYTES,
+    Bounds,
+    KVShape,
+    concurrency_bound,
+    gpus_needed,
+    iterations,
+    kv_bytes_per_token,
+    kv_capacity,
+    kv_shape,
+    lifetime_memory,
+    lifetime_memory_smooth,
+    memory_slack,
+    service_rate,
+    token_throughput_bound,
+)
+from bltool.simulator import simulate
+from bltool.workload import Workload, check_fits, read_trace, synthetic
+
+STAGE = "capacity"
+BENCH_STAGE = "bench-serving"
+LOADS = (0.8, 1.0, 1.2)  # --validate: arrival rate as a multiple of the predicted maximum stable rate
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """`80GiB`, `80Gi`, `80GB` (10^9), `1.5e9` or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in UNITS:
+        raise UsageError(f"{flag} expects a size such as 80GiB, 80GB or a byte count, got {text!r}")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    models: tuple[str, ...]  # MODELS: model paths / aliases, or bench-serving output directories
+    gpu_mem: str  # --gpu-mem: accelerator memory per worker (80GiB, 80GB or bytes)
+    out: str | None = None  # --out (default: capacity/<workload name>)
+    mem_util: float = 0.9  # --mem-util: share of --gpu-mem the server may use (vLLM's gpu_memory_utilization)
+    activation_reserve: str = "0"  # --activation-reserve: memory kept for activations (e.g. 2GiB)
+    dtype: str = "bfloat16"  # --dtype: dtype of the KV cache and the weights
+    workload: str | None = None  # --workload: trace (CSV, JSON Lines, Arrow, Parquet), one row per request
+    prompt_column: str = "prompt_tokens"  # --prompt-column in the trace
+    output_column: str = "output_tokens"  # --output-column in the trace
+    prompt_len: str | None = None  # --prompt-len: distribution instead of a trace (N, uniform:A:B, ...)
+    output_len: str | None = None  # --output-len: distribution instead of a trace
+    samples: int = 100_000  # --samples: requests drawn from the distributions
+    seed: int = 0  # --seed: distributions and simulator arrivals
+    chunk: int = 512  # --chunk: prefill chunk ŝ (tokens per iteration)
+    rate: float | None = None  # --rate: arrival rate λ to plan for (requests/s)
+    target_util: float = 0.8  # --target-util: utilisation u each GPU is planned at
+    iteration_time: float | None = None  # --iteration-time: b̄ (s) for models without a bench-serving measurement
+    iteration_stat: str = "median"  # --iteration-stat: median (METHOD §8) or mean of the measured iterations
+    prefill_tps: float | None = None  # --prefill-tps: P for models without a measurement
+    decode_tps: float | None = None  # --decode-tps: D for models without a measurement
+    max_seqs: int | None = None  # --max-seqs: concurrent-sequence cap (default: the concurrency b̄ was measured at)
+    validate: bool = False  # --validate: simulate 0.8, 1.0 and 1.2 × the predicted rate
+    overwrite: bool = False  # --overwrite: replace an existing --out
+
+    def __post_init__(self):
+        if not self.models:
+            raise UsageError("give at least one MODEL")
+        if parse_bytes(self.gpu_mem, "--gpu-mem") <= 0:
+            raise UsageError(f"--gpu-mem must be positive, got {self.gpu_mem!r}")
+        parse_bytes(self.activation_reserve, "--activation-reserve")
+        if not 0 < self.mem_util <= 1:
+            raise UsageError(f"--mem-util must be in (0, 1], got {self.mem_util}")
+        if not 0 < self.target_util <= 1:
+            raise UsageError(f"--target-util must be in (0, 1], got {self.target_util}")
+        if self.dtype not in DTYPE_BYTES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        distribution = self.prompt_len is not None or self.output_len is not None
+        if self.workload is not None and distribution:
+            raise UsageError("give --workload or --prompt-len/--output-len, not both")
+        if self.workload is None and (self.prompt_len is None or self.output_len is None):
+            raise UsageError("give a --workload trace, or both --prompt-len and --output-len")
+        if self.chunk < 1:
+            raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
+        if self.iteration_stat not in ("median", "mean"):
+            raise UsageError(f"--iteration-stat must be median or mean, got {self.iteration_stat!r}")
+        for flag, value in (("--rate", self.rate), ("--iteration-time", self.iteration_time),
+                            ("--prefill-tps", self.prefill_tps), ("--decode-tps", self.decode_tps)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"{flag} must be a positive number, got {value}")
+        if self.max_seqs is not None and self.max_seqs < 1:
+            raise UsageError(f"--max-seqs must be at least 1, got {self.max_seqs}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What capacity needs about one model, from its checkpoint or its bench-serving artifact."""
+
+    spec: str
+    label: str
+    shape: KVShape
+    parameters: int
+    measured: dict | None  # the bench-serving result, when MODEL is one
+    input_ref: dict  # how the manifest cites it
+
+
+def _checkpoint_parameters(path: Path) -> int:
+    """Parameters the checkpoint stores, from the safetensors headers (no weights are loaded). Tied
+    embeddings are stored once; a compressed student stores its deployed (low-rank) form."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+def load_model_info(spec: str) -> ModelInfo:
+    path = Path(spec)
+    manifest = read_manifest(path, None, "MODELS") if (path / MANIFEST).is_file() else None
+    if manifest is not None and manifest["stage"] == BENCH_STAGE:
+        try:
+            result = json.loads((path / "result.json").read_text(encoding="utf-8"))
+            shape = KVShape(**result["kv_shape"])
+            return ModelInfo(spec, result["label"], shape, int(result["parameters"]), result,
+                             artifact_ref(path, manifest, "bench-serving"))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ArtifactError(f"MODELS: {path}/result.json is not a bench-serving result ({err})") from None
+    ref = resolve_model(spec, flag="MODELS")
+    config = json.loads((ref.path / "config.json").read_text(encoding="utf-8"))
+    try:
+        shape = kv_shape(config)
+    except ValueError as err:
+        raise UsageError(f"MODELS: {ref.path}/config.json: {err}") from None
+    return ModelInfo(spec, ref.label, shape, _checkpoint_parameters(ref.path), None,
+                     {"role": "model", **ref.describe(), "content": model_content_hash(ref)})
+
+
+def load_workload(config: CapacityConfig) -> Workload:
+    if config.workload is not None:
+        return read_trace(config.workload, config.prompt_column, config.output_column)
+    return synthetic(config.prompt_len, config.output_len, config.samples, config.seed)
+
+
+def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
+    """Every figure of METHOD §8 for one model on the workload."""
+    dtype_bytes = DTYPE_BYTES[config.dtype]
+    weight_bytes = info.parameters * dtype_bytes
+    kv_bytes = kv_bytes_per_token(info.shape, dtype_bytes)
+    gpu_mem = parse_bytes(config.gpu_mem, "--gpu-mem")
+    reserve = parse_bytes(config.activation_reserve, "--activation-reserve")
+    m_tokens = kv_capacity(gpu_mem, config.mem_util, weight_bytes, reserve, kv_bytes)
+    if m_tokens < 1:
+        raise UsageError(
+            f"--gpu-mem {config.gpu_mem} × --mem-util {config.mem_util} leaves no KV cache for {info.label}: "
+            f"weights need {weight_bytes / 2**30:.2f} GiB ({config.dtype}) and --activation-reserve "
+            f"{reserve / 2**30:.2f} GiB"
+        )
+    check_fits(workload, m_tokens, info.label)
+
+    measured = info.measured
+    stat_key = "iteration_s" if config.iteration_stat == "median" else "iteration_s_mean"
+    if measured is not None:
+        b_bar, b_source = float(measured[stat_key]), f"measured ({config.iteration_stat}, {measured['device']})"
+        prefill_tps, decode_tps = measured["prefill_tokens_per_s"], measured["decode_tokens_per_s"]
+        max_seqs = config.max_seqs or int(measured["settings"]["concurrency"])
+        seqs_source = "--max-seqs" if config.max_seqs else "measured concurrency"
+        if measured["settings"]["chunk"] != config.chunk:
+            ui.warn(f"{info.label}: b̄ was measured with chunk {measured['settings']['chunk']}, "
+                    f"capacity uses --chunk {config.chunk}")
+    elif config.iteration_time is not None:
+        b_bar, b_source = config.iteration_time, "--iteration-time"
+        prefill_tps, decode_tps = config.prefill_tps, config.decode_tps
+        max_seqs, seqs_source = config.max_seqs, "--max-seqs" if config.max_seqs else None
+    else:
+        raise UsageError(
+            f"MODELS {info.spec}: no measured iteration time; pass the output of "
+            f"`bltool bench {info.spec} --serving --out DIR` instead, or give --iteration-time SECONDS"
+        )
+
+    s, o = workload.prompt, workload.output
+    g = lifetime_memory(s, o, config.chunk)
+    mean_g = float(g.mean())
+    mean_s, mean_o = float(s.mean()), float(o.mean())
+    mean_iterations = float(iterations(s, o, config.chunk).mean())
+    bounds = Bounds(
+        memory=service_rate(m_tokens, b_bar, mean_g),
+        tokens=token_throughput_bound(mean_s, mean_o, prefill_tps, decode_tps) if prefill_tps and decode_tps
+        else None,
+        sequences=concurrency_bound(max_seqs, b_bar, mean_iterations) if max_seqs else None,
+    )
+    delta = memory_slack(int((s + o).max()), m_tokens)
+    return {
+        "model": info.spec,
+        "label": info.label,
+        "parameters": info.parameters,
+        "weight_bytes": weight_bytes,
+        **{f"kv_{k}": v for k, v in info.shape.as_dict().items()},
+        "kv_bytes_per_token": kv_bytes,
+        "kv_capacity_tokens": m_tokens,
+        "mean_lifetime_memory": mean_g,
+        "lifetime_memory_at_means": lifetime_memory_smooth(mean_s, mean_o, config.chunk),
+        "mean_iterations": mean_iterations,
+        "iteration_s": b_bar,
+        "iteration_source": b_source,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "max_seqs": max_seqs,
+        "max_seqs_source": seqs_source,
+        "memory_rate": bounds.memory,
+        "delta": delta,
+        "guaranteed_stable_rate": bounds.memory * (1 - delta),
+        "token_rate": bounds.tokens,
+        "sequence_rate": bounds.sequences,
+        "binding": bounds.binding,
+        "max_stable_rate": bounds.max_stable_rate,
+        "max_output_tokens_per_s": bounds.max_stable_rate * mean_o,
+        "rate": config.rate,
+        "gpus": gpus_needed(config.rate, bounds.max_stable_rate, config.target_util) if config.rate else None,
+    }
+
+
+def validate(row: dict, workload: Workload, config: CapacityConfig) -> tuple[dict, list[dict]]:
+    """Simulate the worker at 0.8, 1.0 and 1.2 × the rate the simulator can check: the smaller of the
+    memory and sequence bounds (a constant b̄ does not model the token-throughput bound)."""
+    target = min(r for r in (row["memory_rate"], row["sequence_rate"]) if r is not None)
+    lifetime_s = row["iteration_s"] * row["mean_iterations"]
+    # 50 mean lifetimes and ≥ 50,000 arrivals at the target rate, but at most 400,000 arrivals per run
+    horizon = min(max(50 * lifetime_s, 50_000 / target), 400_000 / (max(LOADS) * target))
+    runs, series = [], []
+    for load in LOADS:
+        sim = simulate(workload.prompt, workload.output, rate=load * target, m_tokens=row["kv_capacity_tokens"],
+                       chunk=config.chunk, iteration_s=row["iteration_s"], horizon_s=horizon,
+                       max_seqs=row["max_seqs"], seed=config.seed)
+        runs.append({"load": load, **sim.summary(), "throughput_ratio": sim.throughput / target})
+        series += [{"label": row["label"], "load": load, "time_s": float(t), "queue": int(q), "running": int(r),
+                    "kv_tokens": int(k)} for t, q, r, k in zip(sim.time_s, sim.queue, sim.running, sim.kv_tokens)]
+    saturated = runs[-1]
+    summary = {
+        "target_rate": target,
+        "horizon_s": horizon,
+        "runs": runs,
+        # above the bound the worker is saturated: its completion rate is the simulated capacity
+        "simulated_capacity": saturated["throughput"],
+        "capacity_ratio": saturated["throughput"] / target,
+    }
+    return summary, series
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec == RATE and abs(value) >= 1000:
+        spec = COUNT
+    return spec.format(value)
+
+
+COUNT, RATE, SHORT, TEXT = "{:,.0f}", "{:.4g}", "{:.3g}", "{}"
+
+
+def print_table(rows: list[dict], workload: Workload, config: CapacityConfig) -> None:
+    """The models side by side (one column each), on stderr."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    w = workload.summary()
+    title = (f"capacity: {w['requests']:,} requests, E[s] {w['mean_prompt']:.1f}, E[o] {w['mean_output']:.1f}; "
+             f"ŝ {config.chunk}; --gpu-mem {config.gpu_mem} × {config.mem_util:g}; {config.dtype}")
+    table = Table(title=escape(title), title_justify="left")
+    table.add_column("")
+    for row in rows:
+        table.add_column(escape(row["label"]), justify="right")
+    lines = [
+        ("parameters", "parameters", COUNT), ("weights (GiB)", lambda r: r["weight_bytes"] / 2**30, SHORT),
+        ("KV bytes / token", "kv_bytes_per_token", COUNT), ("M (KV tokens)", "kv_capacity_tokens", COUNT),
+        ("E[g] (token·iterations)", "mean_lifetime_memory", COUNT),
+        ("g(E[s], E[o])", "lifetime_memory_at_means", COUNT),
+        ("b̄ (ms)", lambda r: r["iteration_s"] * 1e3, RATE), ("b̄ source", "iteration_source", TEXT),
+        ("μ = M/(b̄·E[g]) (req/s)", "memory_rate", RATE), ("δ = max(s+o)/M", "delta", SHORT),
+        ("μ(1−δ) (req/s)", "guaranteed_stable_rate", RATE), ("token bound (req/s)", "token_rate", RATE),
+        ("max sequences", "max_seqs", COUNT), ("sequence bound (req/s)", "sequence_rate", RATE),
+        ("binds", "binding", TEXT), ("max stable rate (req/s)", "max_stable_rate", RATE),
+        ("output tok/s at that rate", "max_output_tokens_per_s", RATE),
+    ]
+    if config.rate:
+        lines.append((f"GPUs for λ = {config.rate:g} req/s at u = {config.target_util:g}", "gpus", COUNT))
+    if config.validate:
+        lines += [("simulated capacity (req/s)", lambda r: r["validation"]["simulated_capacity"], RATE),
+                  ("simulated / predicted", lambda r: r["validation"]["capacity_ratio"], "{:.3f}"),
+                  ("sim. mean queue at 0.8×", lambda r: r["validation"]["runs"][0]["mean_queue_second_half"], SHORT),
+                  ("sim. queue growth at 1.2× (req/s)", lambda r: r["validation"]["runs"][-1]["queue_slope"], RATE)]
+    for name, key, spec in lines:
+        values = [key(r) if callable(key) else r[key] for r in rows]
+        table.add_row(escape(name), *[escape(_fmt(v, spec)) for v in values])
+    ui.console.print(table)
+    same_kv: dict[int, list[str]] = {}
+    for r in rows:
+        same_kv.setdefault(r["kv_bytes_per_token"], []).append(r["label"])
+    for kv, labels in same_kv.items():
+        if len(labels) > 1:
+            ui.info(escape(f"{', '.join(labels)}: same KV bytes per token ({kv:,}: same layers and KV heads), so "
+                           "their capacities differ only through b̄ and the weight memory left to the cache"))
+
+
+def plot_queues(series: list[dict], rows: list[dict], path: Path) -> None:
+    """Queue length over time for each model at each simulated load (one panel per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        target = row["validation"]["target_rate"]
+        for load in LOADS:
+            points = [p for p in series if p["label"] == row["label"] and p["load"] == load]
+            ax.plot([p["time_s"] for p in points], [p["queue"] for p in points], label=f"λ = {load:g} × {target:.3g}")
+        ax.set_title(f"{row['label']}\npredicted {target:.3g} req/s", fontsize=10)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("requests waiting")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_arrow(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def default_out(config: CapacityConfig) -> Path:
+    return Path("capacity") / (Path(config.workload).stem if config.workload else "synthetic")
+
+
+def run(config: CapacityConfig) -> Path:
+    out = Path(config.out) if config.out else default_out(config)
+    check_output_dir(out, config.overwrite)
+    workload = load_workload(config)
+    infos = [load_model_info(spec) for spec in config.models]
+    seen: dict[str, int] = {}
+    rows, series = [], []
+    for info in infos:
+        row = plan(info, workload, config)
+        seen[row["label"]] = seen.get(row["label"], 0) + 1
+        if seen[row["label"]] > 1:  # two models with one name: keep the columns apart
+            row["label"] = f"{row['label']}#{seen[row['label']]}"
+        if config.validate:
+            row["validation"], points = validate(row, workload, config)
+            series += points
+        rows.append(row)
+    print_table(rows, workload, config)
+    result = {"workload": workload.summary(), "settings": {**asdict(config), "out": str(out)}, "models": rows}
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", result)
+        flat = []
+        for row in rows:
+            entry = {k: v for k, v in row.items() if k != "validation"}
+            if "validation" in row:
+                v = row["validation"]
+                entry.update(sim_capacity=v["simulated_capacity"], sim_capacity_ratio=v["capacity_ratio"])
+                for run_ in v["runs"]:
+                    tag = f"sim_{run_['load']:g}x".replace(".", "_")
+                    entry.update({f"{tag}_throughput": run_["throughput"], f"{tag}_queue_slope": run_["queue_slope"],
+                                  f"{tag}_final_queue": run_["final_queue"]})
+            flat.append(entry)
+        _write_arrow(tmp / "result.arrow", flat)
+        if config.validate:
+            _write_arrow(tmp / "simulation.arrow", series)
+            plot_queues(series, rows, tmp / "queue.png")
+        write_manifest(tmp, STAGE, config={**asdict(config), "out": str(out)},
+                       inputs=[info.input_ref for info in infos] +
+                       ([{"role": "workload", "path": str(Path(config.workload).absolute()),
+                          "sha256": sha256_file(Path(config.workload))}] if config.workload else []),
+                       result=[{k: r[k] for k in ("label", "max_stable_rate", "binding", "gpus")} for r in rows])
+    return out

@@ -1,0 +1,128 @@
+"""METHOD.md §8 formulas against hand calculations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bltool.queueing import (
+    Bounds,
+    KVShape,
+    concurrency_bound,
+    gpus_needed,
+    iterations,
+    kv_bytes_per_token,
+    kv_capacity,
+    kv_shape,
+    lifetime_memory,
+    lifetime_memory_smooth,
+    memory_slack,
+    prefill_memory,
+    service_rate,
+    token_throughput_bound,
+)
+
+
+@pytest.mark.parametrize(
+    ("s", "chunk", "expected"),
+    [
+        (10, 4, 4 + 8 + 10),  # chunks end at 4, 8 and 10 tokens: the last one is partial
+        (8, 4, 4 + 8),  # ŝ divides s
+        (3, 512, 3),  # one chunk
+        (1, 1, 1),
+        (5, 1, 1 + 2 + 3 + 4 + 5),  # token-by-token prefill
+        (513, 512, 512 + 513),
+    ],
+)
+def test_prefill_memory_by_hand(s, chunk, expected):
+    assert prefill_memory(s, chunk) == expected
+
+
+def test_lifetime_memory_by_hand():
+    # s = 10, o = 3, ŝ = 4: prefill holds 4, 8, 10; decode holds 11, 12, 13
+    assert lifetime_memory(10, 3, 4) == 22 + 11 + 12 + 13 == 58
+    assert iterations(10, 3, 4) == 3 + 3
+    # when ŝ divides s the exact sum equals the paper's closed form (1 + s/ŝ)s/2 + so + (1 + o)o/2
+    assert lifetime_memory(8, 3, 4) == lifetime_memory_smooth(8, 3, 4) == 12 + 24 + 6
+    # otherwise the closed form is off: it assumes s/ŝ chunks
+    assert lifetime_memory_smooth(10, 3, 4) != 58
+
+
+def test_lifetime_memory_matches_brute_force_on_arrays():
+    rng = np.random.default_rng(0)
+    s, o = rng.integers(1, 300, size=200), rng.integers(1, 100, size=200)
+    for chunk in (1, 7, 16, 64, 512):
+        brute = [sum(min(j * chunk, si) for j in range(1, math.ceil(si / chunk) + 1)) + sum(si + i for i in
+                 range(1, oi + 1)) for si, oi in zip(s.tolist(), o.tolist())]
+        assert lifetime_memory(s, o, chunk).tolist() == brute
+
+
+def test_expected_g_over_correlated_lengths_exceeds_g_at_means():
+    """g is quadratic: with long prompts going with long outputs, E[g] is well above g(E[s], E[o])."""
+    s = np.array([64] * 50 + [1024] * 50)
+    o = np.array([16] * 50 + [512] * 50)  # perfectly correlated with s
+    chunk = 64
+    mean_g = lifetime_memory(s, o, chunk).mean()
+    at_means = lifetime_memory_smooth(s.mean(), o.mean(), chunk)
+    assert mean_g > 1.4 * at_means
+    # the gap is the covariance term E[s·o] − E[s]E[o] plus the variance terms
+    expected = (np.mean(s * o) - s.mean() * o.mean()) + (np.mean(o**2) - o.mean() ** 2) / 2 \
+        + (np.mean(s**2) - s.mean() ** 2) / (2 * chunk)
+    assert mean_g - at_means == pytest.approx(expected, rel=1e-9)
+    # anti-correlated lengths of the same marginals give a smaller E[g]
+    assert lifetime_memory(s, o[::-1], chunk).mean() < mean_g
+    # with no spread there is nothing to gain: E[g] = g(E[s], E[o])
+    assert lifetime_memory(np.full(10, 128), np.full(10, 32), chunk).mean() == lifetime_memory_smooth(128, 32, chunk)
+
+
+def test_kv_bytes_per_token_from_a_config():
+    """The paper student: 6 layers, 3 KV heads of 64, bf16 → 2·6·3·64·2 = 4,608 bytes."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=6, hidden_size=768, num_attention_heads=12, num_key_value_heads=3,
+                         intermediate_size=3072)
+    shape = kv_shape(config)
+    assert shape == KVShape(layers=6, kv_heads=3, head_dim=64)
+    assert kv_bytes_per_token(shape, 2) == 4608
+    assert kv_bytes_per_token(shape, 4) == 9216
+    # the same from a config.json dict
+    assert kv_shape(config.to_dict()) == shape
+
+
+def test_kv_shape_prefers_an_explicit_head_dim_and_defaults_kv_heads():
+    # Qwen3-style: head_dim 128 although hidden / heads = 64
+    assert kv_shape({"num_hidden_layers": 2, "hidden_size": 512, "num_attention_heads": 8,
+                     "num_key_value_heads": 2, "head_dim": 128}) == KVShape(2, 2, 128)
+    # no GQA: as many KV heads as attention heads
+    assert kv_shape({"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4}) == KVShape(4, 4, 64)
+    with pytest.raises(ValueError):
+        kv_shape({"hidden_size": 256})
+
+
+def test_kv_capacity_by_hand():
+    gib = 2**30
+    # (80 GiB · 0.9 − 1 GiB − 2 GiB) / 4608 bytes = 69 GiB / 4608
+    assert kv_capacity(80 * gib, 0.9, 1 * gib, 2 * gib, 4608) == math.floor(69 * gib / 4608) == 16_078_165
+    assert kv_capacity(1 * gib, 0.5, 1 * gib, 0, 4608) < 0  # weights do not fit
+
+
+def test_rates_and_gpus_by_hand():
+    assert service_rate(100_000, 0.05, 20_000) == pytest.approx(100.0)  # 1e5 / (0.05 · 2e4)
+    assert memory_slack(2_000, 100_000) == 0.02
+    # 1 / (300/3000 + 100/1000) = 5 requests/s
+    assert token_throughput_bound(300, 100, 3000, 1000) == pytest.approx(5.0)
+    # 8 sequences, each 40 iterations of 0.05 s: 8 / 2 s = 4 requests/s
+    assert concurrency_bound(8, 0.05, 40) == pytest.approx(4.0)
+    assert gpus_needed(40, 10, 0.8) == 5  # 40 / 8 per GPU
+    assert gpus_needed(8, 10, 0.8) == 1  # exactly at the target: one GPU
+    assert gpus_needed(8.01, 10, 0.8) == 2
+    assert gpus_needed(1, 1000, 0.8) == 1
+
+
+def test_bounds_report_the_smallest():
+    bounds = Bounds(memory=10.0, tokens=4.0, sequences=None)
+    assert bounds.binding == "tokens" and bounds.max_stable_rate == 4.0
+    assert Bounds(memory=3.0, tokens=None, sequences=5.0).binding == "memory"
+    assert Bounds(memory=3.0, tokens=9.0, sequences=2.5).max_stable_rate == 2.5

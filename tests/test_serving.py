@@ -1,0 +1,106 @@
+"""bench-serving: the measurement helpers by hand, then the stage on a tiny model with transformers'
+continuous batching on CPU, and capacity fed by its artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from bltool.cli import app
+from bltool.errors import UsageError
+from bltool.serving import RunOutput, iteration_gaps, saturated_window
+from bltool.stages.bench_serving import BenchServingConfig, run
+
+
+def test_window_and_gaps_by_hand():
+    outputs = [
+        RunOutput(start=0.0, end=0.5, timestamps=(0.1, 0.2, 0.3, 0.5)),
+        RunOutput(start=0.0, end=0.6, timestamps=(0.2, 0.3, 0.5, 0.6)),
+        RunOutput(start=0.3, end=0.9, timestamps=(0.5, 0.6, 0.8, 0.9)),  # admitted last, at 0.3
+    ]
+    # two sequences fit: saturated once the second has its first token (0.2), until the last admission (0.3)
+    assert saturated_window(outputs, 2) == (0.2, 0.3)
+    # a gap counts when both of its tokens fall inside the window
+    gaps = iteration_gaps(outputs, 0.2, 0.6)
+    assert sorted(round(g, 6) for g in gaps) == [0.1, 0.1, 0.1, 0.1, 0.2, 0.2]
+
+
+def test_config_refuses_bad_settings(tmp_path):
+    with pytest.raises(UsageError, match="--concurrency"):
+        BenchServingConfig(model="m", out=str(tmp_path), concurrency=0)
+    with pytest.raises(UsageError, match="--requests"):
+        BenchServingConfig(model="m", out=str(tmp_path), concurrency=8, requests=10)
+    with pytest.raises(UsageError, match="--dtype"):
+        BenchServingConfig(model="m", out=str(tmp_path), dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory, tiny_llama):
+    out = tmp_path_factory.mktemp("serve") / "bench"
+    return run(BenchServingConfig(model=str(tiny_llama), out=str(out), chunk=32, concurrency=4, prompt_len=24,
+                                  output_len=8, requests=16, repeats=1, device="cpu"))
+
+
+def test_bench_serving_artifact(bench_dir, tiny_llama):
+    result = json.loads((bench_dir / "result.json").read_text())
+    assert 0 < result["iteration_s_p10"] <= result["iteration_s"] <= result["iteration_s_p90"]
+    assert result["iterations_measured"] > 20
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+    assert result["saturated_requests_per_s"] > 0
+    # the cache holds 4 requests of 24 + 8 tokens in 16-token pages, rounded up by transformers' allocator
+    assert result["kv_cache_tokens"] >= 4 * 32
+    assert result["repeats"][0]["preempted"] == 0
+    assert result["kv_shape"] == {"layers": 12, "kv_heads": 2, "head_dim": 8}
+    assert result["kv_bytes_per_token"] == 2 * 12 * 2 * 8 * 4  # float32 on CPU
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["threads"] >= 1
+    manifest = json.loads((bench_dir / "manifest.json").read_text())
+    assert manifest["stage"] == "bench-serving"
+    assert manifest["inputs"][0]["role"] == "model" and manifest["inputs"][0]["path"] == str(tiny_llama)
+    with pa.memory_map(str(bench_dir / "result.arrow")) as source:
+        table = pa.ipc.open_stream(source).read_all()
+    assert table.num_rows == 1 and table.column("iteration_s")[0].as_py() == result["iteration_s"]
+
+
+def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
+    out = tmp_path / "cap"
+    result = CliRunner().invoke(app, [
+        "capacity", str(bench_dir), str(tiny_llama), "--gpu-mem", "64MiB", "--prompt-len", "uniform:8:40",
+        "--output-len", "geometric:8", "--samples", "2000", "--chunk", "32", "--dtype", "float32",
+        "--iteration-time", "0.5", "--rate", "10", "--out", str(out), "--validate",
+    ])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    measured = json.loads((bench_dir / "result.json").read_text())
+    rows = json.loads((out / "result.json").read_text())["models"]
+    bench_row, plain_row = rows
+    # the bench artifact supplies b̄, P, D and the sequence cap it was measured at; the plain model
+    # takes --iteration-time and has no cap
+    assert bench_row["iteration_s"] == measured["iteration_s"]
+    assert bench_row["iteration_source"].startswith("measured")
+    assert bench_row["max_seqs"] == 4 and bench_row["token_rate"] is not None
+    assert plain_row["iteration_s"] == 0.5 and plain_row["max_seqs"] is None and plain_row["token_rate"] is None
+    # same model: same KV bytes per token and M whichever way it was given
+    assert bench_row["kv_bytes_per_token"] == plain_row["kv_bytes_per_token"] == 2 * 12 * 2 * 8 * 4
+    assert bench_row["parameters"] == plain_row["parameters"]
+    assert bench_row["kv_capacity_tokens"] == plain_row["kv_capacity_tokens"]
+    assert "same KV bytes per token" in result.stderr
+    # the simulator checks the binding bound (here the measured concurrency of 4)
+    assert bench_row["binding"] in ("sequences", "tokens")
+    assert bench_row["validation"]["target_rate"] == pytest.approx(bench_row["sequence_rate"])
+    assert bench_row["validation"]["capacity_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert (out / "queue.png").stat().st_size > 0
+
+
+def test_bench_serving_through_the_cli(tiny_llama, tmp_path):
+    out = tmp_path / "serve"
+    args = ["bench", str(tiny_llama), "--serving", "--chunk", "32", "--concurrency", "2", "--prompt-len", "24",
+            "--output-len", "6", "--repeats", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert json.loads((out / "manifest.json").read_text())["config"]["concurrency"] == 2
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "--out is required with --serving" in missing.stderr

@@ -1,0 +1,237 @@
+"""eval-icl: in-context-learning probes (METHOD.md §6, paper Appendix F.1).
+
+Each task is asked `--n` queries under `--seeds` demonstration seeds with `--shots` demonstrations each
+(protocol and sampling in `bltool.icl`); a task's score for a seed is its exact-match accuracy, its score
+is the mean over seeds, and the composite is the macro average of the task scores (every task weighs
+the same, whatever its number of queries). Standard deviations are over seeds (sample, ddof = 1; none
+with one seed).
+
+Writes into `--out`: `result.json` (protocol, per-task accuracy per seed, mean, std, chance, composite),
+`result.arrow` (one row per task × seed), `predictions.arrow` (one row per query: input, target, answer)
+and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bltool import ui
+from bltool.artifacts import atomic_output, check_output_dir, sha256_file, sha256_json, write_json, write_manifest
+from bltool.errors import UsageError
+from bltool.icl import (
+    ANSWER_MARGIN,
+    NewlineStop,
+    Query,
+    build_queries,
+    cap_new_tokens,
+    chance,
+    greedy_answers,
+    is_correct,
+    min_eligible,
+    newline_token_ids,
+)
+from bltool.models import (
+    check_vocab_fits,
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+)
+from bltool.probes import BUILTIN, Task, load_tasks, vocabulary
+
+STAGE = "eval-icl"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
+
+
+@dataclass(frozen=True)
+class EvalIclConfig:
+    model: str  # model path, .gguf or alias
+    out: str | None = None  # output directory (default: icl/<model name>)
+    probes: tuple[str, ...] = (BUILTIN,)  # 'builtin' (the 19 probes), task files, or directories of them
+    tasks: tuple[str, ...] | None = None  # evaluate only these tasks (default: all the probes hold)
+    n: int = 20  # queries per task (capped by the task's pool)
+    shots: int = 10  # demonstrations per prompt
+    seeds: int = 3  # demonstration seeds 0 .. seeds-1
+    batch_size: int = 16  # prompts per generate call
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        if not self.probes:
+            raise UsageError("--probes needs at least one value ('builtin', a task file or a directory)")
+        if self.tasks is not None and not self.tasks:
+            raise UsageError("--tasks needs at least one task name")
+        if self.n < 1:
+            raise UsageError(f"--n must be at least 1, got {self.n}")
+        if self.shots < 0:
+            raise UsageError(f"--shots must be at least 0, got {self.shots}")
+        if self.seeds < 1:
+            raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def plan(tasks: list[Task], config: EvalIclConfig) -> list[tuple[Task, list[Query]]]:
+    """Every task's queries for every seed, built (and checked) before any model is loaded."""
+    planned = []
+    for task in tasks:
+        if min_eligible(task) < config.shots:
+            raise UsageError(
+                f"--probes: task {task.name!r} ({task.source}) has too few distinct inputs for {config.shots} "
+                f"demonstrations besides the query; lower --shots or add examples"
+            )
+        planned.append((task, [q for s in range(config.seeds) for q in build_queries(task, config.n, config.shots, s)]))
+    return planned
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: EvalIclConfig) -> tuple[dict, list]:
+    """Answer every planned query, score, and aggregate; `model` only needs `generate` and `device`.
+    Returns the result and one prediction row per query."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise UsageError("MODEL: the tokenizer has neither a pad nor an EOS token to pad prompts with")
+    stop = NewlineStop(newline_token_ids(tokenizer))
+    seeds = list(range(config.seeds))
+    per_task, predictions = {}, []
+    watch = ui.Stopwatch()
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=ui.console, transient=True)
+    with progress:
+        bar = progress.add_task("eval-icl", total=sum(len(qs) for _, qs in planned))
+        for task, qs in planned:
+            progress.update(bar, description=f"eval-icl {task.name}")
+            cap = cap_new_tokens(tokenizer, [q.target for q in qs])
+            answers = greedy_answers(model, tokenizer, [q.prompt for q in qs], cap, config.batch_size, pad_id, stop,
+                                     on_batch=lambda k: progress.advance(bar, k))
+            correct = [is_correct(a, q.target) for a, q in zip(answers, qs)]
+            predictions += [{"task": q.task, "seed": q.seed, "query": q.index, "input": q.input, "target": q.target,
+                             "answer": a, "correct": c} for q, a, c in zip(qs, answers, correct)]
+            n = len(qs) // len(seeds)  # every seed asks the same queries
+            hits = [sum(c for q, c in zip(qs, correct) if q.seed == s) for s in seeds]
+            accuracy = [h / n for h in hits]
+            per_task[task.name] = {
+                "source": task.source,
+                "pool": len(task.pairs),
+                "n": n,
+                "max_new_tokens": cap,
+                "chance": chance(qs[:n]),
+                "correct": hits,
+                "accuracy": accuracy,
+                "mean": statistics.fmean(accuracy),
+                "std": _std(accuracy),
+            }
+    seconds = watch.seconds
+    per_seed = [statistics.fmean(t["accuracy"][s] for t in per_task.values()) for s in seeds]
+    result = {
+        "composite": {"mean": statistics.fmean(per_seed), "std": _std(per_seed), "per_seed": per_seed,
+                      "chance": statistics.fmean(t["chance"] for t in per_task.values())},
+        "tasks": per_task,
+        "protocol": {
+            "shots": config.shots,
+            "seeds": seeds,
+            "n": config.n,
+            "prompt": PROMPT_FORMAT,
+            "decoding": f"greedy, until a newline or the task's cap (longest target in tokens + {ANSWER_MARGIN})",
+            "match": "case-sensitive exact match after stripping surrounding whitespace",
+            "composite": "macro average over tasks of the mean over seeds; std over seeds (ddof=1)",
+        },
+        "queries": len(predictions),
+        "seconds": round(seconds, 3),
+        "queries_per_s": round(len(predictions) / seconds, 2) if seconds > 0 else None,
+    }
+    return result, predictions
+
+
+def _write_arrow(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def print_table(result: dict, title: str) -> None:
+    """Per-task accuracy per seed, mean ± std and chance, then the composite (on stderr)."""
+    seeds = result["protocol"]["seeds"]
+    table = Table(title=title, title_justify="left")
+    table.add_column("task", no_wrap=True)
+    for s in seeds:
+        table.add_column(f"seed {s}", justify="right")
+    for column in ("mean", "std", "chance"):
+        table.add_column(column, justify="right")
+
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    for name, t in result["tasks"].items():
+        table.add_row(name, *map(fmt, t["accuracy"]), fmt(t["mean"]), fmt(t["std"]), fmt(t["chance"]))
+    c = result["composite"]
+    table.add_section()
+    table.add_row("composite", *map(fmt, c["per_seed"]), fmt(c["mean"]), fmt(c["std"]), fmt(c["chance"]),
+                  style="bold")
+    ui.console.print(table)
+
+
+def _probe_inputs(tasks: list[Task]) -> list[dict]:
+    """How the manifest cites the probes: each file by content; the built-in ones by their pairs."""
+    inputs, files = [], {t.source for t in tasks if t.source != BUILTIN}
+    for file in sorted(files):
+        inputs.append({"role": "probes", "path": str(Path(file).absolute()), "sha256": sha256_file(Path(file))})
+    builtin = [t for t in tasks if t.source == BUILTIN]
+    if builtin:
+        inputs.append({"role": "probes", "builtin": [t.name for t in builtin], "words": len(vocabulary()),
+                       "pairs_sha256": sha256_json([[t.name, t.pairs] for t in builtin])})
+    return inputs
+
+
+def run(config: EvalIclConfig) -> Path:
+    ref = resolve_model(config.model, flag="MODEL")
+    out = Path(config.out) if config.out else Path("icl") / ref.label
+    check_output_dir(out, config.overwrite)
+    tasks = load_tasks(config.probes, config.tasks)
+    planned = plan(tasks, config)  # refuses impossible task files before the model loads
+    tokenizer = load_tokenizer(ref)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = load_model(ref, dtype=dtype, device=device)
+    check_vocab_fits(model.config, tokenizer, "MODEL")
+    ui.info(f"eval-icl: {len(tasks)} tasks × {config.seeds} seeds × ≤{config.n} queries, {config.shots}-shot, "
+            f"on {device} {str(dtype).replace('torch.', '')}")
+
+    result, predictions = evaluate(model, tokenizer, planned, config)
+    result.update(model=config.model, model_path=str(ref.path), device=device,
+                  dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
+    rows = [{"model": config.model, "task": name, "source": t["source"], "seed": seed, "n": t["n"],
+             "correct": t["correct"][i], "accuracy": t["accuracy"][i], "shots": config.shots, "chance": t["chance"],
+             "max_new_tokens": t["max_new_tokens"]}
+            for name, t in result["tasks"].items() for i, seed in enumerate(result["protocol"]["seeds"])]
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", result)
+        _write_arrow(tmp / "result.arrow", rows)
+        _write_arrow(tmp / "predictions.arrow", predictions)
+        write_manifest(
+            tmp,
+            STAGE,
+            config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, *_probe_inputs(tasks)],
+            result={"composite": result["composite"]["mean"], "composite_std": result["composite"]["std"]},
+        )
+    print_table(result, f"eval-icl {config.model} ({config.shots}-shot, {len(result['protocol']['seeds'])} seeds)")
+    ui.info(f"{config.model}: ICL composite {result['composite']['mean']:.3f} over {len(tasks)} tasks "
+            f"({result['queries']} queries in {result['seconds']:.0f} s on {device})")
+    return out

@@ -186,6 +186,35 @@ def eval_ppl(
     _emit(run(config))
 
 
+@app.command("eval-icl")
+@stage_command
+def eval_icl(
+    model: Annotated[str, typer.Argument(help="Model: checkpoint directory, .gguf file or alias.", show_default=False)],
+    out: Annotated[str | None, typer.Option(help="Output directory \\[default: icl/<model name>].",
+                                            show_default=False)] = None,
+    probes: Annotated[list[str] | None, typer.Option(
+        help="'builtin' (the 19 probes), a task file (JSON list of {input, output}, or JSON Lines) or a directory "
+             "of them; repeat to combine \\[default: builtin].", show_default=False)] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks to run \\[default: all].",
+                                              show_default=False)] = None,
+    n: Annotated[int, typer.Option("--n", help="Queries per task (capped by the task's pool).")] = 20,
+    shots: Annotated[int, typer.Option(help="Demonstrations per prompt.")] = 10,
+    seeds: Annotated[int, typer.Option(help="Demonstration seeds (0 .. SEEDS-1).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+    = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    """In-context-learning probes: exact-match accuracy per task and seed, and the macro composite."""
+    from bltool.stages.eval_icl import EvalIclConfig, run
+
+    names = None if tasks is None else tuple(t.strip() for t in tasks.split(",") if t.strip())
+    config = EvalIclConfig(model=model, out=out, probes=tuple(probes or ("builtin",)), tasks=names, n=n, shots=shots,
+                           seeds=seeds, batch_size=batch_size, dtype=dtype, device=device, overwrite=overwrite)
+    _emit(run(config))
+
+
 def parse_count(text: str, flag: str) -> int:
     """A count such as 2000000, 2_000_000, 500k, 2M or 1.5B."""
     scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -286,6 +315,168 @@ def teacher_logits(
                                  seed=seed, top_k=top_k, temperature=temperature, batch_size=batch_size,
                                  chunk=chunk, dtype=dtype, device=device, overwrite=overwrite)
     _emit(run(config))
+
+
+@app.command()
+@stage_command
+def capacity(
+    models: Annotated[list[str], typer.Argument(
+        help="Models (checkpoint directory, .gguf or alias) or `bench --serving` output directories (which "
+             "supply the measured b̄, P and D).", show_default=False)],
+    gpu_mem: Annotated[str, typer.Option(help="Accelerator memory per worker: 80GiB, 80GB or bytes.",
+                                         show_default=False)],
+    workload: Annotated[str | None, typer.Option(
+        help="Trace with one row per request: CSV, JSON Lines, Arrow or Parquet.", show_default=False)] = None,
+    prompt_column: Annotated[str, typer.Option(help="Trace column with prompt token counts.")] = "prompt_tokens",
+    output_column: Annotated[str, typer.Option(help="Trace column with output token counts.")] = "output_tokens",
+    prompt_len: Annotated[str | None, typer.Option(
+        help="Prompt lengths instead of a trace: N, uniform:LOW:HIGH, lognormal:MEDIAN:SIGMA or geometric:MEAN.",
+        show_default=False)] = None,
+    output_len: Annotated[str | None, typer.Option(help="Output lengths instead of a trace (same forms).",
+                                                   show_default=False)] = None,
+    samples: Annotated[int, typer.Option(help="Requests drawn from --prompt-len/--output-len.")] = 100_000,
+    chunk: Annotated[int, typer.Option(help="Prefill chunk ŝ: prompt tokens per batch iteration.")] = 512,
+    mem_util: Annotated[float, typer.Option(help="Share of --gpu-mem the server may use.")] = 0.9,
+    activation_reserve: Annotated[str, typer.Option(help="Memory kept for activations (e.g. 2GiB).")] = "0",
+    dtype: Annotated[str, typer.Option(help="KV cache and weights dtype: float32, bfloat16, float16, float8, int8.")]
+    = "bfloat16",
+    rate: Annotated[float | None, typer.Option(help="Arrival rate λ to plan GPUs for (requests/s).",
+                                               show_default=False)] = None,
+    target_util: Annotated[float, typer.Option(help="Utilisation u each GPU is planned at.")] = 0.8,
+    iteration_time: Annotated[float | None, typer.Option(
+        help="b̄ in seconds for models given without a `bench --serving` measurement.", show_default=False)] = None,
+    iteration_stat: Annotated[str, typer.Option(help="Measured b̄: median (METHOD §8) or mean iteration time.")]
+    = "median",
+    prefill_tps: Annotated[float | None, typer.Option(help="Prefill tokens/s P for models without a measurement.",
+                                                      show_default=False)] = None,
+    decode_tps: Annotated[float | None, typer.Option(help="Decode tokens/s D for models without a measurement.",
+                                                     show_default=False)] = None,
+    max_seqs: Annotated[int | None, typer.Option(
+        help="Most concurrent sequences \\[default: the concurrency b̄ was measured at; none for --iteration-time].",
+        show_default=False)] = None,
+    validate: Annotated[bool, typer.Option(
+        help="Simulate each model at 0.8, 1.0 and 1.2 × its predicted rate (queue.png, simulation.arrow).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --prompt-len/--output-len and the simulator.")] = 0,
+    out: Annotated[str | None, typer.Option(help="Output directory \\[default: capacity/<workload name>].",
+                                            show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    r"""Serving plan under KV-cache memory: capacity M, E\[g], μ = M/(b̄·E\[g]), the bound that binds, GPUs."""
+    from bltool.stages.capacity import CapacityConfig, run
+
+    config = CapacityConfig(
+        models=tuple(models), gpu_mem=gpu_mem, out=out, mem_util=mem_util, activation_reserve=activation_reserve,
+        dtype=dtype, workload=workload, prompt_column=prompt_column, output_column=output_column,
+        prompt_len=prompt_len, output_len=output_len, samples=samples, seed=seed, chunk=chunk, rate=rate,
+        target_util=target_util, iteration_time=iteration_time, iteration_stat=iteration_stat,
+        prefill_tps=prefill_tps, decode_tps=decode_tps, max_seqs=max_seqs, validate=validate, overwrite=overwrite,
+    )
+    _emit(run(config))
+
+
+@app.command()
+@stage_command
+def compress(
+    model: Annotated[str, typer.Argument(help="A `bltool distill` output directory.", show_default=False)],
+    out: Annotated[str, typer.Option(help="Output directory (a Hugging Face checkpoint).")],
+    tau_rank: Annotated[float, typer.Option(help="Keep LoRA ranks whose gate is at least this.")] = 0.5,
+    tau_drop: Annotated[float | None, typer.Option(
+        help="ρ below this drops the dense weight (default: the distill run's, else 0.05).", show_default=False)]
+    = None,
+    tau_svd: Annotated[float, typer.Option(help="ρ at or above this keeps the module dense (merged).")] = 0.5,
+    k_max: Annotated[int, typer.Option(help="SVD rank at ρ just below --tau-svd.")] = 64,
+    dense_fallback: Annotated[bool, typer.Option(
+        help="Multiply out a low-rank form that would cost as many MACs as the dense matrix.")] = True,
+    densify: Annotated[bool, typer.Option(
+        help="Write every module dense: a plain Hugging Face checkpoint, without the speedup.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    """Compress a distilled student into dense / low-rank linears (drop, SVD or keep by ρ)."""
+    from bltool.stages.compress import CompressConfig, run
+
+    config = CompressConfig(model=model, out=out, tau_rank=tau_rank, tau_drop=tau_drop, tau_svd=tau_svd,
+                            k_max=k_max, dense_fallback=dense_fallback, densify=densify, overwrite=overwrite)
+    _emit(run(config))
+
+
+@app.command()
+@stage_command
+def bench(
+    model: Annotated[str, typer.Argument(help="Model to measure: a compressed (or distilled) student.",
+                                         show_default=False)],
+    baseline: Annotated[str | None, typer.Option(help="The dense model it replaces (e.g. the built student).",
+                                                 show_default=False)] = None,
+    out: Annotated[str | None, typer.Option(help="Output directory (default: MODEL's parent/bench/<name>).",
+                                            show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+    = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).", show_default=False)]
+    = None,
+    kernel: Annotated[str, typer.Option(help="Low-rank kernel: auto, linear, mm or compile.")] = "auto",
+    prefill_tokens: Annotated[int, typer.Option(help="Tokens of the prefill shape.")] = 2048,
+    decode_batch: Annotated[str, typer.Option(help="Batch sizes of the decode shapes, comma-separated.")]
+    = "1,8,32",
+    decode_context: Annotated[int, typer.Option(help="Prompt tokens cached before timed decode steps.")] = 128,
+    decode_steps: Annotated[int, typer.Option(help="Greedy decode steps per timed run.")] = 16,
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 2,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats (median reported) (default: 10; 3 with "
+                                                     "--serving).", show_default=False)] = None,
+    modules: Annotated[bool, typer.Option(help="Time every adapted module, dense vs compressed.")] = True,
+    end_to_end: Annotated[bool, typer.Option(help="Time prefill and decode tokens/s end to end.")] = True,
+    serving: Annotated[bool, typer.Option(
+        "--serving", help="Instead: measure continuous batching at saturation (b̄, prefill and decode tokens/s) "
+                          "for `bltool capacity`.")] = False,
+    chunk: Annotated[int, typer.Option(help="--serving: prefill tokens per iteration (ŝ).")] = 256,
+    concurrency: Annotated[int, typer.Option(help="--serving: sequences the KV cache holds at its peak.")] = 8,
+    prompt_len: Annotated[int, typer.Option(help="--serving: prompt tokens per request.")] = 256,
+    output_len: Annotated[int, typer.Option(help="--serving: generated tokens per request.")] = 64,
+    requests: Annotated[int, typer.Option(help="--serving: requests in the saturated run (0: 4 × concurrency).")]
+    = 0,
+    page_size: Annotated[int, typer.Option(help="--serving: KV cache page size in tokens.")] = 16,
+    seed: Annotated[int, typer.Option(help="--serving: seed of the random prompts.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    """Measured speedup of a compressed student against its dense baseline, next to the MAC bound; with
+    --serving, the serving measurements (b̄, P, D) that `bltool capacity` reads."""
+    if serving:
+        from bltool.stages.bench_serving import BenchServingConfig, run
+
+        if out is None:
+            raise UsageError("--out is required with --serving")
+        config = BenchServingConfig(model=model, out=out, chunk=chunk, concurrency=concurrency,
+                                    prompt_len=prompt_len, output_len=output_len, requests=requests,
+                                    page_size=page_size, repeats=repeats if repeats is not None else 3,
+                                    dtype=dtype, device=device, seed=seed, overwrite=overwrite)
+        _emit(run(config))
+        return
+    from bltool.stages.bench import BenchConfig, parse_batches, run
+
+    config = BenchConfig(model=model, baseline=baseline, out=out, device=device, dtype=dtype, threads=threads,
+                         kernel=kernel, prefill_tokens=prefill_tokens, decode_batches=parse_batches(decode_batch),
+                         decode_context=decode_context, decode_steps=decode_steps, warmup=warmup,
+                         repeats=repeats if repeats is not None else 10, modules=modules, end_to_end=end_to_end,
+                         overwrite=overwrite)
+    _emit(run(config))
+
+
+@app.command()
+@stage_command
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Directories holding runs' artifacts (searched recursively).",
+                                              show_default=False)],
+    out: Annotated[str, typer.Option(help="Output directory.")],
+    title: Annotated[str, typer.Option(help="Heading of report.md.")] = "bltool report",
+    note: Annotated[str, typer.Option(help="A paragraph under the heading: setting, machine, date.")] = "",
+    readme: Annotated[str | None, typer.Option(
+        help="Also replace the <!-- bltool-report:start/end --> section of this file (figures go to its "
+             "docs/results/).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+):
+    """Collect runs into the paper's Table 2 shape (Markdown, CSV, Arrow) with the frontier figures."""
+    from bltool.stages.report import ReportConfig, run
+
+    _emit(run(ReportConfig(runs=tuple(runs), out=out, title=title, note=note, readme=readme, overwrite=overwrite)))
 
 
 def main() -> None:

@@ -401,6 +401,17 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
     return out
 
 
+def _peak_memory_mib(device: str) -> dict:
+    """Peak memory of this process: CUDA allocations on a GPU, and the resident set (which includes both
+    models' weights and the Python runtime) on the host."""
+    import resource
+
+    peak = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB on Linux
+    if device.startswith("cuda"):
+        peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
 def _gather_rng(world: distributed.World) -> list[dict[str, torch.Tensor]]:
     local = trainstate.local_rng_state()
     gathered = {key: distributed.gather_tensors(world, value) for key, value in local.items()}
@@ -472,6 +483,7 @@ def _write_output(config, inputs, student, adapted, controller, meter, log, step
             training={"tokens_seen": meter.tokens, "steps": steps, "seconds": round(seconds, 3),
                       "tokens_per_s": round(meter.tokens / seconds, 1) if seconds > 0 else None,
                       "final_loss": log[-1]["loss"] if log else None, "device": world.device,
+                      "peak_memory_mib": _peak_memory_mib(world.device),
                       "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                       "parameters": count_parameters(student)},
             compute=compute,

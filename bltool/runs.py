@@ -1,0 +1,209 @@
+"""Collecting runs for `bltool report`: find the artifacts under some directories and link them by
+content hash into one row per model.
+
+Every bltool artifact cites its inputs in its manifest: `compress` cites the distilled student by its
+artifact hash, and `eval-ppl`, `eval-icl` and `bench` cite the model they measured by content
+(`content.artifact_hash` for a bltool artifact, file hashes otherwise). So no naming convention is
+needed: whatever directories hold a run's artifacts, the hashes say which result belongs to which model.
+
+A row is one model as a user would deploy it: a distilled student (with its compressed form, whose
+measurements are preferred when both exist, since that is what gets served), or a model that was only
+evaluated (the teacher, the untrained student). Values a row lacks stay None and the stages that would
+have produced them are listed in `missing`, so an incomplete run is reported, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from bltool.artifacts import MANIFEST
+from bltool.errors import UsageError
+
+EVALUATIONS = ("eval-ppl", "eval-icl", "bench")
+MODELS = ("distill", "compress", "build-student", "import-gguf")
+COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "bits_per_byte", "icl_composite", "icl_std",
+           "compute_proxy", "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup",
+           "decode_speedup", "param_reduction", "kept", "svd", "dropped", "missing", "path")
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+    root: Path | None = None  # the RUN_DIR it was found under
+
+    @property
+    def name(self) -> str:
+        """The artifact's directory relative to its RUN_DIR, without a trailing `distilled` / `compressed`
+        (runs/bl-0.4/distilled → bl-0.4), so a row is named after its run."""
+        try:
+            parts = list(self.path.relative_to(self.root).parts) if self.root else [self.path.name]
+        except ValueError:
+            parts = [self.path.name]
+        if len(parts) > 1 and parts[-1] in ("distilled", "compressed"):
+            parts = parts[:-1]
+        return "/".join(parts) or self.path.name
+
+    @property
+    def stage(self) -> str:
+        return self.manifest["stage"]
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["hash"]
+
+    def model_key(self) -> str | None:
+        """The content key of the model an evaluation or compression measured."""
+        for entry in self.manifest.get("inputs", []):
+            if entry.get("role") == "model":
+                if "hash" in entry:  # artifact_ref (compress)
+                    return entry["hash"]
+                return content_key(entry.get("content"))
+        return None
+
+    def result(self) -> dict:
+        path = self.path / "result.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def content_key(content: dict | None) -> str | None:
+    if not content:
+        return None
+    if "artifact_hash" in content:
+        return content["artifact_hash"]
+    return json.dumps(content, sort_keys=True)
+
+
+def find_artifacts(roots: list[Path]) -> list[Artifact]:
+    """Every directory with a bltool manifest under `roots` (checkpoints of interrupted runs excluded)."""
+    found, seen = [], set()
+    for root in roots:
+        root = Path(root).resolve()
+        if not root.exists():
+            raise UsageError(f"RUN_DIR: {root} does not exist")
+        candidates = [root / MANIFEST] if (root / MANIFEST).is_file() else []
+        candidates += sorted(root.rglob(MANIFEST))
+        for path in candidates:
+            directory = path.parent.resolve()
+            if directory in seen or any(part.startswith(".") for part in directory.parts[-1:]):
+                continue
+            seen.add(directory)
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise UsageError(f"RUN_DIR: {path} is not valid JSON") from None
+            if isinstance(manifest, dict) and "stage" in manifest and "hash" in manifest:
+                found.append(Artifact(directory, manifest, root))
+    return found
+
+
+@dataclass
+class Row:
+    name: str
+    path: str
+    method: str
+    budget: float | None = None
+    tokens: int | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    log: Path | None = None  # the distill run's per-step log, for the dense-fraction figure
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {"name": self.name, "method": self.method, "budget": self.budget, "tokens": self.tokens,
+               **{c: self.values.get(c) for c in COLUMNS if c not in ("name", "method", "budget", "tokens",
+                                                                       "missing", "path")},
+               "missing": ", ".join(self.missing), "path": self.path}
+        return {c: row[c] for c in COLUMNS}
+
+
+def build_rows(artifacts: list[Artifact]) -> list[Row]:
+    by_hash = {a.hash: a for a in artifacts}
+    evaluations: dict[str, dict[str, Artifact]] = {}
+    labels: dict[str, str] = {}
+    for a in artifacts:
+        if a.stage in EVALUATIONS and (key := a.model_key()):
+            evaluations.setdefault(key, {})[a.stage] = a  # the last found wins; paths are sorted
+            spec = next((e.get("spec") for e in a.manifest["inputs"] if e.get("role") == "model"), None)
+            labels.setdefault(key, Path(spec).name if spec else key[:12])
+    teachers = {content_key(e.get("content")) for a in artifacts if a.stage in ("distill", "teacher-logits")
+                for e in a.manifest.get("inputs", []) if e.get("role") == "teacher"}
+    compressed_of: dict[str, Artifact] = {}
+    for a in artifacts:
+        if a.stage == "compress" and not a.manifest.get("compressed", {}).get("densified"):
+            compressed_of.setdefault(a.model_key(), a)
+
+    rows, used = [], set()
+    for d in (a for a in artifacts if a.stage == "distill"):
+        c = compressed_of.get(d.hash)
+        row = _distill_row(d, c, evaluations)
+        used.update({d.hash} | ({c.hash} if c else set()))
+        rows.append(row)
+    for key, evals in evaluations.items():
+        if key in used:
+            continue
+        model = by_hash.get(key)
+        if model is not None and model.stage == "compress":
+            continue  # a compressed model whose distilled input is not among the runs: reported via bench
+        method = {"build-student": "student (untrained)", "import-gguf": "teacher"}.get(
+            model.stage if model else "", "teacher" if key in teachers else "model")
+        name = model.name if model is not None and model.stage == "build-student" else labels[key]
+        row = Row(name, str(model.path) if model else labels[key], method)
+        _add_evaluations(row, evals, need=("eval-ppl", "eval-icl"))
+        rows.append(row)
+    return rows
+
+
+def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[str, Artifact]]) -> Row:
+    m = d.manifest
+    row = Row(d.name, str(d.path), m.get("method") or m["config"].get("method", "?"),
+              budget=(m.get("budget") or {}).get("budget"), tokens=(m.get("training") or {}).get("tokens_seen"))
+    log = d.path / "log.arrow"
+    row.log = log if log.is_file() else None
+    compute = m.get("compute") or {}
+    row.values.update(compute_proxy=compute.get("proxy"), compute_realised=compute.get("realised"))
+    if c is None:
+        row.missing.append("compress")
+        evals = evaluations.get(d.hash, {})
+    else:
+        summary = c.manifest["compressed"].get("summary", {})
+        row.values.update(mac_speedup=summary.get("mac_speedup"), param_reduction=summary.get("param_reduction"),
+                          kept=summary.get("kept"), svd=summary.get("svd"), dropped=summary.get("dropped"))
+        row.path = str(c.path)
+        # measurements of the compressed form first; the distilled form's fill what is left
+        evals = {**evaluations.get(d.hash, {}), **evaluations.get(c.hash, {})}
+    _add_evaluations(row, evals, need=("eval-ppl", "eval-icl", "bench"))
+    return row
+
+
+def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]) -> None:
+    if "eval-ppl" in evals:
+        r = evals["eval-ppl"].result()
+        row.values.update(perplexity=r.get("perplexity"), bits_per_byte=r.get("bits_per_byte"))
+    if "eval-icl" in evals:
+        r = evals["eval-icl"].result().get("composite", {})
+        row.values.update(icl_composite=r.get("mean"), icl_std=r.get("std"))
+    if "bench" in evals:
+        r = evals["bench"].result()
+        prefill = [s for s in r.get("modules", []) if s.get("phase") == "prefill"]
+        e2e = {(s["phase"], s["batch"]): s for s in r.get("end_to_end", [])}
+        decode = sorted((k for k in e2e if k[0] == "decode"), key=lambda k: k[1])
+        row.values.update(
+            module_speedup=prefill[0]["speedup"] if prefill else None,
+            prefill_speedup=e2e[("prefill", 1)]["speedup"] if ("prefill", 1) in e2e else None,
+            decode_speedup=e2e[decode[0]]["speedup"] if decode else None,
+        )
+    row.missing += [stage for stage in need if stage not in evals]
+
+
+def rows_table(rows: list[Row]) -> pa.Table:
+    return pa.Table.from_pylist([r.as_dict() for r in rows], schema=pa.schema([
+        ("name", pa.string()), ("method", pa.string()), ("budget", pa.float64()), ("tokens", pa.int64()),
+        *[(c, pa.float64()) for c in COLUMNS[4:14]], ("param_reduction", pa.float64()),
+        ("kept", pa.int64()), ("svd", pa.int64()), ("dropped", pa.int64()), ("missing", pa.string()),
+        ("path", pa.string()),
+    ]))

@@ -1,0 +1,153 @@
+"""report: the results of any set of runs in the paper's Table 2 shape, with figures.
+
+`bltool report RUN_DIR...` finds every bltool artifact under the given directories, links results to
+models by content hash (`bltool.runs`), and writes `report.md`, `report.csv`, `report.arrow` and three
+PNG figures (`frontier.png`, `icl.png`, `dense_fraction.png`). With `--readme FILE` it also replaces the
+part of FILE between `<!-- bltool-report:start -->` and `<!-- bltool-report:end -->` with the table and
+the figures, so a README's results are generated from the runs, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from bltool import figures, ui
+from bltool.artifacts import atomic_output, check_output_dir, now_iso, write_json, write_manifest
+from bltool.errors import UsageError
+from bltool.runs import COLUMNS, Row, build_rows, find_artifacts, rows_table
+
+STAGE = "report"
+START, END = "<!-- bltool-report:start -->", "<!-- bltool-report:end -->"
+FIGURES = ("frontier.png", "icl.png", "dense_fraction.png")
+HEADERS = {
+    "name": "run", "method": "method", "budget": "F", "tokens": "tokens", "perplexity": "ppl",
+    "bits_per_byte": "bits/byte", "icl_composite": "ICL", "compute_proxy": "train compute (proxy)",
+    "compute_realised": "train compute (realised)", "mac_speedup": "MAC speedup",
+    "module_speedup": "module speedup (measured)", "prefill_speedup": "prefill speedup (e2e)",
+    "decode_speedup": "decode speedup (e2e)", "param_reduction": "param reduction", "missing": "missing",
+}
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    runs: tuple[str, ...]  # directories holding run artifacts (searched recursively)
+    out: str  # output directory
+    title: str = "bltool report"  # heading of report.md
+    readme: str | None = None  # a file whose marked section is replaced by the report
+    note: str = ""  # a paragraph placed under the heading (setting, machine, date)
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        if not self.runs:
+            raise UsageError("report needs at least one RUN_DIR")
+
+
+def _fmt(column: str, value) -> str:
+    if value is None or value == "":
+        return "—"
+    if column in ("perplexity",):
+        return f"{value:,.2f}" if value < 1e5 else f"{value:.3g}"
+    if column in ("bits_per_byte", "icl_composite", "compute_proxy", "compute_realised"):
+        return f"{value:.3f}"
+    if column.endswith("speedup"):
+        return f"{value:.2f}×"
+    if column == "param_reduction":
+        return f"{value:.1%}"
+    if column == "tokens":
+        return f"{value:,}"
+    if column == "budget":
+        return f"{value:g}"
+    return str(value)
+
+
+def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".") -> str:
+    columns = [c for c in HEADERS if c != "missing"] + ["missing"]
+    lines = [f"## {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines += ["| " + " | ".join(HEADERS[c] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        d = row.as_dict()
+        icl = _fmt("icl_composite", d["icl_composite"])
+        if d["icl_std"] is not None and d["icl_composite"] is not None:
+            icl += f" ± {d['icl_std']:.3f}"
+        cells = [icl if c == "icl_composite" else _fmt(c, d[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Perplexity and bits/byte on the held-out split; ICL is the macro composite of the probes "
+              "(± std over demonstration seeds); training compute is METHOD.md §7's proxy and the dense MACs "
+              "actually executed, both relative to kd-full; MAC speedup is over the adapted modules after "
+              "`compress`; measured speedups come from `bench` (module: prefill shape; end to end: prefill "
+              "and batch-1 decode). A dash is a value the runs do not have; `missing` names the stage that "
+              "would produce it.", ""]
+    lines += [f"![{name}]({figure_dir}/{name})" for name in FIGURES]
+    return "\n".join(lines) + "\n"
+
+
+def _update_readme(path: Path, section: str) -> None:
+    if not path.is_file():
+        raise UsageError(f"--readme: {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise UsageError(f"--readme: {path} has no {START} … {END} section to replace")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(pattern.sub(lambda _: f"{START}\n{section}{END}", text), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(config: ReportConfig) -> Path:
+    out = Path(config.out)
+    check_output_dir(out, config.overwrite)
+    artifacts = find_artifacts([Path(r) for r in config.runs])
+    rows = build_rows(artifacts)
+    if not rows:
+        raise UsageError(f"RUN_DIR: no distilled students or evaluated models under {', '.join(config.runs)}")
+    note = config.note or f"Generated by `bltool report` on {now_iso()}."
+    with atomic_output(out, config.overwrite) as tmp:
+        table = rows_table(rows)
+        with pa.OSFile(str(tmp / "report.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        with open(tmp / "report.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(r.as_dict() for r in rows)
+        figures.frontier(rows, tmp / FIGURES[0])
+        figures.icl_by_budget(rows, tmp / FIGURES[1])
+        figures.dense_fraction(rows, tmp / FIGURES[2])
+        (tmp / "report.md").write_text(markdown(rows, config.title, note), encoding="utf-8")
+        write_json(tmp / "rows.json", [r.as_dict() for r in rows])
+        write_manifest(tmp, STAGE, config=asdict(config),
+                       inputs=[{"role": "run", "path": str(a.path), "stage": a.stage, "hash": a.hash}
+                               for a in artifacts if a.stage in ("distill", "compress", "eval-ppl", "eval-icl",
+                                                                 "bench")],
+                       rows=len(rows))
+    if config.readme:
+        readme = Path(config.readme)
+        figure_dir = readme.parent / "docs" / "results"
+        figure_dir.mkdir(parents=True, exist_ok=True)
+        for name in FIGURES:
+            shutil.copyfile(out / name, figure_dir / name)
+        _update_readme(readme, markdown(rows, config.title, note, figure_dir.relative_to(readme.parent).as_posix()))
+        ui.info(f"updated {readme} and {figure_dir}")
+    _print(rows)
+    return out
+
+
+def _print(rows: list[Row]) -> None:
+    from rich.table import Table
+
+    table = Table(title="bltool report", title_justify="left")
+    columns = ("name", "method", "budget", "perplexity", "icl_composite", "compute_realised", "mac_speedup",
+               "module_speedup", "missing")
+    for c in columns:
+        table.add_column(HEADERS[c])
+    for row in rows:
+        d = row.as_dict()
+        table.add_row(*(_fmt(c, d[c]) for c in columns))
+    ui.console.print(table)

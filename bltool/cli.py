@@ -197,7 +197,7 @@ def eval_icl(
              "of them; repeat to combine \\[default: builtin].", show_default=False)] = None,
     tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks to run \\[default: all].",
                                               show_default=False)] = None,
-    n: Annotated[int, typer.Option("--n", help="Queries per task (capped by the task's pool).")] = 20,
+    n: Annotated[int, typer.Option("--n", help="Queries per task (capped by the task's pool).")] = 10,
     shots: Annotated[int, typer.Option(help="Demonstrations per prompt.")] = 10,
     seeds: Annotated[int, typer.Option(help="Demonstration seeds (0 .. SEEDS-1).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,

@@ -59,7 +59,7 @@ class EvalIclConfig:
     out: str | None = None  # output directory (default: icl/<model name>)
     probes: tuple[str, ...] = (BUILTIN,)  # 'builtin' (the 19 probes), task files, or directories of them
     tasks: tuple[str, ...] | None = None  # evaluate only these tasks (default: all the probes hold)
-    n: int = 20  # queries per task (capped by the task's pool)
+    n: int = 10  # queries per task (capped by the task's pool)
     shots: int = 10  # demonstrations per prompt
     seeds: int = 3  # demonstration seeds 0 .. seeds-1
     batch_size: int = 16  # prompts per generate call

@@ -168,7 +168,7 @@ def build_student(
 def eval_ppl(
     model: Annotated[str, typer.Argument(help="Model: checkpoint directory, .gguf file or alias.", show_default=False)],
     data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
-    out: Annotated[str | None, typer.Option(help="Output directory [default: DATA/ppl/<model name>].",
+    out: Annotated[str | None, typer.Option(help="Output directory \\[default: DATA/ppl/<model name>].",
                                             show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget (capped by the held-out split).")] = 10_000_000,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
@@ -244,7 +244,7 @@ def distill(
     tokens: Annotated[str, typer.Option(help="Token budget over all processes, e.g. 2M.")] = "2M",
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch per process.")] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 3e-4 LoRA methods, 1e-4 kd-full].",
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate \\[default: 3e-4 LoRA methods, 1e-4 kd-full].",
                                              show_default=False)] = None,
     temperature: Annotated[float, typer.Option(help="KD temperature T.")] = 3.0,
     kd_weight: Annotated[float, typer.Option(help="Weight α_kd of the KL term (1 − α_kd on CE).")] = 0.8,
@@ -264,7 +264,7 @@ def distill(
     seed: Annotated[int, typer.Option(help="Data order, LoRA initialisation and dropout.")] = 0,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end or when stopped).")]
     = 200,
-    checkpoint_dir: Annotated[str | None, typer.Option(help="Where checkpoints go [default: OUT.checkpoint].",
+    checkpoint_dir: Annotated[str | None, typer.Option(help="Where checkpoints go \\[default: OUT.checkpoint].",
                                                        show_default=False)] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
     teacher_logits: Annotated[str | None, typer.Option(help="A teacher-logits output to read instead of running "

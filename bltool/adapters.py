@@ -59,10 +59,9 @@ def save_adapted(directory: Path, model, tokenizer) -> None:
 
 def load_adapted(directory: Path, section: dict[str, Any], dtype=None, flag: str = "MODEL"):
     """Rebuild the student from its config, inject the recorded adapters, load every weight strictly."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bltool.models import quiet_transformers
+    from bltool.models import load_weights_strict, quiet_transformers
 
     directory = Path(directory)
     with quiet_transformers():
@@ -74,13 +73,7 @@ def load_adapted(directory: Path, section: dict[str, Any], dtype=None, flag: str
     if names != recorded:
         raise ArtifactError(f"{flag}: {directory}'s manifest lists {len(recorded)} adapted modules but its config "
                             f"yields {len(names)} (first difference near {_first_difference(names, recorded)})")
-    try:
-        missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ArtifactError(f"{flag}: cannot load {directory / WEIGHTS}: {err}") from None
-    if missing or unexpected:
-        detail = ", ".join(sorted(missing)[:3] + sorted(unexpected)[:3])
-        raise ArtifactError(f"{flag}: {directory / WEIGHTS} does not match its adapters ({detail})")
+    load_weights_strict(model, directory / WEIGHTS, flag, "adapters")
     for _, module in adapted:
         module._sync_rho()
     return model.eval()

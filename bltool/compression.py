@@ -252,10 +252,9 @@ def save_compressed(directory: Path, model: nn.Module, tokenizer) -> None:
 def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: str = "MODEL"):
     """Rebuild a compressed student from its config and `compressed` section, load every weight strictly,
     and select the low-rank kernel ($BLTOOL_LOWRANK_KERNEL, default auto). Ready for `generate()`."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bltool.models import quiet_transformers
+    from bltool.models import load_weights_strict, quiet_transformers
 
     directory = Path(directory)
     with quiet_transformers():
@@ -278,13 +277,7 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
         else:
             layer = nn.Linear(entry["in_features"], entry["out_features"], bias=bool(entry["bias"]), dtype=dtype)
         _replace(model, name, layer)
-    try:
-        missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ArtifactError(f"{flag}: cannot load {directory / WEIGHTS}: {err}") from None
-    if missing or unexpected:
-        detail = ", ".join(sorted(missing)[:3] + sorted(unexpected)[:3])
-        raise ArtifactError(f"{flag}: {directory / WEIGHTS} does not match its compressed modules ({detail})")
+    load_weights_strict(model, directory / WEIGHTS, flag, "compressed modules")
     set_kernel(model, default_kernel())
     return model.eval()
 

@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path, legend_size: int = 8) -> Path:
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _label(row: Row) -> str:
     return f"{row.method} F={row.budget:g}" if row.budget is not None else row.method
 
@@ -51,13 +61,7 @@ def frontier(rows: list[Row], path: Path) -> Path:
     ax.set_xlabel("inference cost of adapted modules (compressed MACs / dense MACs)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("quality against inference cost" if points else "no run has both perplexity and compression")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def icl_by_budget(rows: list[Row], path: Path) -> Path:
@@ -79,17 +83,13 @@ def icl_by_budget(rows: list[Row], path: Path) -> Path:
     ax.set_xlim(-0.05, 1.05)
     has = budgeted or any(r.values.get("icl_composite") is not None for r in rows)
     ax.set_title("ICL probes against budget" if has else "no run has ICL results")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def dense_fraction(rows: list[Row], path: Path) -> Path:
-    """Target and realised dense fraction against training step, per distilled run (from log.arrow)."""
+    """Per distilled run (from log.arrow) against training step: the scheduled target, the retained dense
+    fraction Σρc/Σc, and the fraction whose dense matmuls still run (modules with ρ > 0): the saving
+    only becomes real compute when a module reaches ρ = 0."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     plotted = 0
@@ -98,19 +98,15 @@ def dense_fraction(rows: list[Row], path: Path) -> Path:
             continue
         with pa.memory_map(str(row.log)) as source:
             log = pa.ipc.open_stream(source).read_all().to_pydict()
-        line = ax.plot(log["step"], log["actual_fraction"], label=f"{_label(row)} actual")[0]
+        line = ax.plot(log["step"], log["actual_fraction"], label=f"{_label(row)} Σρc/Σc")[0]
         if row.budget is not None:
             ax.plot(log["step"], log["target_fraction"], linestyle=":", color=line.get_color(),
                     label=f"{_label(row)} target")
+            ax.plot(log["step"], log["computed_fraction"], linestyle="--", alpha=0.6, color=line.get_color(),
+                    label=f"{_label(row)} computed (ρ > 0)")
         plotted += 1
     ax.set_xlabel("training step")
-    ax.set_ylabel("dense fraction Σρc / Σc")
+    ax.set_ylabel("dense fraction")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("dense fraction during training" if plotted else "no distill log found")
-    ax.grid(True, alpha=0.3)
-    if plotted:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, legend_size=7)

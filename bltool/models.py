@@ -284,6 +284,27 @@ def gguf_checkpoint(gguf: Path, flag: str = "MODEL") -> Path:
 # Loading
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"{flag} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def load_weights_strict(model, path: Path, flag: str, what: str) -> None:
+    """Load a safetensors file into a built model (shared tensors re-tied); every key must match."""
+    from safetensors.torch import load_model as load_safetensors
+
+    try:
+        missing, unexpected = load_safetensors(model, str(path), strict=False)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ArtifactError(f"{flag}: cannot load {path}: {err}") from None
+    if missing or unexpected:
+        detail = ", ".join(sorted(missing)[:3] + sorted(unexpected)[:3])
+        raise ArtifactError(f"{flag}: {path} does not match its {what} ({detail})")
+
+
 def resolve_dtype(dtype: str, device: str):
     """`auto` is bfloat16 on CUDA and float32 on CPU."""
     import torch

@@ -15,7 +15,7 @@ bltool teachers
 export RUNS=${RUNS:-runs/demo}
 export SWEEP=${SWEEP:-kd-lora budgeted-lora:0.4}
 export SEQ_LEN=${SEQ_LEN:-256}
-export TOKENS=${TOKENS:-16k}          # 64 steps of one 256-token sequence: enough for ρ to settle after s1
+export TOKENS=${TOKENS:-40k}          # 156 steps of one 256-token sequence (ρ needs ~30 steps after s1)
 export BATCH=${BATCH:-1}
 export PPL_ARGS=${PPL_ARGS:---max-tokens 8192}
 export ICL_ARGS=${ICL_ARGS:---n 4 --seeds 2}

@@ -35,11 +35,10 @@ from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNELS, set_kernel
-from bltool.models import load_model, model_content_hash, resolve_device, resolve_dtype, resolve_model
+from bltool.models import check_dtype, load_model, model_content_hash, resolve_device, resolve_dtype, resolve_model
 from bltool.timing import machine_info, measure
 
 STAGE = "bench"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
 
@@ -66,8 +65,7 @@ class BenchConfig:
     def __post_init__(self):
         if not self.baseline:
             raise UsageError("--baseline is required: the dense model MODEL replaces (e.g. the built student)")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.threads is not None and self.threads < 1:

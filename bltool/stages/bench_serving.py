@@ -20,6 +20,7 @@ from bltool import ui
 from bltool.artifacts import atomic_output, check_output_dir, write_json, write_manifest
 from bltool.errors import UsageError
 from bltool.models import (
+    check_dtype,
     count_parameters,
     load_model,
     model_content_hash,
@@ -32,7 +33,6 @@ from bltool.serving import ServingSettings, measure
 from bltool.timing import machine_info
 
 STAGE = "bench-serving"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,7 @@ class BenchServingConfig:
                 f"--requests must be at least 2 × --concurrency ({2 * self.concurrency}) so the batch saturates, "
                 f"got {self.requests}"
             )
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     @property
     def settings(self) -> ServingSettings:

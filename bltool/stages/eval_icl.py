@@ -38,6 +38,7 @@ from bltool.icl import (
     newline_token_ids,
 )
 from bltool.models import (
+    check_dtype,
     check_vocab_fits,
     load_model,
     load_tokenizer,
@@ -49,7 +50,6 @@ from bltool.models import (
 from bltool.probes import BUILTIN, Task, load_tasks, vocabulary
 
 STAGE = "eval-icl"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
 
 
@@ -80,8 +80,7 @@ class EvalIclConfig:
             raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 def plan(tasks: list[Task], config: EvalIclConfig) -> list[tuple[Task, list[Query]]]:

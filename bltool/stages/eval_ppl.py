@@ -27,6 +27,7 @@ from bltool.artifacts import atomic_output, check_output_dir, write_json, write_
 from bltool.data import PreparedData
 from bltool.errors import UsageError
 from bltool.models import (
+    check_dtype,
     check_vocab_fits,
     load_model,
     load_tokenizer,
@@ -39,7 +40,6 @@ from bltool.models import (
 from bltool.nll import token_nll
 
 STAGE = "eval-ppl"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,7 @@ class EvalPplConfig:
             raise UsageError(f"--max-tokens must be at least 2, got {self.max_tokens}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.chunk < 1:
             raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
 

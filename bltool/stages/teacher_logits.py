@@ -23,6 +23,7 @@ from bltool.data import PreparedData
 from bltool.errors import UsageError
 from bltool.losses import check_kd_args
 from bltool.models import (
+    check_dtype,
     load_model,
     load_tokenizer,
     model_content_hash,
@@ -33,8 +34,6 @@ from bltool.models import (
 )
 from bltool.nll import hidden_states
 from bltool.teacher_cache import FILE, STAGE, CacheWriter, teacher_topk
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,7 @@ class TeacherLogitsConfig:
         if self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
         check_kd_args(self.temperature, 0.5, self.chunk)
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
 
 def covered_sequences(tokens: int, seq_len: int, n: int, seed: int) -> np.ndarray:

@@ -120,3 +120,16 @@ def test_bad_input(runs, tmp_path, case):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_paper_claims_are_computed_from_the_rows(report):
+    with open(report / "report.csv", newline="", encoding="utf-8") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    ratio = float(rows["budgeted-lora"]["perplexity"]) / float(rows["kd-lora"]["perplexity"])
+    text = (report / "report.md").read_text()
+    assert "### Against the paper's claims" in text
+    claim = next(line for line in text.splitlines() if line.startswith("- **Moderate budget.**"))
+    assert f"({ratio:.2f}×)" in claim
+    assert ("lands near" in claim) == (ratio <= 1.10)
+    assert "- **Aggressive budget.**" not in text  # one budget only: nothing to say about the extremes
+    assert "- **ICL probes.**" not in text  # kd-lora has no ICL result in these runs

@@ -85,8 +85,61 @@ def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".") -> s
               "`compress`; measured speedups come from `bench` (module: prefill shape; end to end: prefill "
               "and batch-1 decode). A dash is a value the runs do not have; `missing` names the stage that "
               "would produce it.", ""]
+    claims = comparison(rows)
+    if claims:
+        lines += ["### Against the paper's claims", "", *claims, ""]
     lines += [f"![{name}]({figure_dir}/{name})" for name in FIGURES]
     return "\n".join(lines) + "\n"
+
+
+def value(row: Row | None, key: str):
+    return row.values.get(key) if row is not None else None
+
+
+def comparison(rows: list[Row]) -> list[str]:
+    """The paper's three claims checked on these runs, as sentences computed from the table: Budgeted
+    LoRA at a moderate budget lands near KD-LoRA's perplexity with a speedup; the most aggressive budget
+    gives the largest speedup at a perplexity cost; Budgeted LoRA keeps more ICL behaviour than KD-LoRA.
+    Only claims whose rows exist are stated."""
+    lora = next((r for r in rows if r.method == "kd-lora"), None)
+    budgeted = sorted((r for r in rows if r.method == "budgeted-lora" and r.budget is not None),
+                      key=lambda r: r.budget)
+    lines = []
+    base = value(lora, "perplexity")
+    moderate = [r for r in budgeted if 0 < r.budget < 1 and value(r, "perplexity")]
+    if base and moderate:
+        r = min(moderate, key=lambda r: abs(r.budget - 0.4))
+        ratio = value(r, "perplexity") / base
+        verdict = "lands near" if ratio <= 1.10 else "does not land near"
+        lines.append(
+            f"- **Moderate budget.** F = {r.budget:g} {verdict} kd-lora's perplexity: {value(r, 'perplexity'):,.1f} "
+            f"against {base:,.1f} ({ratio:.2f}×), with a {_fmt('mac_speedup', value(r, 'mac_speedup'))} MAC "
+            f"speedup of the adapted modules ({_fmt('module_speedup', value(r, 'module_speedup'))} measured, "
+            f"{_fmt('prefill_speedup', value(r, 'prefill_speedup'))} end to end at prefill). Paper: F = 0.4 "
+            "matches KD-LoRA at 1.74× on its student.")
+    speeds = [r for r in rows if value(r, "mac_speedup")]
+    if budgeted and speeds and value(budgeted[0], "mac_speedup") and (len(budgeted) > 1 or budgeted[0].budget == 0):
+        low = budgeted[0]
+        largest = max(speeds, key=lambda r: value(r, "mac_speedup"))
+        cost = (f"; its perplexity is {value(low, 'perplexity') / base:.2f}× kd-lora's"
+                if base and value(low, "perplexity") else "")
+        lines.append(
+            f"- **Aggressive budget.** F = {low.budget:g} gives {_fmt('mac_speedup', value(low, 'mac_speedup'))} "
+            f"({'the largest' if largest is low else 'not the largest'} MAC speedup here){cost}. Paper: F = 0 "
+            "gives 4.05× on its wider student with moderate degradation.")
+    icl = value(lora, "icl_composite")
+    if icl is not None and any(value(r, "icl_composite") is not None for r in budgeted):
+        parts = []
+        for r in budgeted:
+            if value(r, "icl_composite") is None:
+                continue
+            noise = (value(r, "icl_std") or 0.0) + (value(lora, "icl_std") or 0.0)
+            diff = value(r, "icl_composite") - icl
+            word = "higher" if diff > noise else "lower" if diff < -noise else "within seed noise of"
+            parts.append(f"F = {r.budget:g}: {value(r, 'icl_composite'):.3f} ({word} kd-lora)")
+        lines.append(f"- **ICL probes.** kd-lora scores {icl:.3f}; budgeted-lora {'; '.join(parts)}. Paper: "
+                     "Budgeted LoRA retains more probe accuracy than KD-LoRA.")
+    return lines
 
 
 def _update_readme(path: Path, section: str) -> None:

@@ -44,9 +44,11 @@ def frontier(rows: list[Row], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     points = [(1.0 / r.values["mac_speedup"], r.values["perplexity"], r) for r in rows
               if r.values.get("mac_speedup") and r.values.get("perplexity")]
-    for cost, ppl, row in points:
+    for i, (cost, ppl, row) in enumerate(sorted(points, key=lambda p: (p[0], p[1]))):
         ax.scatter(cost, ppl, color=COLORS.get(row.method, "tab:green"), zorder=3)
-        ax.annotate(_label(row), (cost, ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # alternate labels above and below so that neighbours at similar cost stay readable
+        ax.annotate(_label(row), (cost, ppl), textcoords="offset points", xytext=(5, 5 if i % 2 else -12),
+                    fontsize=8)
     best, front = float("inf"), []
     for cost, ppl, _ in sorted(points, key=lambda p: (p[0], p[1])):
         if ppl < best:

@@ -173,6 +173,8 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
         summary = c.manifest["compressed"].get("summary", {})
         row.values.update(mac_speedup=summary.get("mac_speedup"), param_reduction=summary.get("param_reduction"),
                           kept=summary.get("kept"), svd=summary.get("svd"), dropped=summary.get("dropped"))
+        if row.method == "kd-full" and row.values["mac_speedup"] is None:  # passed through: dense by design
+            row.values.update(mac_speedup=1.0, param_reduction=0.0)
         row.path = str(c.path)
         # measurements of the compressed form first; the distilled form's fill what is left
         evals = {**evaluations.get(d.hash, {}), **evaluations.get(c.hash, {})}

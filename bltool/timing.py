@@ -9,6 +9,7 @@ with `time.perf_counter`. An optional per-candidate `setup` runs before each of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -84,11 +85,8 @@ def machine_info(device: str | torch.device) -> dict[str, Any]:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or "cpu"

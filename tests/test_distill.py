@@ -151,7 +151,7 @@ def test_resume_is_bitwise_identical(setting, monkeypatch, tmp_path):
 
         @received.setter
         def received(self, value):
-            pass
+            """Writes (the initial None) are ignored: this double alone decides when the signal comes."""
 
     monkeypatch.setattr(distill_stage, "StopSignals", StopAfter)
     parts = tmp_path / "parts"

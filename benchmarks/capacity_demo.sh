@@ -28,17 +28,7 @@ trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[
 serve() {  # MODEL OUT
   local settings=(--chunk "$CHUNK" --concurrency "$CONCURRENCY" --prompt-len 256 --output-len 60
                   --repeats "$REPEATS" --out "$2" --overwrite)
-  if bltool bench --help 2>/dev/null | grep -q -- '--serving'; then
-    bltool bench "$1" --serving "${settings[@]}"
-  else  # until `bench --serving` is wired: the same stage from Python
-    python - "$1" "$2" "$CHUNK" "$CONCURRENCY" "$REPEATS" <<'PY'
-import sys
-from bltool.stages.bench_serving import BenchServingConfig, run
-model, out, chunk, concurrency, repeats = sys.argv[1:]
-print(run(BenchServingConfig(model=model, out=out, chunk=int(chunk), concurrency=int(concurrency), prompt_len=256,
-                             output_len=60, repeats=int(repeats), overwrite=True)))
-PY
-  fi
+  bltool bench "$1" --serving "${settings[@]}"
 }
 
 measured=()

@@ -147,8 +147,21 @@ class ModelRef:
         return {"spec": self.spec, "kind": self.kind, "source": str(self.source), "path": str(self.path)}
 
 
+# Directory names the example scripts give stage outputs inside a run directory; a model found in
+# one is named after its run (runs/bl-0.4/compressed → bl-0.4-compressed), so that two runs' students
+# get different default output paths and table columns.
+STAGE_DIRS = ("distilled", "compressed")
+
+
 def _label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def _dir_label(path: Path) -> str:
+    path = path.absolute()
+    if path.name in STAGE_DIRS and path.parent.name:
+        return _label(f"{path.parent.name}-{path.name}")
+    return _label(path.name)
 
 
 def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> ModelRef:
@@ -157,7 +170,7 @@ def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> Model
     if path.exists():
         if path.is_dir():
             check_checkpoint_dir(path, flag)
-            return ModelRef(spec, _label(path.absolute().name), "dir", path, path)
+            return ModelRef(spec, _dir_label(path), "dir", path, path)
         if path.suffix.lower() == ".gguf":
             converted = gguf_checkpoint(path, flag) if convert else gguf_cache_dir(path)
             return ModelRef(spec, _label(path.stem), "gguf", path, converted)

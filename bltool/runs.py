@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from bltool.artifacts import MANIFEST
 from bltool.errors import UsageError
+from bltool.models import STAGE_DIRS
 
 EVALUATIONS = ("eval-ppl", "eval-icl", "bench")
 MODELS = ("distill", "compress", "build-student", "import-gguf")
@@ -45,7 +46,7 @@ class Artifact:
             parts = list(self.path.relative_to(self.root).parts) if self.root else [self.path.name]
         except ValueError:
             parts = [self.path.name]
-        if len(parts) > 1 and parts[-1] in ("distilled", "compressed"):
+        if len(parts) > 1 and parts[-1] in STAGE_DIRS:
             parts = parts[:-1]
         return "/".join(parts) or self.path.name
 

@@ -135,7 +135,7 @@ def test_bench_defaults_its_output_next_to_the_model(tmp_path, compressed, tiny_
     result = invoke("bench", str(compressed), "--baseline", str(tiny_llama), *FAST, "--no-modules",
                     "--no-end-to-end")
     assert result.exit_code == 0, result.stderr
-    out = compressed.parent / "bench" / "compressed"
+    out = compressed.parent / "bench" / f"{compressed.parent.name}-compressed"  # named after its run
     assert result.stdout == f"{out}\n" and (out / "result.json").is_file()
 
 

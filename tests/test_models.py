@@ -528,3 +528,16 @@ def test_read_manifest_refusals(tmp_path):
     (plain / "manifest.json").write_text('{"hello": 1}')
     with pytest.raises(ArtifactError, match="not a bltool manifest"):
         read_manifest(plain)
+
+
+def test_directory_labels_name_the_run(tmp_path, small_model):
+    """Two runs' `compressed` students get different labels (default output paths, table columns)."""
+    labels = []
+    for run in ("bl-0.4", "bl-0.0"):
+        target = tmp_path / run / "compressed"
+        shutil.copytree(small_model, target)
+        labels.append(resolve_model(str(target)).label)
+    assert labels == ["bl-0.4-compressed", "bl-0.0-compressed"]
+    plain = tmp_path / "my student"
+    shutil.copytree(small_model, plain)
+    assert resolve_model(str(plain)).label == "my-student"

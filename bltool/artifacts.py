@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from bltool import __version__
 from bltool.errors import ArtifactError, UsageError
 
@@ -55,6 +57,14 @@ def _umask() -> int:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_arrow(path: Path, rows: list[dict] | pa.Table) -> None:
+    """Write rows (or a table) as one Arrow IPC stream file, the format `datasets.Dataset.from_file`
+    reads. Meant for files inside an `atomic_output` directory, which is what makes them atomic."""
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
 
 
 def write_json(path: Path, value: Any) -> None:

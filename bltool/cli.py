@@ -29,6 +29,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# Options several commands share, written once so their help reads the same everywhere.
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
+
 
 def _fail(message: str, code: int):
     ui.console.print(f"[red]error:[/red] {message}", soft_wrap=True)
@@ -136,7 +141,7 @@ def prepare_data(
     text_field: Annotated[str, typer.Option(help="Field/column holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(
         help="Field/column with a document id, hashed for the split when present ('' for none).")] = "id",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Split a corpus into train and held-out (MD5 rule), tokenize, and pack into Arrow sequences."""
     from bltool.stages.prepare_data import PrepareDataConfig, run
@@ -155,7 +160,7 @@ def build_student(
     out: Annotated[str, typer.Option(help="Output directory (a Hugging Face checkpoint).")],
     layers: Annotated[int, typer.Option(help="Student depth: how many teacher layers to keep.")] = 6,
     mode: Annotated[str, typer.Option(help="Layer choice: first (truncated), middle, last or mixed.")] = "mixed",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Make a student from chosen teacher layers (plus embeddings, final norm and LM head)."""
     from bltool.stages.build_student import BuildStudentConfig, run
@@ -172,11 +177,10 @@ def eval_ppl(
                                             show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget (capped by the held-out split).")] = 10_000_000,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
-    = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk (bounds logits memory).")] = 256,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Held-out perplexity and bits-per-byte, with the exact protocol recorded."""
     from bltool.stages.eval_ppl import EvalPplConfig, run
@@ -201,10 +205,9 @@ def eval_icl(
     shots: Annotated[int, typer.Option(help="Demonstrations per prompt.")] = 10,
     seeds: Annotated[int, typer.Option(help="Demonstration seeds (0 .. SEEDS-1).")] = 3,
     batch_size: Annotated[int, typer.Option(help="Prompts per generate call.")] = 16,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
-    = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    overwrite: Overwrite = False,
 ):
     """In-context-learning probes: exact-match accuracy per task and seed, and the macro composite."""
     from bltool.stages.eval_icl import EvalIclConfig, run
@@ -303,10 +306,9 @@ def teacher_logits(
     = 3.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward pass.")] = 8,
     chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk.")] = 256,
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
-    = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    overwrite: Overwrite = False,
 ):
     """Store a teacher's top-k logits for the sequences distillation will read (pay for the teacher once)."""
     from bltool.stages.teacher_logits import TeacherLogitsConfig, run
@@ -359,7 +361,7 @@ def capacity(
     seed: Annotated[int, typer.Option(help="Seed for --prompt-len/--output-len and the simulator.")] = 0,
     out: Annotated[str | None, typer.Option(help="Output directory \\[default: capacity/<workload name>].",
                                             show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     r"""Serving plan under KV-cache memory: capacity M, E\[g], μ = M/(b̄·E\[g]), the bound that binds, GPUs."""
     from bltool.stages.capacity import CapacityConfig, run
@@ -389,7 +391,7 @@ def compress(
         help="Multiply out a low-rank form that would cost as many MACs as the dense matrix.")] = True,
     densify: Annotated[bool, typer.Option(
         help="Write every module dense: a plain Hugging Face checkpoint, without the speedup.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Compress a distilled student into dense / low-rank linears (drop, SVD or keep by ρ)."""
     from bltool.stages.compress import CompressConfig, run
@@ -408,9 +410,8 @@ def bench(
                                                  show_default=False)] = None,
     out: Annotated[str | None, typer.Option(help="Output directory (default: MODEL's parent/bench/<name>).",
                                             show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
-    = "auto",
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).", show_default=False)]
     = None,
     kernel: Annotated[str, typer.Option(help="Low-rank kernel: auto, linear, mm or compile.")] = "auto",
@@ -435,7 +436,7 @@ def bench(
     = 0,
     page_size: Annotated[int, typer.Option(help="--serving: KV cache page size in tokens.")] = 16,
     seed: Annotated[int, typer.Option(help="--serving: seed of the random prompts.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Measured speedup of a compressed student against its dense baseline, next to the MAC bound; with
     --serving, the serving measurements (b̄, P, D) that `bltool capacity` reads."""
@@ -471,7 +472,7 @@ def report(
     readme: Annotated[str | None, typer.Option(
         help="Also replace the <!-- bltool-report:start/end --> section of this file (figures go to its "
              "docs/results/).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    overwrite: Overwrite = False,
 ):
     """Collect runs into the paper's Table 2 shape (Markdown, CSV, Arrow) with the frontier figures."""
     from bltool.stages.report import ReportConfig, run

@@ -18,6 +18,17 @@ WORDS = (
 ).split()
 
 
+def assert_refused(result, *needles: str) -> None:
+    """A usage error as the CLI must give it: exit 2, nothing on stdout, one `error:` line on stderr
+    that names each of `needles`."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
 def make_text(rng: random.Random, n_words: int) -> str:
     words = [rng.choice(WORDS) for _ in range(n_words)]
     text = " ".join(words).capitalize() + "."

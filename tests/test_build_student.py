@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_refused, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -265,16 +265,6 @@ def test_student_config_cuts_explicit_layer_types_and_leaves_teacher_alone():
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def assert_refused(result, *needles: str):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:")
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def assert_nothing_left(parent: Path, expected: set[str]):

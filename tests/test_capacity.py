@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import assert_refused
 from typer.testing import CliRunner
 
 from bltool.cli import app
@@ -97,15 +98,6 @@ def test_distributions_are_seeded(tiny_llama, tmp_path):
     a, b = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("a", "b"))
     assert a["models"][0]["mean_lifetime_memory"] == b["models"][0]["mean_lifetime_memory"]
     assert a["workload"]["requests"] == 500
-
-
-def assert_refused(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(

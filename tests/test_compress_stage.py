@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import assert_refused
 from test_compression import IDS, distilled_student
 from typer.testing import CliRunner
 
@@ -108,15 +109,6 @@ def test_tau_drop_defaults_to_the_distill_run_and_flags_override(tmp_path, tiny_
     section = read_manifest(out)["compressed"]
     svd = [m for m in section["modules"] if m["form"] == "svd"]
     assert svd and all(m["svd_rank"] == 2 and m["kept_rank"] == 4 for m in svd)  # round(3 · 0.25/0.45) = 2
-
-
-def assert_refused(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize("case, needles", [

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_corpus
+from conftest import assert_refused, write_corpus
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest, write_manifest
@@ -273,15 +273,6 @@ def test_cli_default_output_is_data_ppl_label(tiny_llama, prepared):
     # a second run refuses to replace it
     again = invoke("eval-ppl", str(tiny_llama), "--data", str(prepared), "--max-tokens", "200")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
-
-
-def assert_refused(result, *needles: str):
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_cli_refuses_model_with_another_tokenizer(other_model, data):

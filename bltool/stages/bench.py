@@ -25,12 +25,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 from torch import nn
 
 from bltool import ui
-from bltool.artifacts import MANIFEST, atomic_output, check_output_dir, read_manifest, write_json, write_manifest
+from bltool.artifacts import (
+    MANIFEST,
+    atomic_output,
+    check_output_dir,
+    read_manifest,
+    write_arrow,
+    write_json,
+    write_manifest,
+)
 from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
@@ -270,12 +277,6 @@ def default_out(config: BenchConfig, label: str) -> Path:
     return Path(config.model).absolute().parent / "bench" / label
 
 
-def _write_arrow(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def _flat(row: dict) -> dict:
     """One Arrow row: the per-token MAC breakdown spread into columns."""
     out = {k: v for k, v in row.items() if k != "macs_per_token"}
@@ -338,9 +339,9 @@ def _run(config: BenchConfig) -> Path:
     with atomic_output(out, config.overwrite) as tmp:
         write_json(tmp / "result.json", {**result, "module_runs": module_rows})
         if module_rows:
-            _write_arrow(tmp / "modules.arrow", module_rows)
+            write_arrow(tmp / "modules.arrow", module_rows)
         if e2e_rows:
-            _write_arrow(tmp / "end_to_end.arrow", [_flat(r) for r in e2e_rows])
+            write_arrow(tmp / "end_to_end.arrow", [_flat(r) for r in e2e_rows])
         write_manifest(
             tmp, STAGE, config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},

@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 import transformers
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_json, write_manifest
+from bltool.artifacts import atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.errors import UsageError
 from bltool.models import (
     check_dtype,
@@ -109,9 +108,7 @@ def run(config: BenchServingConfig) -> Path:
         row = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
         row.update({f"kv_{k}": v for k, v in result["kv_shape"].items()})
         row.update({f"settings_{k}": v for k, v in result["settings"].items()})
-        table = pa.Table.from_pylist([row])
-        with pa.OSFile(str(tmp / "result.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+        write_arrow(tmp / "result.arrow", [row])
         write_manifest(
             tmp,
             STAGE,

@@ -16,8 +16,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
-
 from bltool import ui
 from bltool.artifacts import (
     MANIFEST,
@@ -26,6 +24,7 @@ from bltool.artifacts import (
     check_output_dir,
     read_manifest,
     sha256_file,
+    write_arrow,
     write_json,
     write_manifest,
 )
@@ -355,12 +354,6 @@ def plot_queues(series: list[dict], rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_arrow(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def default_out(config: CapacityConfig) -> Path:
     return Path("capacity") / (Path(config.workload).stem if config.workload else "synthetic")
 
@@ -396,9 +389,9 @@ def run(config: CapacityConfig) -> Path:
                     entry.update({f"{tag}_throughput": run_["throughput"], f"{tag}_queue_slope": run_["queue_slope"],
                                   f"{tag}_final_queue": run_["final_queue"]})
             flat.append(entry)
-        _write_arrow(tmp / "result.arrow", flat)
+        write_arrow(tmp / "result.arrow", flat)
         if config.validate:
-            _write_arrow(tmp / "simulation.arrow", series)
+            write_arrow(tmp / "simulation.arrow", series)
             plot_queues(series, rows, tmp / "queue.png")
         write_manifest(tmp, STAGE, config={**asdict(config), "out": str(out)},
                        inputs=[info.input_ref for info in infos] +

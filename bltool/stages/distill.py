@@ -23,12 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 
 from bltool import distributed, trainstate, ui
 from bltool.adapters import adapter_section, save_adapted
-from bltool.artifacts import atomic_output, check_output_dir, read_manifest, write_manifest
+from bltool.artifacts import atomic_output, check_output_dir, read_manifest, write_arrow, write_manifest
 from bltool.batches import PackedSequences, collate, micro_batch_indices, positions_to_indices
 from bltool.budget import BudgetConfig, BudgetController
 from bltool.compute import ComputeMeter
@@ -466,9 +465,7 @@ def _write_output(config, inputs, student, adapted, controller, meter, log, step
         else:
             student.save_pretrained(tmp)
             inputs.tokenizer.save_pretrained(tmp)
-        table = pa.Table.from_pylist(log)
-        with pa.OSFile(str(tmp / "log.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+        write_arrow(tmp / "log.arrow", log)
         spec = config.lora_spec() if adapted else None
         write_manifest(
             tmp, STAGE,

@@ -17,13 +17,20 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, sha256_file, sha256_json, write_json, write_manifest
+from bltool.artifacts import (
+    atomic_output,
+    check_output_dir,
+    sha256_file,
+    sha256_json,
+    write_arrow,
+    write_json,
+    write_manifest,
+)
 from bltool.errors import UsageError
 from bltool.icl import (
     ANSWER_MARGIN,
@@ -158,12 +165,6 @@ def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: 
     return result, predictions
 
 
-def _write_arrow(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-
-
 def print_table(result: dict, title: str) -> None:
     """Per-task accuracy per seed, mean ± std and chance, then the composite (on stderr)."""
     seeds = result["protocol"]["seeds"]
@@ -221,8 +222,8 @@ def run(config: EvalIclConfig) -> Path:
             for name, t in result["tasks"].items() for i, seed in enumerate(result["protocol"]["seeds"])]
     with atomic_output(out, config.overwrite) as tmp:
         write_json(tmp / "result.json", result)
-        _write_arrow(tmp / "result.arrow", rows)
-        _write_arrow(tmp / "predictions.arrow", predictions)
+        write_arrow(tmp / "result.arrow", rows)
+        write_arrow(tmp / "predictions.arrow", predictions)
         write_manifest(
             tmp,
             STAGE,

@@ -19,11 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_json, write_manifest
+from bltool.artifacts import atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.data import PreparedData
 from bltool.errors import UsageError
 from bltool.models import (
@@ -171,9 +170,7 @@ def run(config: EvalPplConfig) -> Path:
         write_json(tmp / "result.json", result)
         row = {k: v for k, v in result.items() if k != "protocol"}
         row.update({f"protocol_{k}": v for k, v in result["protocol"].items()})
-        table = pa.Table.from_pylist([row])
-        with pa.OSFile(str(tmp / "result.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+        write_arrow(tmp / "result.arrow", [row])
         write_manifest(
             tmp,
             STAGE,

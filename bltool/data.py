@@ -148,9 +148,9 @@ class SplitWriter:
     def _flush(self) -> None:
         if not self._rows:
             return
-        columns = [_list_array([r[0] for r in self._rows])]
+        columns = [list_array([r[0] for r in self._rows])]
         if self.with_bytes:
-            columns.append(_list_array([r[1] for r in self._rows]))
+            columns.append(list_array([r[1] for r in self._rows]))
         self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
         self._rows = []
 
@@ -160,10 +160,11 @@ class SplitWriter:
         self._sink.close()
 
 
-def _list_array(rows: list[np.ndarray]) -> pa.ListArray:
+def list_array(rows: list[np.ndarray], dtype=np.int32) -> pa.ListArray:
+    """One Arrow list column from variable-length numpy rows, without a Python loop over elements."""
     lengths = np.fromiter((len(r) for r in rows), dtype=np.int32, count=len(rows))
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
-    values = np.concatenate(rows).astype(np.int32) if rows else np.zeros(0, np.int32)
+    values = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 

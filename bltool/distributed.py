@@ -79,12 +79,13 @@ def sum_int(world: World, value: int) -> int:
     return int(tensor.item())
 
 
-def mean_float(world: World, value: float) -> float:
+def mean_floats(world: World, values: list[float]) -> list[float]:
+    """The mean over ranks of each value, in one collective."""
     if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=world.device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / world.size
+    return (tensor / world.size).tolist()
 
 
 def gather_tensors(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:

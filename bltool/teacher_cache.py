@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from bltool.artifacts import artifact_ref, read_manifest
+from bltool.data import list_array
 from bltool.errors import ArtifactError
 
 STAGE = "teacher-logits"
@@ -51,12 +52,6 @@ def teacher_topk(hidden: torch.Tensor, head, k: int, temperature: float, chunk: 
     return torch.cat(ids, 1), torch.cat(values, 1), torch.cat(lse, 1)
 
 
-def _list_array(rows: list[np.ndarray], dtype) -> pa.ListArray:
-    offsets = np.concatenate(([0], np.cumsum([len(r) for r in rows]))).astype(np.int32)
-    values = np.concatenate(rows).astype(dtype) if rows else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
 class CacheWriter:
     """Streams rows into `topk.arrow`."""
 
@@ -72,9 +67,9 @@ class CacheWriter:
         ids_np, logits_np, lse_np = ids.cpu().numpy(), logits.cpu().numpy(), lse.cpu().numpy()
         batch = pa.RecordBatch.from_arrays([
             pa.array(np.asarray(sequences, dtype=np.int64)),
-            _list_array([ids_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.int32),
-            _list_array([logits_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.float16),
-            _list_array([lse_np[i, : n[i]] for i in range(len(n))], np.float32),
+            list_array([ids_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.int32),
+            list_array([logits_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.float16),
+            list_array([lse_np[i, : n[i]] for i in range(len(n))], np.float32),
         ], schema=SCHEMA)
         self._writer.write_batch(batch)
         self.rows += len(sequences)

@@ -351,7 +351,7 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
                     with autocast():
                         result = model(ids, mask, **kwargs)
                     (result.loss / config.grad_accum).backward()
-                sums += torch.tensor([result.loss.item(), result.kl.item(), result.ce.item()], dtype=torch.float64)
+                sums += torch.stack([result.loss, result.kl, result.ce]).detach().to("cpu", torch.float64)
                 tokens += int(mask.sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
             finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
@@ -376,11 +376,10 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
             else:
                 target, actual, dropped = 1.0, 1.0, 0
             seconds = time.perf_counter() - began
-            means = sums / config.grad_accum
+            loss, kl, ce = distributed.mean_floats(world, (sums / config.grad_accum).tolist())
             log.append({
-                "step": step + 1, "tokens": meter.tokens, "loss": distributed.mean_float(world, float(means[0])),
-                "kl": distributed.mean_float(world, float(means[1])),
-                "ce": distributed.mean_float(world, float(means[2])), "lr": lr, "grad_norm": grad_norm,
+                "step": step + 1, "tokens": meter.tokens, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
+                "grad_norm": grad_norm,
                 "target_fraction": target, "actual_fraction": actual, "computed_fraction": computed,
                 "modules_dropped": dropped, "tokens_per_s": tokens / seconds, "seconds": seconds,
             })

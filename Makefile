@@ -1,12 +1,14 @@
 # make test: set up everything (venv, CPU torch 2.13.0, bltool + test extras, the SmolLM2 teacher,
 #            the demo corpus) and run the tests.
 # make demo: the same set-up, then the pipeline on the embedded default (examples/demo.sh).
+# make test-fast: the unit and CLI tests only (no real teacher, no subprocess pipelines): under 2 minutes.
+# make lint: ruff, as CI runs it (and the pre-commit hook in .pre-commit-config.yaml).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bltool-installed
 
-.PHONY: install test demo corpus lint clean
+.PHONY: install test test-fast demo corpus lint clean
 
 install: $(STAMP)
 
@@ -26,8 +28,11 @@ corpus:
 test: install corpus
 	$(PY) -m pytest
 
+test-fast: install
+	$(PY) -m pytest -m "not real and not slow" -q
+
 lint: install
-	$(VENV)/bin/ruff check bltool tests
+	$(VENV)/bin/ruff check bltool tests benchmarks
 
 demo: install corpus
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh

@@ -2,17 +2,17 @@
 
 Takes a built student (e.g. `bltool build-student --teacher smollm2-135m --mode mixed --layers 6`),
 injects gated LoRA (rank 128, α 256) on all 7 projections, drives the real BudgetController to each
-final budget F over --steps steps (METHOD.md §3), and writes each result as a distill-style artifact
+final budget F over --steps steps (docs/method.md §3), and writes each result as a distill-style artifact
 (`stage: distill`, `method: budgeted-lora`, adapters / budget / compute sections) that `bltool compress`
 takes like the output of `bltool distill`.
 
 The LoRA factors are RANDOM and UNTRAINED (A as nn.Linear initialises it, B ~ N(0, 0.02²), gates at
 their initial g ≈ 0.98, so every rank is kept): the students' outputs are meaningless and only their
-shapes, forms and speed are. The compute section's `proxy` is METHOD.md §7's formula; its `realised`
+shapes, forms and speed are. The compute section's `proxy` is docs/method.md §7's formula; its `realised`
 value is simulated from the controller's trajectory (dense MACs of the modules with ρ > 0 at each step,
 forward + input-gradient = 2 passes, plus 3 passes of LoRA), not measured from a training run.
 
-    .venv/bin/python benchmarks/demo_students.py /work/notes/runs/student --out /work/notes/runs \
+    .venv/bin/python benchmarks/demo_students.py runs/student --out runs \
         --budget 0.4 --budget 0.0
 """
 
@@ -25,9 +25,9 @@ import torch
 
 from bltool.adapters import adapter_section, save_adapted
 from bltool.artifacts import artifact_ref, atomic_output, read_manifest, write_manifest
-from bltool.budget import BudgetConfig, BudgetController, scheduled_mean_retention
 from bltool.lora import LoRASpec, inject_lora
 from bltool.models import load_model, load_tokenizer, resolve_model
+from bltool.train.budget import BudgetConfig, BudgetController, scheduled_mean_retention
 
 
 def build(student: Path, out: Path, budget: float, steps: int, rank: int, seed: int) -> Path:

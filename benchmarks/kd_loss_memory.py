@@ -1,4 +1,4 @@
-"""Peak memory of the KD loss (METHOD.md §4), forward + backward: full logits vs chunked.
+"""Peak memory of the KD loss (docs/method.md §4), forward + backward: full logits vs chunked.
 
 Shapes default to the demo teacher's (SmolLM2-135M: hidden 576, vocabulary 49152) at batch 2 × 1024.
 Each variant runs in a fresh subprocess so that no allocator cache or earlier peak carries over:
@@ -44,7 +44,7 @@ def measure(args) -> dict:
     """Run one variant once in this process and return its peak memory above the baseline (MiB)."""
     import torch
 
-    from bltool.losses import kd_loss, kd_loss_reference
+    from bltool.train.losses import kd_loss, kd_loss_reference
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Speed target of issue 4 part 6: measured compressed-module speedup against the MAC ratio, per kernel.
+"""Speed target of the low-rank kernels: measured compressed-module speedup against the MAC ratio, per kernel.
 
 Times every adapted module of a compressed student against the same-named dense module of its baseline
 (`bltool.stages.bench.bench_modules`: same inputs, warm-up, median of repeats, dense and compressed
@@ -9,8 +9,8 @@ interleaved), once per low-rank kernel (`bltool.lowrank`: linear | mm | compile)
 `--paper-shape` adds the paper's student (6 layers, d 768, ff 3072, 3 KV heads of 64) with all 42
 modules dropped to rank-128 factors (MAC ratio 4.05), built directly from random weights.
 
-    .venv/bin/python benchmarks/lowrank_kernels.py /work/notes/runs/bl-0.0-c --baseline /work/notes/runs/student \
-        --paper-shape --json /tmp/kernels.json
+    .venv/bin/python benchmarks/lowrank_kernels.py runs/bl-0.0-c --baseline runs/student \
+        --paper-shape --json runs/kernels.json
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import sys
 import torch
 from torch import nn
 
+from bltool.devices import resolve_device, resolve_dtype
 from bltool.lowrank import LowRankLinear, set_kernel
-from bltool.models import load_model, resolve_device, resolve_dtype, resolve_model
+from bltool.models import load_model, resolve_model
+from bltool.serve.timing import machine_info
 from bltool.stages.bench import BenchConfig, bench_modules, compared_modules, summarize_modules
-from bltool.timing import machine_info
 
 PAPER = {"q_proj": (768, 768), "k_proj": (768, 192), "v_proj": (768, 192), "o_proj": (768, 768),
          "gate_proj": (768, 3072), "up_proj": (768, 3072), "down_proj": (3072, 768)}

@@ -11,8 +11,9 @@ def load_model(path, dtype=None, device: str = "cpu"):
     lm-evaluation-harness's Hugging Face wrapper run the fast form). `dtype` is a torch dtype, a name
     ("float32", "bfloat16", "float16") or None for the checkpoint's own.
     """
+    from bltool.devices import resolve_dtype
     from bltool.models import load_model as _load
-    from bltool.models import resolve_dtype, resolve_model
+    from bltool.models import resolve_model
 
     if isinstance(dtype, str):
         dtype = resolve_dtype(dtype, device)

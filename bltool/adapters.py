@@ -20,6 +20,7 @@ import torch
 
 from bltool.errors import ArtifactError
 from bltool.lora import GatedLoRALinear, LoRASpec, inject_lora
+from bltool.weights import load_weights_strict, quiet_transformers
 
 WEIGHTS = "model.safetensors"
 
@@ -60,8 +61,6 @@ def save_adapted(directory: Path, model, tokenizer) -> None:
 def load_adapted(directory: Path, section: dict[str, Any], dtype=None, flag: str = "MODEL"):
     """Rebuild the student from its config, inject the recorded adapters, load every weight strictly."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from bltool.models import load_weights_strict, quiet_transformers
 
     directory = Path(directory)
     with quiet_transformers():

@@ -34,6 +34,30 @@ MANIFEST_FORMAT = 1
 _CHUNK = 1 << 22
 
 
+class Stage:
+    """The `stage` a manifest records: which command made the artifact. Spelled here only."""
+
+    PREPARE_DATA = "prepare-data"
+    IMPORT_GGUF = "import-gguf"  # a GGUF file converted into $BLTOOL_HOME/models
+    BUILD_STUDENT = "build-student"
+    TEACHER_LOGITS = "teacher-logits"
+    DISTILL = "distill"
+    DISTILL_CHECKPOINT = "distill-checkpoint"  # a resumable checkpoint, not an output
+    COMPRESS = "compress"
+    EVAL_PPL = "eval-ppl"
+    EVAL_ICL = "eval-icl"
+    BENCH = "bench"
+    BENCH_SERVING = "bench-serving"
+    CAPACITY = "capacity"
+    REPORT = "report"
+
+
+# Directory names the example scripts give stage outputs inside a run directory; a model found in
+# one is named after its run (runs/bl-0.4/compressed → bl-0.4-compressed), so that two runs' students
+# get different default output paths and table columns.
+STAGE_DIRS = ("distilled", "compressed")
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, read in 4 MiB chunks."""
     digest = hashlib.sha256()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +19,7 @@ from rich.table import Table
 
 from bltool import __version__, ui
 from bltool.errors import BltoolError, UsageError
+from bltool.units import parse_bytes, parse_count, parse_int_list, parse_names
 
 app = typer.Typer(
     name="bltool",
@@ -40,11 +41,28 @@ def _fail(message: str, code: int):
     raise typer.Exit(code)
 
 
+def _quiet_libraries() -> None:
+    """No transformers warnings or hub progress bars in a command's output (set BLTOOL_DEBUG=1, or
+    TRANSFORMERS_VERBOSITY yourself, to see them). Runs when a command starts, not at `--help`, so the
+    CLI answers without importing transformers or torch."""
+    if os.environ.get("BLTOOL_DEBUG"):
+        return
+    if "transformers" in sys.modules:  # already imported (e.g. bltool used from Python, then the CLI)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def stage_command(func):
     """Run a command body, turning library errors into one line on stderr and an exit code."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _quiet_libraries()
         try:
             return func(*args, **kwargs)
         except typer.Exit:
@@ -85,10 +103,6 @@ def main_options(
     ] = False,
 ):
     """Budgeted LoRA distillation: from a teacher LM to a student that is cheaper to serve."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -117,9 +131,7 @@ def teachers(
     for s in statuses:
         converted = "-" if s.converted is None else ("yes" if s.converted else "on first use")
         table.add_row(s.name, "yes" if s.available else "[red]no[/red]", converted, s.target or "-")
-    from rich.console import Console
-
-    out = Console(soft_wrap=True)
+    out = ui.make_console(stderr=False)
     out.print(table)
     for s in statuses:
         if not s.available:
@@ -212,25 +224,10 @@ def eval_icl(
     """In-context-learning probes: exact-match accuracy per task and seed, and the macro composite."""
     from bltool.stages.eval_icl import EvalIclConfig, run
 
-    names = None if tasks is None else tuple(t.strip() for t in tasks.split(",") if t.strip())
+    names = None if tasks is None else parse_names(tasks)
     config = EvalIclConfig(model=model, out=out, probes=tuple(probes or ("builtin",)), tasks=names, n=n, shots=shots,
                            seeds=seeds, batch_size=batch_size, dtype=dtype, device=device, overwrite=overwrite)
     _emit(run(config))
-
-
-def parse_count(text: str, flag: str) -> int:
-    """A count such as 2000000, 2_000_000, 500k, 2M or 1.5B."""
-    scale = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-    value = text.strip().replace("_", "").lower()
-    factor = scale.get(value[-1:], 1)
-    number = value[:-1] if factor > 1 else value
-    try:
-        count = float(number) * factor
-    except ValueError:
-        raise UsageError(f"{flag} must be a count like 2000000, 500k or 2M, got {text!r}") from None
-    if not math.isfinite(count) or not count.is_integer():
-        raise UsageError(f"{flag} must be a whole count, got {text!r}")
-    return int(count)
 
 
 @app.command()
@@ -283,7 +280,7 @@ def distill(
         student=student, data=data, out=out, teacher=teacher, method=method, budget=budget,
         tokens=parse_count(tokens, "--tokens"), batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         temperature=temperature, kd_weight=kd_weight, rank=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()), decay_start=decay_start,
+        target_modules=parse_names(target_modules), decay_start=decay_start,
         decay_end=decay_end, rho_ema=rho_ema, tau_drop=tau_drop, warmup=warmup, warmup_cap=warmup_cap,
         grad_clip=grad_clip, seed=seed, save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume,
         teacher_logits=teacher_logits, chunk=chunk, device=device, overwrite=overwrite,
@@ -347,7 +344,7 @@ def capacity(
     target_util: Annotated[float, typer.Option(help="Utilisation u each GPU is planned at.")] = 0.8,
     iteration_time: Annotated[float | None, typer.Option(
         help="b̄ in seconds for models given without a `bench --serving` measurement.", show_default=False)] = None,
-    iteration_stat: Annotated[str, typer.Option(help="Measured b̄: median (METHOD §8) or mean iteration time.")]
+    iteration_stat: Annotated[str, typer.Option(help="Measured b̄: median (docs/method.md §8) or mean iteration time.")]
     = "median",
     prefill_tps: Annotated[float | None, typer.Option(help="Prefill tokens/s P for models without a measurement.",
                                                       show_default=False)] = None,
@@ -367,7 +364,8 @@ def capacity(
     from bltool.stages.capacity import CapacityConfig, run
 
     config = CapacityConfig(
-        models=tuple(models), gpu_mem=gpu_mem, out=out, mem_util=mem_util, activation_reserve=activation_reserve,
+        models=tuple(models), gpu_mem=parse_bytes(gpu_mem, "--gpu-mem"), out=out, mem_util=mem_util,
+        activation_reserve=parse_bytes(activation_reserve, "--activation-reserve"),
         dtype=dtype, workload=workload, prompt_column=prompt_column, output_column=output_column,
         prompt_len=prompt_len, output_len=output_len, samples=samples, seed=seed, chunk=chunk, rate=rate,
         target_util=target_util, iteration_time=iteration_time, iteration_stat=iteration_stat,
@@ -451,10 +449,11 @@ def bench(
                                     dtype=dtype, device=device, seed=seed, overwrite=overwrite)
         _emit(run(config))
         return
-    from bltool.stages.bench import BenchConfig, parse_batches, run
+    from bltool.stages.bench import BenchConfig, run
 
     config = BenchConfig(model=model, baseline=baseline, out=out, device=device, dtype=dtype, threads=threads,
-                         kernel=kernel, prefill_tokens=prefill_tokens, decode_batches=parse_batches(decode_batch),
+                         kernel=kernel, prefill_tokens=prefill_tokens,
+                         decode_batches=parse_int_list(decode_batch, "--decode-batch"),
                          decode_context=decode_context, decode_steps=decode_steps, warmup=warmup,
                          repeats=repeats if repeats is not None else 10, modules=modules, end_to_end=end_to_end,
                          overwrite=overwrite)

@@ -1,5 +1,5 @@
-"""Post-training compression of adapted students into dense / low-rank linears (METHOD.md §5), the
-compressed checkpoint format, and its MAC / parameter accounting (METHOD.md §7).
+"""Post-training compression of adapted students into dense / low-rank linears (docs/method.md §5), the
+compressed checkpoint format, and its MAC / parameter accounting (docs/method.md §7).
 
 Per gated LoRA module, with final dense retention ρ:
 1. Harden the rank gates: keep ranks with g_i ≥ τ_rank (at least the largest gate), and fold the kept
@@ -33,6 +33,7 @@ from bltool.adapters import adapted_modules, merge_into_linear
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import LowRankLinear, default_kernel, set_kernel
+from bltool.weights import load_weights_strict, quiet_transformers
 
 FORMS = ("keep", "svd", "drop")
 WEIGHTS = "model.safetensors"
@@ -254,8 +255,6 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
     and select the low-rank kernel ($BLTOOL_LOWRANK_KERNEL, default auto). Ready for `generate()`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bltool.models import load_weights_strict, quiet_transformers
-
     directory = Path(directory)
     with quiet_transformers():
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
@@ -283,7 +282,7 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Accounting of whole models (METHOD.md §7): what a forward pass costs per token
+# Accounting of whole models (docs/method.md §7): what a forward pass costs per token
 
 
 def layer_macs(module: nn.Module) -> int:

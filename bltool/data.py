@@ -19,17 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bltool.artifacts import artifact_ref, read_manifest
+from bltool.artifacts import Stage, artifact_ref, read_manifest
 from bltool.errors import ArtifactError, UsageError
 
 SPLITS = ("train", "heldout")
 HELDOUT_BUCKETS = 10_000
 SPLIT_RULE = "int(md5(key).hexdigest(), 16) % 10000 < 10000 * heldout_fraction"
-PREPARE_STAGE = "prepare-data"
 
 
 def heldout_bucket(key: str) -> int:
-    """The document's bucket in [0, 10000): int(md5(UTF-8 key)) mod 10000 (METHOD.md §6)."""
+    """The document's bucket in [0, 10000): int(md5(UTF-8 key)) mod 10000 (docs/method.md §6)."""
     return int(hashlib.md5(key.encode("utf-8")).hexdigest(), 16) % HELDOUT_BUCKETS
 
 
@@ -182,7 +181,7 @@ class PreparedData:
     @classmethod
     def open(cls, path: Path, flag: str = "--data") -> PreparedData:
         path = Path(path)
-        manifest = read_manifest(path, (PREPARE_STAGE,), flag)
+        manifest = read_manifest(path, (Stage.PREPARE_DATA,), flag)
         return cls(path, manifest)
 
     @property

@@ -1,4 +1,4 @@
-"""The ICL probe protocol (METHOD.md §6): prompts, demonstration sampling, batched greedy answers, scoring.
+"""The ICL probe protocol (docs/method.md §6): prompts, demonstration sampling, batched greedy answers, scoring.
 
 Prompt: each demonstration is `Q:{input}\\nA:{output}`, demonstrations are separated by a blank line, and
 the query `Q:{input}\\nA:` comes last; there is no instruction. The answer is the greedy continuation up

@@ -1,4 +1,4 @@
-"""Gated LoRA linear layer (METHOD.md §2) and its injection into a model.
+"""Gated LoRA linear layer (docs/method.md §2) and its injection into a model.
 
     y = ρ · W x  +  (α / r) · B · diag(g) · A · dropout(x)
 

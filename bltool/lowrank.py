@@ -1,4 +1,4 @@
-"""The two-factor low-rank linear layer that `compress` deploys (METHOD.md §5), and its kernel switch.
+"""The two-factor low-rank linear layer that `compress` deploys (docs/method.md §5), and its kernel switch.
 
     y = B · (A · x) + b        A = down.weight (rank × d_in),  B = up.weight (d_out × rank)
 

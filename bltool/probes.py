@@ -1,4 +1,4 @@
-"""ICL probe tasks: the 19 function-style probes of METHOD.md §6, and the user's own task files.
+"""ICL probe tasks: the 19 function-style probes of docs/method.md §6, and the user's own task files.
 
 A task is a named pool of `(input, output)` pairs. The built-in pools are generated deterministically
 from word lists shipped in `bltool/probes_data/` (common English nouns, verbs, adjectives, animals and
@@ -139,7 +139,7 @@ def _generate(name: str, rng: random.Random) -> list[tuple[str, str]]:
     return pairs
 
 
-TASK_NAMES = (  # METHOD.md §6, in the paper's order of families
+TASK_NAMES = (  # docs/method.md §6, in the paper's order of families
     "alphabetically_first_3", "alphabetically_first_5", "alphabetically_last_3", "alphabetically_last_5",
     "choose_first_of_3", "choose_first_of_5", "choose_last_of_3", "choose_last_of_5",
     "choose_middle_of_3", "choose_middle_of_5",

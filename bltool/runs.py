@@ -21,12 +21,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from bltool.artifacts import MANIFEST
+from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage
 from bltool.errors import UsageError
-from bltool.models import STAGE_DIRS
 
-EVALUATIONS = ("eval-ppl", "eval-icl", "bench")
-MODELS = ("distill", "compress", "build-student", "import-gguf")
+EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
+MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
 COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "bits_per_byte", "icl_composite", "icl_std",
            "compute_proxy", "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup",
            "decode_speedup", "param_reduction", "kept", "svd", "dropped", "missing", "path")
@@ -131,15 +130,15 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
             evaluations.setdefault(key, {})[a.stage] = a  # the last found wins; paths are sorted
             spec = next((e.get("spec") for e in a.manifest["inputs"] if e.get("role") == "model"), None)
             labels.setdefault(key, Path(spec).name if spec else key[:12])
-    teachers = {content_key(e.get("content")) for a in artifacts if a.stage in ("distill", "teacher-logits")
+    teachers = {content_key(e.get("content")) for a in artifacts if a.stage in (Stage.DISTILL, Stage.TEACHER_LOGITS)
                 for e in a.manifest.get("inputs", []) if e.get("role") == "teacher"}
     compressed_of: dict[str, Artifact] = {}
     for a in artifacts:
-        if a.stage == "compress" and not a.manifest.get("compressed", {}).get("densified"):
+        if a.stage == Stage.COMPRESS and not a.manifest.get("compressed", {}).get("densified"):
             compressed_of.setdefault(a.model_key(), a)
 
     rows, used = [], set()
-    for d in (a for a in artifacts if a.stage == "distill"):
+    for d in (a for a in artifacts if a.stage == Stage.DISTILL):
         c = compressed_of.get(d.hash)
         row = _distill_row(d, c, evaluations)
         used.update({d.hash} | ({c.hash} if c else set()))
@@ -148,13 +147,13 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
         if key in used:
             continue
         model = by_hash.get(key)
-        if model is not None and model.stage == "compress":
+        if model is not None and model.stage == Stage.COMPRESS:
             continue  # a compressed model whose distilled input is not among the runs: reported via bench
-        method = {"build-student": "student (untrained)", "import-gguf": "teacher"}.get(
+        method = {Stage.BUILD_STUDENT: "student (untrained)", Stage.IMPORT_GGUF: "teacher"}.get(
             model.stage if model else "", "teacher" if key in teachers else "model")
-        name = model.name if model is not None and model.stage == "build-student" else labels[key]
+        name = model.name if model is not None and model.stage == Stage.BUILD_STUDENT else labels[key]
         row = Row(name, str(model.path) if model else labels[key], method)
-        _add_evaluations(row, evals, need=("eval-ppl", "eval-icl"))
+        _add_evaluations(row, evals, need=(Stage.EVAL_PPL, Stage.EVAL_ICL))
         rows.append(row)
     return rows
 
@@ -168,7 +167,7 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
     compute = m.get("compute") or {}
     row.values.update(compute_proxy=compute.get("proxy"), compute_realised=compute.get("realised"))
     if c is None:
-        row.missing.append("compress")
+        row.missing.append(Stage.COMPRESS)
         evals = evaluations.get(d.hash, {})
     else:
         summary = c.manifest["compressed"].get("summary", {})
@@ -179,19 +178,19 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
         row.path = str(c.path)
         # measurements of the compressed form first; the distilled form's fill what is left
         evals = {**evaluations.get(d.hash, {}), **evaluations.get(c.hash, {})}
-    _add_evaluations(row, evals, need=("eval-ppl", "eval-icl", "bench"))
+    _add_evaluations(row, evals, need=(Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH))
     return row
 
 
 def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]) -> None:
-    if "eval-ppl" in evals:
-        r = evals["eval-ppl"].result()
+    if Stage.EVAL_PPL in evals:
+        r = evals[Stage.EVAL_PPL].result()
         row.values.update(perplexity=r.get("perplexity"), bits_per_byte=r.get("bits_per_byte"))
-    if "eval-icl" in evals:
-        r = evals["eval-icl"].result().get("composite", {})
+    if Stage.EVAL_ICL in evals:
+        r = evals[Stage.EVAL_ICL].result().get("composite", {})
         row.values.update(icl_composite=r.get("mean"), icl_std=r.get("std"))
-    if "bench" in evals:
-        r = evals["bench"].result()
+    if Stage.BENCH in evals:
+        r = evals[Stage.BENCH].result()
         prefill = [s for s in r.get("modules", []) if s.get("phase") == "prefill"]
         e2e = {(s["phase"], s["batch"]): s for s in r.get("end_to_end", [])}
         decode = sorted((k for k in e2e if k[0] == "decode"), key=lambda k: k[1])

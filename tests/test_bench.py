@@ -8,13 +8,13 @@ import time
 
 import pyarrow as pa
 import pytest
-from test_compression import distilled_student
+from helpers import distilled_student
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest
 from bltool.cli import app
+from bltool.serve.timing import measure
 from bltool.stages.bench import summarize_end_to_end, summarize_modules
-from bltool.timing import measure
 
 FAST = ["--prefill-tokens", "16", "--decode-batch", "1,2", "--decode-context", "4", "--decode-steps", "2",
         "--warmup", "0", "--repeats", "1", "--device", "cpu"]

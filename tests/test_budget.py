@@ -1,4 +1,4 @@
-"""Budget schedule and controller (METHOD.md §3), including the paper-shape figures of §3 and §7."""
+"""Budget schedule and controller (docs/method.md §3), including the paper-shape figures of §3 and §7."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from bltool.budget import (
+from bltool.errors import UsageError
+from bltool.train.budget import (
     BudgetConfig,
     BudgetController,
     scheduled_mean_retention,
     settle_steps,
     target_fraction,
 )
-from bltool.errors import UsageError
 
 D, FF, KV = 768, 3072, 192
 PAPER_LAYER = [D * D, D * KV, D * KV, D * D, D * FF, D * FF, D * FF]  # q k v o gate up down
@@ -55,7 +55,7 @@ def test_target_follows_schedule_and_cost_settles_within_it():
 
 
 @pytest.mark.parametrize("budget, steps, expected", [
-    (0.4, 80, (9, 0, 33)),   # METHOD.md §3 / §7: F = 0.4 → 9 kept, 33 dropped
+    (0.4, 80, (9, 0, 33)),   # docs/method.md §3 / §7: F = 0.4 → 9 kept, 33 dropped
     (0.0, 80, (0, 0, 42)),   # F = 0 → all 42 dropped
     (0.8, 80, (17, 1, 24)),  # F = 0.8 → 17 kept, 1 SVD, 24 dropped
     (0.4, 20, (9, 33, 0)),   # too short: 33 modules stuck in the SVD band
@@ -121,7 +121,7 @@ def test_settle_steps_and_short_run_warning():
 
 
 def test_scheduled_mean_retention_matches_paper_proxy():
-    # METHOD.md §7: budgeted proxy 2D·ρ̄ + 3L over kd-full 3D; paper student → 0.59 (F=0.4), 0.38 (F=0)
+    # docs/method.md §7: budgeted proxy 2D·ρ̄ + 3L over kd-full 3D; paper student → 0.59 (F=0.4), 0.38 (F=0)
     dense = sum(PAPER_COSTS)
     lora = sum(128 * (a + b) for a, b in [(D, D), (D, KV), (D, KV), (D, D), (D, FF), (D, FF), (FF, D)]) * 6
     for budget, expected in ((0.4, 0.59), (0.0, 0.38)):

@@ -1,4 +1,4 @@
-"""build-student (METHOD.md §1): the student is exactly the chosen teacher layers plus embeddings, final
+"""build-student (docs/method.md §1): the student is exactly the chosen teacher layers plus embeddings, final
 norm and LM head, saved as a plain Hugging Face checkpoint whose KV cache is addressed correctly."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused, tiny_config
+from helpers import assert_refused, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

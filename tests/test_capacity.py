@@ -8,12 +8,13 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import assert_refused
+from helpers import assert_refused
 from typer.testing import CliRunner
 
 from bltool.cli import app
 from bltool.models import count_parameters, load_model, resolve_model
-from bltool.stages.capacity import _checkpoint_parameters, parse_bytes
+from bltool.stages.capacity import _checkpoint_parameters
+from bltool.units import parse_bytes
 
 MIB = 2**20
 

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_refused
-from test_compression import IDS, distilled_student
+from helpers import IDS, assert_refused, distilled_student
 from typer.testing import CliRunner
 
 import bltool

@@ -1,4 +1,4 @@
-"""Compression (METHOD.md §5): the low-rank layer and its kernels, gate hardening, the form and SVD-rank
+"""Compression (docs/method.md §5): the low-rank layer and its kernels, gate hardening, the form and SVD-rank
 rules, the correctness of each form against the gated module, and the compressed checkpoint's strict
 round trip through `bltool.load_model`."""
 
@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
+from helpers import IDS, distilled_student
 from torch import nn
 
 import bltool
-from bltool.adapters import adapted_modules, adapter_section, merge_into_linear, save_adapted
-from bltool.artifacts import write_manifest
+from bltool.adapters import adapted_modules, merge_into_linear
 from bltool.compression import (
     CompressionPolicy,
     choose_form,
@@ -25,45 +25,9 @@ from bltool.compression import (
     truncated_svd,
 )
 from bltool.errors import ArtifactError, UsageError
-from bltool.lora import GatedLoRALinear, LoRASpec, inject_lora
+from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNEL_ENV, LowRankLinear, set_kernel
-from bltool.models import load_model, load_tokenizer, resolve_model
-
-IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 11, 4]])
-
-
-def distilled_student(path, teacher, method="budgeted-lora", rhos=(0.0, 0.3, 1.0), gate_scale=3.0, seed=0,
-                      compute=None, budget=None):
-    """A distill-style artifact from a tiny model: random LoRA factors and gates, ρ cycling through
-    `rhos` (budgeted-lora), written as `bltool distill` writes it. Returns (path, in-memory model)."""
-    ref = resolve_model(str(teacher))
-    model = load_model(ref)
-    tokenizer = load_tokenizer(ref)
-    path.mkdir(parents=True)
-    compute = compute if compute is not None else {"proxy": 0.59, "realised": 0.61, "dense_macs_executed": 10,
-                                                   "dense_macs_kd_full": 20}
-    if method == "kd-full":
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        write_manifest(path, "distill", config={"method": method}, inputs=[], adapters=None, compute=compute)
-        return path, model.eval()
-    spec = LoRASpec(rank=4, alpha=8.0, dropout=0.0, gated=method == "budgeted-lora")
-    adapted = inject_lora(model, spec)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i, (_, m) in enumerate(adapted):
-            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
-            if m.gate_logits is not None:
-                m.gate_logits.copy_(torch.randn(m.rank, generator=g) * gate_scale)
-                m.set_rho(rhos[i % len(rhos)])
-    save_adapted(path, model, tokenizer)
-    sections = {"adapters": adapter_section(spec, adapted), "compute": compute}
-    if method == "budgeted-lora":
-        sections["budget"] = budget or {"budget": 0.4, "decay_start": 0.1, "decay_end": 0.3, "beta": 0.9,
-                                        "tau_drop": 0.05}
-    write_manifest(path, "distill", config={"method": method}, inputs=[], **sections)
-    return path, model.eval()
+from bltool.models import load_model, resolve_model
 
 
 def gated_module(d_in=12, d_out=10, rank=4, rho=1.0, gate_logits=(4.0, 4.0, 4.0, 4.0), bias=False, seed=0):

@@ -1,4 +1,4 @@
-"""bltool.data: the held-out rule (METHOD.md §6), per-token byte counts, packing, and the Arrow files."""
+"""bltool.data: the held-out rule (docs/method.md §6), per-token byte counts, packing, and the Arrow files."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from bltool.errors import ArtifactError, UsageError
 
 
 def md5_bucket(key: str) -> int:
-    """METHOD.md §6 written out independently."""
+    """docs/method.md §6 written out independently."""
     return int(hashlib.md5(key.encode()).hexdigest(), 16) % 10000
 
 

@@ -1,4 +1,4 @@
-"""distill (METHOD.md §2–4): the three methods end to end on tiny models, the per-step log and compute
+"""distill (docs/method.md §2–4): the three methods end to end on tiny models, the per-step log and compute
 accounting, resume equivalence (bitwise on CPU), stopping on SIGTERM, a 2-process gloo run against a
 1-process run with the same global batch, the teacher-logits cache, and bad input."""
 
@@ -15,16 +15,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from conftest import save_tiny_model, write_corpus
+from helpers import save_tiny_model, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import bltool
 from bltool.adapters import adapted_modules
 from bltool.artifacts import read_manifest
-from bltool.batches import PackedSequences, collate, positions_to_indices
-from bltool.budget import target_fraction
-from bltool.cli import app, parse_count
+from bltool.cli import app
 from bltool.errors import UsageError
 from bltool.nll import hidden_states
 from bltool.stages import distill as distill_stage
@@ -33,7 +31,10 @@ from bltool.stages.build_student import run as build_student
 from bltool.stages.distill import DistillConfig
 from bltool.stages.prepare_data import PrepareDataConfig
 from bltool.stages.prepare_data import run as prepare_data
-from bltool.teacher_cache import TeacherCache, teacher_topk
+from bltool.train.batches import PackedSequences, collate, positions_to_indices
+from bltool.train.budget import target_fraction
+from bltool.train.teacher_cache import TeacherCache, teacher_topk
+from bltool.units import parse_count
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--save-every", "0"]
@@ -183,6 +184,7 @@ def _cli_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_resumable_checkpoint(setting, tmp_path):
     out = tmp_path / "term"
     cmd = [sys.executable, "-m", "bltool", "distill", "--teacher", str(setting["teacher"]), "--student",
@@ -202,6 +204,7 @@ def test_sigterm_writes_a_resumable_checkpoint(setting, tmp_path):
     assert 1 <= state["step"] < 5000 and len(state["log"]) == state["step"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_the_same_global_batch(setting, tmp_path):
     common = ["--teacher", str(setting["teacher"]), "--student", str(setting["student"]), "--data",
               str(setting["data"]), "--method", "budgeted-lora", "--budget", "0.5", "--tokens", str(6 * 128),

@@ -1,4 +1,4 @@
-"""eval-icl (METHOD.md §6): exact prompt bytes, demonstration sampling, scoring, an oracle model that must
+"""eval-icl (docs/method.md §6): exact prompt bytes, demonstration sampling, scoring, an oracle model that must
 score 100 % and constant models that must score exactly chance (both run through the real generation
 code), batched left-padded generation against one-at-a-time and a cache-free reference on a tiny random
 Llama, the files written, custom probes, and refused inputs."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from test_probes import rule_answer
+from helpers import rule_answer
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest

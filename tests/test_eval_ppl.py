@@ -1,4 +1,4 @@
-"""eval-ppl (METHOD.md §6): perplexity and bits-per-byte against an independent computation, the token
+"""eval-ppl (docs/method.md §6): perplexity and bits-per-byte against an independent computation, the token
 budget, batching and chunking invariance, the files written, and refused inputs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_refused, write_corpus
+from helpers import assert_refused, write_corpus
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest, write_manifest

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model, write_corpus
+from helpers import save_tiny_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each script runs every stage as a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,8 @@ def tiny_env(tmp_path_factory, tokenizer):
         "BENCH_ARGS": "--prefill-tokens 32 --decode-batch 1 --decode-steps 2 --repeats 1 --warmup 1",
     }
     return root, env
+
+pytestmark = pytest.mark.slow  # each script runs every stage as a subprocess
 
 
 def run_script(name: str, env: dict) -> subprocess.CompletedProcess:

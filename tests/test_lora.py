@@ -1,4 +1,4 @@
-"""Gated LoRA linear (METHOD.md §2): exact outputs, the ρ = 0 skip, and injection into a model."""
+"""Gated LoRA linear (docs/method.md §2): exact outputs, the ρ = 0 skip, and injection into a model."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_mac_accounting():
 
 
 def test_inject_into_llama_in_registration_order(tokenizer):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_inject_into_llama_in_registration_order(tokenizer):
 
 
 def test_inject_unknown_target_and_spec_validation(tokenizer):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), 1, tied=True))

@@ -1,4 +1,4 @@
-"""The distillation loss (METHOD.md §4): a hand-computed value, chunked = unchunked (values and gradients),
+"""The distillation loss (docs/method.md §4): a hand-computed value, chunked = unchunked (values and gradients),
 padding, the α_kd extremes, no teacher gradient, and bad arguments."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bltool.errors import UsageError
-from bltool.losses import kd_loss, kd_loss_reference, kd_loss_topk
+from bltool.train.losses import kd_loss, kd_loss_reference, kd_loss_topk
 
 
 def identity_head(v: int) -> torch.nn.Linear:

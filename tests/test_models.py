@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -25,23 +25,20 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.cli import app
+from bltool.devices import resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
+from bltool.gguf import gguf_cache_dir
 from bltool.models import (
-    BUILTIN_ALIASES,
     check_checkpoint_dir,
     check_vocab_fits,
     count_parameters,
-    gguf_cache_dir,
     load_model,
-    load_registry,
     load_tokenizer,
     model_content_hash,
-    registry_path,
-    resolve_device,
-    resolve_dtype,
     resolve_model,
     tokenizer_identity,
 )
+from bltool.registry import BUILTIN_ALIASES, load_registry, registry_path
 
 
 @pytest.fixture(scope="module")

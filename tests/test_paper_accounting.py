@@ -1,4 +1,4 @@
-"""METHOD.md §7 reproduced through the real controller and the real compression code: the paper's
+"""docs/method.md §7 reproduced through the real controller and the real compression code: the paper's
 student shape (6 layers, d 768, ff 3072, 12 heads / 3 KV heads of 64, LoRA rank 128 on all 42
 projections) with random weights, driven to F = 0.4 / 0 / 0.8 in 80 steps, then compressed."""
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from bltool.budget import BudgetConfig, BudgetController
 from bltool.compression import CompressionPolicy, compress_model
 from bltool.compression import summarize as summarize_records
 from bltool.lora import LoRASpec, inject_lora
 from bltool.lowrank import LowRankLinear
+from bltool.train.budget import BudgetConfig, BudgetController
 
 D, FF, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 768, 3072, 12, 3, 64, 6
 
@@ -63,7 +63,7 @@ def paper_student(budget: float, steps: int = 80):
 @pytest.mark.parametrize("budget, kept, svd, dropped, speedup", [
     (0.4, 9, 0, 33, 1.74),
     (0.0, 0, 0, 42, 4.05),
-    (0.8, 17, 1, 24, None),  # METHOD.md gives the counts only
+    (0.8, 17, 1, 24, None),  # docs/method.md gives the counts only
 ])
 def test_paper_student_forms_and_mac_speedup(budget, kept, svd, dropped, speedup):
     model, adapted = paper_student(budget)

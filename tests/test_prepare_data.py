@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import write_corpus
+from helpers import write_corpus
 from typer.testing import CliRunner
 
 import bltool
@@ -459,7 +459,7 @@ def test_copied_artifact_still_opens(tmp_path, prepared):
 def whitespace_model(tmp_path_factory):
     """A checkpoint whose fast tokenizer drops whitespace (a Whitespace pre-tokenizer): its offsets skip
     characters, so some bytes are covered by no token and must go to the EOS after the document."""
-    from conftest import WORDS, save_tiny_model
+    from helpers import WORDS, save_tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,14 +1,13 @@
-"""ICL probe tasks (METHOD.md §6): the shipped word lists, every built-in generator's pairs checked by an
+"""ICL probe tasks (docs/method.md §6): the shipped word lists, every built-in generator's pairs checked by an
 independent rule, determinism, and the user's task files (round trips and refused files)."""
 
 from __future__ import annotations
 
-import calendar
 import json
-import string
 from pathlib import Path
 
 import pytest
+from helpers import NEXT, PREV, RULES, VOCAB, rule_answer
 
 from bltool.errors import UsageError
 from bltool.probes import (
@@ -22,85 +21,12 @@ from bltool.probes import (
     word_list,
 )
 
-SPEC_NAMES = {  # METHOD.md §6, spelled out
+SPEC_NAMES = {  # docs/method.md §6, spelled out
     *(f"choose_{w}_of_{k}" for w in ("first", "middle", "last") for k in (3, 5)),
     *(f"alphabetically_{w}_{k}" for w in ("first", "last") for k in (3, 5)),
     "capitalize", "capitalize_first_letter", "capitalize_last_letter", "next_capital_letter",
     "lowercase_first_letter", "lowercase_last_letter", "next_item", "prev_item", "word_length",
 }
-
-# ---------------------------------------------------------------------------------------------------
-# Independent rules: input → the one right output (written without the generators' code).
-
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-ROMAN = "i ii iii iv v vi vii viii ix x xi xii xiii xiv xv xvi xvii xviii xix xx".split()
-
-
-def _series() -> list[tuple[list[str], bool]]:
-    lower = list(string.ascii_lowercase)
-    days = [calendar.day_name[i] for i in range(7)]  # C locale: Monday … Sunday
-    months = [calendar.month_name[i] for i in range(1, 13)]
-    plain = [NUMBER_WORDS, [str(i) for i in range(30)], lower, [c.upper() for c in lower],
-             [c + c for c in lower], [(c + c).upper() for c in lower], ROMAN, [r.upper() for r in ROMAN]]
-    cyclic = [days, [d.lower() for d in days], months, [m.lower() for m in months]]
-    return [(s, False) for s in plain] + [(s, True) for s in cyclic]
-
-
-def _neighbours(step: int) -> dict[str, set[str]]:
-    table: dict[str, set[str]] = {}
-    for series, cyclic in _series():
-        for i, item in enumerate(series):
-            j = i + step
-            if cyclic:
-                j %= len(series)
-            if 0 <= j < len(series):
-                table.setdefault(item, set()).add(series[j])
-    return table
-
-
-NEXT, PREV = _neighbours(+1), _neighbours(-1)
-
-
-def _unique(table: dict[str, set[str]], x: str) -> str:
-    (answer,) = table[x]  # a query must have exactly one right answer
-    return answer
-
-
-def _words(x: str, k: int) -> list[str]:
-    words = x.split(", ")
-    assert len(words) == k and len(set(words)) == k, x
-    assert all(w in VOCAB for w in words), x
-    return words
-
-
-VOCAB = set(vocabulary())
-RULES = {
-    **{f"choose_first_of_{k}": (lambda x, k=k: _words(x, k)[0]) for k in (3, 5)},
-    **{f"choose_middle_of_{k}": (lambda x, k=k: _words(x, k)[(k - 1) // 2]) for k in (3, 5)},
-    **{f"choose_last_of_{k}": (lambda x, k=k: _words(x, k)[k - 1]) for k in (3, 5)},
-    **{f"alphabetically_first_{k}": (lambda x, k=k: sorted(_words(x, k))[0]) for k in (3, 5)},
-    **{f"alphabetically_last_{k}": (lambda x, k=k: sorted(_words(x, k))[-1]) for k in (3, 5)},
-    "capitalize": lambda x: x.capitalize() if x.islower() else None,
-    "capitalize_first_letter": lambda x: x[:1].upper() if x.islower() else None,
-    "capitalize_last_letter": lambda x: x[-1:].upper() if x.islower() else None,
-    "next_capital_letter": lambda x: string.ascii_uppercase[(string.ascii_lowercase.index(x[0]) + 1) % 26]
-    if x.islower() else None,
-    "lowercase_first_letter": lambda x: x[:1].lower() if x.isupper() and x.lower() in VOCAB else None,
-    "lowercase_last_letter": lambda x: x[-1:].lower() if x.isupper() and x.lower() in VOCAB else None,
-    "next_item": lambda x: _unique(NEXT, x),
-    "prev_item": lambda x: _unique(PREV, x),
-    "word_length": lambda x: str(sum(c.isalpha() for c in x)) if x.isalpha() else None,
-}
-
-
-def rule_answer(name: str, x: str) -> str | None:
-    """What the independent rule says; None where the input does not fit the task at all."""
-    try:
-        return RULES[name](x)
-    except (AssertionError, ValueError, KeyError, IndexError):
-        return None
-
 
 # ---------------------------------------------------------------------------------------------------
 

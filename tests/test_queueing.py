@@ -1,4 +1,4 @@
-"""METHOD.md §8 formulas against hand calculations."""
+"""docs/method.md §8 formulas against hand calculations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bltool.queueing import (
+from bltool.serve.queueing import (
     Bounds,
     KVShape,
     concurrency_bound,

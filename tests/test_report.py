@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import save_tiny_model, write_corpus
+from helpers import save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
 from bltool.cli import app
@@ -133,3 +133,25 @@ def test_paper_claims_are_computed_from_the_rows(report):
     assert ("lands near" in claim) == (ratio <= 1.10)
     assert "- **Aggressive budget.**" not in text  # one budget only: nothing to say about the extremes
     assert "- **ICL probes.**" not in text  # kd-lora has no ICL result in these runs
+
+
+@pytest.mark.slow
+def test_printed_table_keeps_every_column_in_a_log(runs, tmp_path):
+    """`bltool report ... 2> log`: stderr is not a terminal, and rich would draw the table 80 columns wide
+    ("budge…", "stude…"); the table must come out whole."""
+    import os
+    import subprocess
+    import sys
+
+    from bltool.stages.report import HEADERS
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([sys.executable, "-m", "bltool", "report", str(runs), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    header = next(line for line in lines if HEADERS["method"] in line and HEADERS["perplexity"] in line)
+    for column in ("name", "method", "budget", "perplexity", "icl_composite", "missing"):
+        assert HEADERS[column] in header, (column, header)
+    assert "budgeted-lora" in done.stderr and str(tmp_path / "r") == done.stdout.strip()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bltool.cli import app
 from bltool.errors import UsageError
-from bltool.serving import RunOutput, iteration_gaps, saturated_window
+from bltool.serve.serving import RunOutput, iteration_gaps, saturated_window
 from bltool.stages.bench_serving import BenchServingConfig, run
 
 
@@ -44,6 +44,7 @@ def bench_dir(tmp_path_factory, tiny_llama):
                                   output_len=8, requests=16, repeats=1, device="cpu"))
 
 
+@pytest.mark.slow  # measures continuous batching for seconds
 def test_bench_serving_artifact(bench_dir, tiny_llama):
     result = json.loads((bench_dir / "result.json").read_text())
     assert 0 < result["iteration_s_p10"] <= result["iteration_s"] <= result["iteration_s_p90"]
@@ -64,6 +65,7 @@ def test_bench_serving_artifact(bench_dir, tiny_llama):
     assert table.num_rows == 1 and table.column("iteration_s")[0].as_py() == result["iteration_s"]
 
 
+@pytest.mark.slow  # measures continuous batching for seconds
 def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
     out = tmp_path / "cap"
     result = CliRunner().invoke(app, [
@@ -94,6 +96,7 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
     assert (out / "queue.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # measures continuous batching for seconds
 def test_bench_serving_through_the_cli(tiny_llama, tmp_path):
     out = tmp_path / "serve"
     args = ["bench", str(tiny_llama), "--serving", "--chunk", "32", "--concurrency", "2", "--prompt-len", "24",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bltool.queueing import concurrency_bound, iterations, lifetime_memory, service_rate
-from bltool.simulator import simulate, trajectory
+from bltool.serve.queueing import concurrency_bound, iterations, lifetime_memory, service_rate
+from bltool.serve.simulator import simulate, trajectory
 
 
 def correlated_lengths(n: int = 4000, seed: int = 0):

@@ -1,4 +1,4 @@
-"""bench: measure what compression buys at inference, next to what the MAC count promises (METHOD.md §7).
+"""bench: measure what compression buys at inference, next to what the MAC count promises (docs/method.md §7).
 
 (a) Modules. Every adapted module of MODEL (the modules its `compressed` section lists, or a distilled
     student's gated LoRA modules) is timed against the dense module of the same name in --baseline, on
@@ -13,7 +13,7 @@
 (d) Training compute: the proxy and the realised value from the distill manifest (carried by
     `compress`, or found by following the manifests' inputs).
 
-Timing protocol (bltool.timing): warm-up calls, then the median of --repeats, the compared candidates
+Timing protocol (bltool.serve.timing): warm-up calls, then the median of --repeats, the compared candidates
 interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine's load are recorded.
 """
 
@@ -31,6 +31,7 @@ from torch import nn
 from bltool import ui
 from bltool.artifacts import (
     MANIFEST,
+    Stage,
     atomic_output,
     check_output_dir,
     read_manifest,
@@ -39,13 +40,13 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNELS, set_kernel
-from bltool.models import check_dtype, load_model, model_content_hash, resolve_device, resolve_dtype, resolve_model
-from bltool.timing import machine_info, measure
+from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.serve.timing import machine_info, measure
 
-STAGE = "bench"
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
 
@@ -87,14 +88,6 @@ class BenchConfig:
             raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batches}")
 
 
-def parse_batches(text: str) -> tuple[int, ...]:
-    """'1,8,32' → (1, 8, 32)."""
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"--decode-batch must be comma-separated integers like 1,8,32, got {text!r}") from None
-
-
 # ---------------------------------------------------------------------------------------------------
 # What is compared
 
@@ -133,7 +126,7 @@ def training_compute(path: Path, depth: int = 0) -> dict[str, Any] | None:
         return None  # an input that has changed since: fall back to what the later stage copied
     if manifest is None or depth > 8:
         return None
-    if manifest["stage"] != "distill":
+    if manifest["stage"] != Stage.DISTILL:
         for item in manifest.get("inputs", []):
             if item.get("role") == "model" and item.get("path"):
                 found = training_compute(Path(item["path"]), depth + 1)
@@ -343,7 +336,7 @@ def _run(config: BenchConfig) -> Path:
         if e2e_rows:
             write_arrow(tmp / "end_to_end.arrow", [_flat(r) for r in e2e_rows])
         write_manifest(
-            tmp, STAGE, config={**asdict(config), "out": str(out)},
+            tmp, Stage.BENCH, config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},
                     {"role": "baseline", **base_ref.describe(), "content": model_content_hash(base_ref)}],
             machine=machine,

@@ -1,6 +1,6 @@
-"""bench-serving: the serving measurements `capacity` needs (METHOD.md §8), on this device.
+"""bench-serving: the serving measurements `capacity` needs (docs/method.md §8), on this device.
 
-Measures, with transformers' continuous batching (see `bltool.serving` for exactly what is timed):
+Measures, with transformers' continuous batching (see `bltool.serve.serving` for exactly what is timed):
 b̄, the median batch-iteration time of memory-constrained continuous batching (chunked prefill plus
 decode) at saturation; P, prefill tokens/s; D, decode tokens/s. The artifact also records what
 capacity needs about the model (KV shape, parameters), so `bltool capacity DIR` works from it alone.
@@ -16,22 +16,13 @@ import torch
 import transformers
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_arrow, write_json, write_manifest
+from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import (
-    check_dtype,
-    count_parameters,
-    load_model,
-    model_content_hash,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-)
-from bltool.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
-from bltool.serving import ServingSettings, measure
-from bltool.timing import machine_info
-
-STAGE = "bench-serving"
+from bltool.models import count_parameters, load_model, model_content_hash, resolve_model
+from bltool.serve.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
+from bltool.serve.serving import ServingSettings, measure
+from bltool.serve.timing import machine_info
 
 
 @dataclass(frozen=True)
@@ -95,7 +86,7 @@ def run(config: BenchServingConfig) -> Path:
         "settings": asdict(settings),
         **measured,
         # the saturated run as a small real-system check of μ = M / (b̄ · g) for its own cache M,
-        # with b̄ the median (METHOD §8) and the mean iteration time
+        # with b̄ the median (docs/method.md §8) and the mean iteration time
         "lifetime_memory": g,
         "predicted_requests_per_s": measured["kv_cache_tokens"] / (measured["iteration_s"] * g),
         "predicted_requests_per_s_mean": measured["kv_cache_tokens"] / (measured["iteration_s_mean"] * g),
@@ -111,7 +102,7 @@ def run(config: BenchServingConfig) -> Path:
         write_arrow(tmp / "result.arrow", [row])
         write_manifest(
             tmp,
-            STAGE,
+            Stage.BENCH_SERVING,
             config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}],
             result={k: result[k] for k in ("iteration_s", "prefill_tokens_per_s", "decode_tokens_per_s")},

@@ -1,5 +1,5 @@
 """build-student: copy chosen teacher layers, plus embeddings, final norm and LM head, into a smaller
-model that is a plain Hugging Face checkpoint (METHOD.md §1).
+model that is a plain Hugging Face checkpoint (docs/method.md §1).
 
 The student is constructed from a copy of the teacher's config with `num_hidden_layers = n` (and
 per-layer config lists such as `layer_types` cut to the chosen layers), so transformers numbers its
@@ -15,20 +15,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_manifest
+from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
 from bltool.errors import UsageError
-from bltool.layers import canonical_mode, select_layers
+from bltool.layer_selection import canonical_mode, select_layers
 from bltool.models import (
     count_parameters,
     load_model,
     load_tokenizer,
     model_content_hash,
-    quiet_transformers,
     resolve_model,
     tokenizer_identity,
 )
+from bltool.weights import quiet_transformers
 
-STAGE = "build-student"
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -93,7 +92,7 @@ def run(config: BuildStudentConfig) -> Path:
         tokenizer.save_pretrained(tmp)
         write_manifest(
             tmp,
-            STAGE,
+            Stage.BUILD_STUDENT,
             config=asdict(config),
             inputs=[{"role": "teacher", **teacher_ref.describe(), "content": model_content_hash(teacher_ref)}],
             teacher={"layers": n_teacher, "parameters": count_parameters(teacher), "model_type":

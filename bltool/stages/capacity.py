@@ -1,10 +1,10 @@
 """capacity: from a model (or its bench-serving measurement) and a workload to a serving plan under
-KV-cache memory (METHOD.md §8), optionally checked by simulation.
+KV-cache memory (docs/method.md §8), optionally checked by simulation.
 
 For each model: KV bytes per token, weight bytes, KV capacity M, E[g] over the workload's joint
 length distribution, b̄, μ = M / (b̄ · E[g]), δ, the token-throughput and concurrent-sequences bounds,
 which one binds, the maximum stable rate, and the GPUs needed for --rate at --target-util. With
---validate, the discrete-event simulator (`bltool.simulator`) runs each model at 0.8, 1.0 and 1.2 times
+--validate, the discrete-event simulator (`bltool.serve.simulator`) runs each model at 0.8, 1.0 and 1.2 times
 its predicted rate, independently of the formula.
 """
 
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import (
     MANIFEST,
+    Stage,
     artifact_ref,
     atomic_output,
     check_output_dir,
@@ -30,7 +30,7 @@ from bltool.artifacts import (
 )
 from bltool.errors import ArtifactError, UsageError
 from bltool.models import model_content_hash, resolve_model
-from bltool.queueing import (
+from bltool.serve.queueing import (
     DTYPE_BYTES,
     Bounds,
     KVShape,
@@ -46,32 +46,18 @@ from bltool.queueing import (
     service_rate,
     token_throughput_bound,
 )
-from bltool.simulator import simulate
-from bltool.workload import Workload, check_fits, read_trace, synthetic
+from bltool.serve.simulator import simulate
+from bltool.serve.workload import Workload, check_fits, read_trace, synthetic
+from bltool.units import format_bytes
 
-STAGE = "capacity"
-BENCH_STAGE = "bench-serving"
 LOADS = (0.8, 1.0, 1.2)  # --validate: arrival rate as a multiple of the predicted maximum stable rate
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_bytes(text: str, flag: str) -> int:
-    """`80GiB`, `80Gi`, `80GB` (10^9), `1.5e9` or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in UNITS:
-        raise UsageError(f"{flag} expects a size such as 80GiB, 80GB or a byte count, got {text!r}")
-    return int(float(match.group(1)) * UNITS[unit])
-
-
 @dataclass(frozen=True)
 class CapacityConfig:
     models: tuple[str, ...]  # MODELS: model paths / aliases, or bench-serving output directories
-    gpu_mem: str  # --gpu-mem: accelerator memory per worker (80GiB, 80GB or bytes)
+    gpu_mem: int  # --gpu-mem: accelerator memory per worker, bytes (the CLI takes 80GiB, 80GB, ...)
     out: str | None = None  # --out (default: capacity/<workload name>)
     mem_util: float = 0.9  # --mem-util: share of --gpu-mem the server may use (vLLM's gpu_memory_utilization)
-    activation_reserve: str = "0"  # --activation-reserve: memory kept for activations (e.g. 2GiB)
+    activation_reserve: int = 0  # --activation-reserve: bytes kept for activations (CLI: e.g. 2GiB)
     dtype: str = "bfloat16"  # --dtype: dtype of the KV cache and the weights
     workload: str | None = None  # --workload: trace (CSV, JSON Lines, Arrow, Parquet), one row per request
     prompt_column: str = "prompt_tokens"  # --prompt-column in the trace
@@ -84,7 +70,7 @@ class CapacityConfig:
     rate: float | None = None  # --rate: arrival rate λ to plan for (requests/s)
     target_util: float = 0.8  # --target-util: utilisation u each GPU is planned at
     iteration_time: float | None = None  # --iteration-time: b̄ (s) for models without a bench-serving measurement
-    iteration_stat: str = "median"  # --iteration-stat: median (METHOD §8) or mean of the measured iterations
+    iteration_stat: str = "median"  # --iteration-stat: median (docs/method.md §8) or mean of the measured iterations
     prefill_tps: float | None = None  # --prefill-tps: P for models without a measurement
     decode_tps: float | None = None  # --decode-tps: D for models without a measurement
     max_seqs: int | None = None  # --max-seqs: concurrent-sequence cap (default: the concurrency b̄ was measured at)
@@ -94,9 +80,10 @@ class CapacityConfig:
     def __post_init__(self):
         if not self.models:
             raise UsageError("give at least one MODEL")
-        if parse_bytes(self.gpu_mem, "--gpu-mem") <= 0:
-            raise UsageError(f"--gpu-mem must be positive, got {self.gpu_mem!r}")
-        parse_bytes(self.activation_reserve, "--activation-reserve")
+        if self.gpu_mem <= 0:
+            raise UsageError(f"--gpu-mem must be positive, got {self.gpu_mem}")
+        if self.activation_reserve < 0:
+            raise UsageError(f"--activation-reserve must not be negative, got {self.activation_reserve}")
         if not 0 < self.mem_util <= 1:
             raise UsageError(f"--mem-util must be in (0, 1], got {self.mem_util}")
         if not 0 < self.target_util <= 1:
@@ -148,12 +135,12 @@ def _checkpoint_parameters(path: Path) -> int:
 def load_model_info(spec: str) -> ModelInfo:
     path = Path(spec)
     manifest = read_manifest(path, None, "MODELS") if (path / MANIFEST).is_file() else None
-    if manifest is not None and manifest["stage"] == BENCH_STAGE:
+    if manifest is not None and manifest["stage"] == Stage.BENCH_SERVING:
         try:
             result = json.loads((path / "result.json").read_text(encoding="utf-8"))
             shape = KVShape(**result["kv_shape"])
             return ModelInfo(spec, result["label"], shape, int(result["parameters"]), result,
-                             artifact_ref(path, manifest, "bench-serving"))
+                             artifact_ref(path, manifest, Stage.BENCH_SERVING))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ArtifactError(f"MODELS: {path}/result.json is not a bench-serving result ({err})") from None
     ref = resolve_model(spec, flag="MODELS")
@@ -173,18 +160,17 @@ def load_workload(config: CapacityConfig) -> Workload:
 
 
 def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
-    """Every figure of METHOD §8 for one model on the workload."""
+    """Every figure of docs/method.md §8 for one model on the workload."""
     dtype_bytes = DTYPE_BYTES[config.dtype]
     weight_bytes = info.parameters * dtype_bytes
     kv_bytes = kv_bytes_per_token(info.shape, dtype_bytes)
-    gpu_mem = parse_bytes(config.gpu_mem, "--gpu-mem")
-    reserve = parse_bytes(config.activation_reserve, "--activation-reserve")
-    m_tokens = kv_capacity(gpu_mem, config.mem_util, weight_bytes, reserve, kv_bytes)
+    m_tokens = kv_capacity(config.gpu_mem, config.mem_util, weight_bytes, config.activation_reserve, kv_bytes)
     if m_tokens < 1:
         raise UsageError(
-            f"--gpu-mem {config.gpu_mem} × --mem-util {config.mem_util} leaves no KV cache for {info.label}: "
+            f"--gpu-mem {format_bytes(config.gpu_mem)} × --mem-util {config.mem_util} leaves no KV cache for "
+            f"{info.label}: "
             f"weights need {weight_bytes / 2**30:.2f} GiB ({config.dtype}) and --activation-reserve "
-            f"{reserve / 2**30:.2f} GiB"
+            f"{config.activation_reserve / 2**30:.2f} GiB"
         )
     check_fits(workload, m_tokens, info.label)
 
@@ -295,7 +281,7 @@ def print_table(rows: list[dict], workload: Workload, config: CapacityConfig) ->
 
     w = workload.summary()
     title = (f"capacity: {w['requests']:,} requests, E[s] {w['mean_prompt']:.1f}, E[o] {w['mean_output']:.1f}; "
-             f"ŝ {config.chunk}; --gpu-mem {config.gpu_mem} × {config.mem_util:g}; {config.dtype}")
+             f"ŝ {config.chunk}; --gpu-mem {format_bytes(config.gpu_mem)} × {config.mem_util:g}; {config.dtype}")
     table = Table(title=escape(title), title_justify="left")
     table.add_column("")
     for row in rows:
@@ -393,7 +379,7 @@ def run(config: CapacityConfig) -> Path:
         if config.validate:
             write_arrow(tmp / "simulation.arrow", series)
             plot_queues(series, rows, tmp / "queue.png")
-        write_manifest(tmp, STAGE, config={**asdict(config), "out": str(out)},
+        write_manifest(tmp, Stage.CAPACITY, config={**asdict(config), "out": str(out)},
                        inputs=[info.input_ref for info in infos] +
                        ([{"role": "workload", "path": str(Path(config.workload).absolute()),
                           "sha256": sha256_file(Path(config.workload))}] if config.workload else []),

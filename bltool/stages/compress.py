@@ -1,4 +1,4 @@
-"""compress: turn a distilled student into the model that is actually served (METHOD.md §5).
+"""compress: turn a distilled student into the model that is actually served (docs/method.md §5).
 
 Takes the output of `bltool distill` for every method:
 - kd-full        passes through (a plain dense student; nothing to compress),
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bltool import ui
-from bltool.artifacts import artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
+from bltool.artifacts import Stage, artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
 from bltool.compression import (
     CompressionPolicy,
     compress_model,
@@ -32,7 +32,6 @@ from bltool.compression import (
 from bltool.errors import ArtifactError, UsageError
 from bltool.models import count_parameters, load_model, load_tokenizer, resolve_model
 
-STAGE = "compress"
 METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 
 
@@ -75,7 +74,7 @@ def run(config: CompressConfig) -> Path:
     path = Path(config.model)
     if not path.is_dir():
         raise UsageError(f"MODEL: {config.model} is not a directory; give the output of `bltool distill`")
-    manifest = read_manifest(path, ("distill",), "MODEL")
+    manifest = read_manifest(path, (Stage.DISTILL,), "MODEL")
     method = distill_method(manifest, path)
     policy = config.policy(float((manifest.get("budget") or {}).get("tau_drop", 0.05)))
     ref = resolve_model(str(path), flag="MODEL")
@@ -101,7 +100,7 @@ def run(config: CompressConfig) -> Path:
         save_compressed(tmp, model, tokenizer)
         write_manifest(
             tmp,
-            STAGE,
+            Stage.COMPRESS,
             config={**asdict(replace(config, tau_drop=policy.tau_drop)), "out": str(out.absolute())},
             inputs=[artifact_ref(path, manifest, "model")],
             compressed=section,

@@ -1,4 +1,4 @@
-"""distill: KD-Full, KD-LoRA and Budgeted LoRA (METHOD.md §2–4, §7).
+"""distill: KD-Full, KD-LoRA and Budgeted LoRA (docs/method.md §2–4, §7).
 
 A teacher (or its cached top-k logits) supervises a student on the prepared training split with the
 loss of §4. `kd-full` trains every student weight; `kd-lora` freezes the student and trains LoRA on the
@@ -20,21 +20,18 @@ import contextlib
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from bltool import distributed, trainstate, ui
+from bltool import ui
 from bltool.adapters import adapter_section, save_adapted
-from bltool.artifacts import atomic_output, check_output_dir, read_manifest, write_arrow, write_manifest
-from bltool.batches import PackedSequences, collate, micro_batch_indices, positions_to_indices
-from bltool.budget import BudgetConfig, BudgetController
-from bltool.compute import ComputeMeter
+from bltool.artifacts import Stage, atomic_output, check_output_dir, read_manifest, write_arrow, write_manifest
 from bltool.data import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
-from bltool.lora import DEFAULT_TARGETS, LoRASpec, inject_lora
-from bltool.losses import check_kd_args, kd_loss, kd_loss_topk
+from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora
 from bltool.models import (
     artifact_manifest,
     count_parameters,
@@ -45,10 +42,14 @@ from bltool.models import (
     tokenizer_identity,
 )
 from bltool.nll import hidden_states
-from bltool.signals import StopSignals
-from bltool.teacher_cache import TeacherCache
+from bltool.train import distributed, trainstate
+from bltool.train.accounting import ComputeMeter
+from bltool.train.batches import PackedSequences, collate, micro_batch_indices, positions_to_indices
+from bltool.train.budget import BudgetConfig, BudgetController
+from bltool.train.losses import check_kd_args, kd_loss, kd_loss_topk
+from bltool.train.signals import StopSignals
+from bltool.train.teacher_cache import TeacherCache
 
-STAGE = "distill"
 METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 DEFAULT_LR = {"kd-full": 1e-4, "kd-lora": 3e-4, "budgeted-lora": 3e-4}
 # Fields that may differ between a run and its resumption (they do not change what is computed).
@@ -127,6 +128,10 @@ class DistillConfig:
     def budget_config(self) -> BudgetConfig:
         return BudgetConfig(self.budget, self.decay_start, self.decay_end, self.rho_ema, self.tau_drop)
 
+    def record(self) -> dict:
+        """The config as the manifest and the checkpoint record it (JSON types)."""
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
     def lora_spec(self) -> LoRASpec:
         return LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules),
                         gated=self.method == "budgeted-lora")
@@ -203,17 +208,6 @@ def _check_cache(cache: TeacherCache, data: PreparedData, config: DistillConfig)
                              f"{config.teacher}")
 
 
-def _total_steps(config: DistillConfig, world: distributed.World, seq_len: int) -> int:
-    per_step = world.size * config.batch_size * config.grad_accum * seq_len
-    steps = config.tokens // per_step
-    if steps < 1:
-        raise UsageError(
-            f"--tokens {config.tokens:,} is below one optimizer step: {per_step:,} tokens "
-            f"({world.size} process(es) × --batch-size {config.batch_size} × --grad-accum {config.grad_accum} "
-            f"× sequence length {seq_len})")
-    return steps
-
-
 def _check_models(student, teacher_config, vocab: int) -> None:
     s = student.config
     if s.vocab_size != vocab:
@@ -224,8 +218,88 @@ def _check_models(student, teacher_config, vocab: int) -> None:
                          f"({teacher_config.hidden_size}); are --student and --teacher swapped?")
 
 
+def _check_paths(config: DistillConfig) -> None:
+    """--out must be free; a checkpoint must exist for --resume and must not be clobbered without it."""
+    ckpt = config.checkpoint_path
+    check_output_dir(Path(config.out), config.overwrite)
+    if config.resume and not (ckpt / "manifest.json").is_file():
+        raise UsageError(f"--resume: no checkpoint in {ckpt} (set --checkpoint-dir to where it is)")
+    if not config.resume and ckpt.exists() and not config.overwrite:
+        raise UsageError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier run; pass --resume to "
+                         "continue it or --overwrite to start over")
+
+
+def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -> tuple[int, int]:
+    """(optimizer steps, warm-up steps) for the token budget; a teacher-logits cache must cover them."""
+    seq_len = inputs.data.seq_len
+    per_step = world.size * config.batch_size * config.grad_accum * seq_len
+    steps = config.tokens // per_step
+    if steps < 1:
+        raise UsageError(
+            f"--tokens {config.tokens:,} is below one optimizer step: {per_step:,} tokens "
+            f"({world.size} process(es) × --batch-size {config.batch_size} × --grad-accum {config.grad_accum} "
+            f"× sequence length {seq_len})")
+    if inputs.cache is not None:
+        needed = min(steps * world.size * config.batch_size * config.grad_accum, len(inputs.train))
+        missing = [int(i) for i in positions_to_indices(0, needed, len(inputs.train), config.seed)
+                   if int(i) not in inputs.cache]
+        if missing:
+            raise UsageError(f"--teacher-logits: {inputs.cache.path} lacks {len(missing)} of the {needed} sequences "
+                             "this run reads; make it with `bltool teacher-logits --tokens` at least --tokens")
+    return steps, min(round(config.warmup * steps), config.warmup_cap)
+
+
+def _load_teacher(run) -> torch.nn.Module | None:
+    """The live teacher, frozen (bf16 on CUDA); None when the run reads --teacher-logits."""
+    if run.inputs.cache is not None:
+        return None
+    dtype = torch.bfloat16 if run.world.device.startswith("cuda") else torch.float32
+    teacher = load_model(run.inputs.teacher_ref, dtype=dtype, device=run.world.device, flag="--teacher")
+    return teacher.requires_grad_(False).eval()
+
+
 # ---------------------------------------------------------------------------------------------------
-# The run
+# The run, in the shape of torchtune's KD recipe: `setup` builds a `TrainState`, `train_step` does one
+# optimizer step, `save_checkpoint` / `save` write it.
+
+
+@dataclass
+class Run:
+    """What stays fixed while a run trains: its settings, processes, inputs, schedule and teacher."""
+
+    config: DistillConfig
+    world: distributed.World
+    inputs: Inputs
+    steps: int  # optimizer steps of the whole run
+    warmup: int  # warm-up steps of the cosine schedule
+    teacher: torch.nn.Module | None  # the live teacher; None when reading --teacher-logits
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.inputs.data.tokenizer["eos_token_id"])
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on the CPU."""
+        if self.world.device.startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    """What training changes, and (with the RNG states) what a checkpoint holds."""
+
+    student: torch.nn.Module
+    model: torch.nn.Module  # the Objective around the student; DDP-wrapped under torchrun
+    params: list[torch.nn.Parameter]  # the parameters that train
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    controller: BudgetController | None  # budgeted-lora only
+    adapted: list[tuple[str, GatedLoRALinear]]  # the LoRA methods' modules ([] for kd-full)
+    costs: list[int]  # dense MACs per token of each adapted (kd-full: targeted) linear
+    meter: ComputeMeter
+    log: list[dict] = field(default_factory=list)  # one row per optimizer step (log.arrow)
+    step: int = 0  # optimizer steps done
 
 
 def run(config: DistillConfig) -> Path | None:
@@ -240,40 +314,51 @@ def run(config: DistillConfig) -> Path | None:
 
 
 def _run(config: DistillConfig, world: distributed.World) -> Path | None:
-    out, ckpt = Path(config.out), config.checkpoint_path
-    check_output_dir(out, config.overwrite)
-    if config.resume and not (ckpt / "manifest.json").is_file():
-        raise UsageError(f"--resume: no checkpoint in {ckpt} (set --checkpoint-dir to where it is)")
-    if not config.resume and ckpt.exists() and not config.overwrite:
-        raise UsageError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier run; pass --resume to "
-                         "continue it or --overwrite to start over")
+    _check_paths(config)
     inputs = _open_inputs(config)
-    if not config.resume and ckpt.exists() and world.main:
-        shutil.rmtree(ckpt)  # --overwrite: a stale checkpoint must not be resumed by mistake later
-    seq_len = inputs.data.seq_len
-    steps = _total_steps(config, world, seq_len)
-    if inputs.cache is not None:
-        needed = min(steps * world.size * config.batch_size * config.grad_accum, len(inputs.train))
-        missing = [int(i) for i in positions_to_indices(0, needed, len(inputs.train), config.seed)
-                   if int(i) not in inputs.cache]
-        if missing:
-            raise UsageError(f"--teacher-logits: {inputs.cache.path} lacks {len(missing)} of the {needed} sequences "
-                             "this run reads; make it with `bltool teacher-logits --tokens` at least --tokens")
-    cuda = world.device.startswith("cuda")
+    if not config.resume and config.checkpoint_path.exists() and world.main:
+        shutil.rmtree(config.checkpoint_path)  # --overwrite: a stale checkpoint must not be resumed later
+    run_ = Run(config, world, inputs, *_schedule(config, world, inputs), teacher=None)
     torch.manual_seed(config.seed)
+    run_.teacher = _load_teacher(run_)
+    state = setup(run_)
+    ui.info(f"distill {config.method}: {run_.steps} steps × {world.size * config.batch_size * config.grad_accum} "
+            f"sequences of {inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
+            f"warm-up {run_.warmup}" + (f", budget {config.budget}" if state.controller else ""))
+    watch = ui.Stopwatch()
+    with StopSignals() as stop, _progress(world) as progress:
+        task = progress.add_task(Stage.DISTILL, total=run_.steps, completed=state.step, loss=float("nan"), dense=1.0,
+                                 rate=0.0)
+        while state.step < run_.steps:
+            row = train_step(run_, state)
+            progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
+                            rate=state.meter.tokens / watch.seconds)
+            if distributed.any_true(world, stop.received is not None):
+                save_checkpoint(run_, state)
+                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step} "
+                                  f"of {run_.steps}; checkpoint in {config.checkpoint_path}; continue with --resume",
+                                  stop.received or 15)
+            if config.save_every and state.step % config.save_every == 0 and state.step < run_.steps:
+                save_checkpoint(run_, state)
+    save_checkpoint(run_, state)
+    seconds = watch.seconds
+    if not world.main:
+        return None
+    save(run_, state, seconds)
+    return Path(config.out)
 
-    teacher = None
-    if inputs.cache is None:
-        teacher = load_model(inputs.teacher_ref, dtype=torch.bfloat16 if cuda else torch.float32,
-                             device=world.device, flag="--teacher").requires_grad_(False).eval()
-        vocab, teacher_config = teacher.config.vocab_size, teacher.config
+
+def setup(run: Run) -> TrainState:
+    """Load the student, make it trainable the method's way, build optimizer, schedule and controller, and
+    restore a checkpoint with --resume."""
+    config, world = run.config, run.world
+    student = load_model(run.inputs.student_ref, dtype=torch.float32, device=world.device, flag="--student")
+    if run.teacher is not None:
+        vocab, teacher_config = run.teacher.config.vocab_size, run.teacher.config
     else:
-        vocab, teacher_config = int(inputs.cache.manifest["teacher"]["vocab_size"]), None
-    student = load_model(inputs.student_ref, dtype=torch.float32, device=world.device, flag="--student")
+        vocab, teacher_config = int(run.inputs.cache.manifest["teacher"]["vocab_size"]), None
     _check_models(student, teacher_config, vocab)
-
-    # method: which weights train, and the adapted modules' dense costs
-    if config.method == "kd-full":
+    if config.method == "kd-full":  # every weight trains; the targeted linears are only counted
         student.requires_grad_(True)
         linears = [m for n, m in student.named_modules()
                    if n.rsplit(".", 1)[-1] in config.target_modules and isinstance(m, torch.nn.Linear)]
@@ -285,118 +370,149 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
     student.to(world.device).train()
     controller = None
     if config.method == "budgeted-lora":
-        controller = BudgetController(costs, config.budget_config(), steps)
-        if warning := config.budget_config().short_run_warning(steps):
+        controller = BudgetController(costs, config.budget_config(), run.steps)
+        if warning := config.budget_config().short_run_warning(run.steps):
             ui.warn(warning)
-    meter = ComputeMeter(config.method, costs, lora_macs)
 
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = min(round(config.warmup * steps), config.warmup_cap)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-
-    run_config = {**asdict(config), "target_modules": list(config.target_modules)}
-    start, log = 0, []
+    scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup, run.steps)
+    state = TrainState(student, student, params, optimizer, scheduler, controller, adapted, costs,
+                       ComputeMeter(config.method, costs, lora_macs))
     if config.resume:
-        start, log = _resume(ckpt, run_config, world, student, optimizer, scheduler, controller, adapted, meter)
-        if start >= steps:
-            raise UsageError(f"--resume: the run in {ckpt} already finished its {steps} steps")
-        ui.info(f"resuming at step {start} of {steps} from {ckpt}")
-
-    objective = Objective(student, config)
-    model = objective
+        _resume(run, state)
+    state.model = Objective(student, config)
     if world.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[world.device] if cuda else None, broadcast_buffers=False)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
-    pad_id = int(inputs.data.tokenizer["eos_token_id"])
-    teacher_head = teacher.get_output_embeddings() if teacher is not None else None
+        state.model = torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[world.device] if world.device.startswith("cuda") else None,
+            broadcast_buffers=False)
+    return state
 
-    def checkpoint(step: int) -> None:
-        rng = trainstate.rng_tensors(_gather_rng(world))
-        if world.main:
-            state = {"step": step, "total_steps": steps, "scheduler": scheduler.state_dict(),
-                     "controller": controller.state_dict() if controller else None, "meter": meter.state_dict(),
-                     "log": log, "world_size": world.size}
-            trainstate.save(ckpt, student, optimizer, rng, state, run_config)
-        distributed.barrier(world)
 
-    ui.info(f"distill {config.method}: {steps} steps × {world.size * config.batch_size * config.grad_accum} "
-            f"sequences of {seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, warm-up {warmup}"
-            + (f", budget {config.budget}" if controller else ""))
-    watch = ui.Stopwatch()
-    with StopSignals() as stop, _progress(world) as progress:
-        task = progress.add_task("distill", total=steps, completed=start, loss=float("nan"), dense=1.0, rate=0.0)
-        for step in range(start, steps):
-            began = time.perf_counter()
-            rho = list(controller.rho) if controller else None
-            sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (sums of micro-batch means)
-            tokens = 0
-            for micro in range(config.grad_accum):
-                index = micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
-                                            config.grad_accum, len(inputs.train), config.seed)
-                ids, mask = collate([inputs.train[int(i)] for i in index], pad_id, world.device)
-                kwargs = {}
-                if inputs.cache is not None:
-                    kwargs["topk"] = inputs.cache.batch([int(i) for i in index], ids.shape[1], world.device)
-                else:
-                    with torch.no_grad(), autocast():
-                        kwargs["teacher_hidden"] = hidden_states(teacher, ids, mask)  # (B, T, d_T)
-                    kwargs["teacher_head"] = teacher_head
-                last = micro == config.grad_accum - 1
-                sync = model.no_sync() if world.distributed and not last else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        result = model(ids, mask, **kwargs)
-                    (result.loss / config.grad_accum).backward()
-                sums += torch.stack([result.loss, result.kl, result.ce]).detach().to("cpu", torch.float64)
-                tokens += int(mask.sum())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-            finite = math.isfinite(float(sums[0])) and math.isfinite(grad_norm)
-            if distributed.any_true(world, not finite):
-                optimizer.zero_grad(set_to_none=True)
-                checkpoint(step)
-                raise BltoolError(
-                    f"non-finite loss or gradient at step {step + 1}; stopped. The last good state (after step "
-                    f"{step}) is checkpointed in {ckpt}: lower --lr and continue with --resume, or start over")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens = distributed.sum_int(world, tokens)
-            meter.add(tokens, rho)
-            computed = 1.0 if rho is None else sum(c for r, c in zip(rho, costs) if r > 0) / sum(costs)
-            if controller:
-                ctl = controller.step()
-                for (_, module), value in zip(adapted, controller.rho):
-                    module.set_rho(value)
-                target, actual, dropped = ctl["target_fraction"], ctl["actual_fraction"], ctl["modules_dropped"]
-            else:
-                target, actual, dropped = 1.0, 1.0, 0
-            seconds = time.perf_counter() - began
-            loss, kl, ce = distributed.mean_floats(world, (sums / config.grad_accum).tolist())
-            log.append({
-                "step": step + 1, "tokens": meter.tokens, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
-                "grad_norm": grad_norm,
-                "target_fraction": target, "actual_fraction": actual, "computed_fraction": computed,
-                "modules_dropped": dropped, "tokens_per_s": tokens / seconds, "seconds": seconds,
-            })
-            progress.update(task, advance=1, loss=log[-1]["loss"], dense=actual, rate=meter.tokens / watch.seconds)
-            if distributed.any_true(world, stop.received is not None):
-                checkpoint(step + 1)
-                signum = stop.received or 15
-                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} after step {step + 1} of "
-                                  f"{steps}; checkpoint in {ckpt}; continue with --resume", signum)
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps:
-                checkpoint(step + 1)
-    checkpoint(steps)
-    seconds = watch.seconds
-    if not world.main:
-        return None
-    _write_output(config, inputs, student, adapted, controller, meter, log, steps, warmup, seconds, world, out)
-    return out
+def train_step(run: Run, state: TrainState) -> dict:
+    """One optimizer step: the micro-batches (gradient accumulation; DDP all-reduces on the last), clip,
+    AdamW, schedule, then the budget controller. Appends and returns the step's log row."""
+    config, world = run.config, run.world
+    began = time.perf_counter()
+    rho = list(state.controller.rho) if state.controller else None  # the ρ this step computes with
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (sums of micro-batch means)
+    tokens = 0
+    for micro in range(config.grad_accum):
+        ids, mask, targets = _micro_batch(run, state.step, micro)
+        last = micro == config.grad_accum - 1
+        with state.model.no_sync() if world.distributed and not last else contextlib.nullcontext():
+            with run.autocast():
+                result = state.model(ids, mask, **targets)
+            (result.loss / config.grad_accum).backward()
+        sums += torch.stack([result.loss, result.kl, result.ce]).detach().to("cpu", torch.float64)
+        tokens += int(mask.sum())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip))
+    if distributed.any_true(world, not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm))):
+        state.optimizer.zero_grad(set_to_none=True)
+        save_checkpoint(run, state)
+        raise BltoolError(
+            f"non-finite loss or gradient at step {state.step + 1}; stopped. The last good state (after step "
+            f"{state.step}) is checkpointed in {config.checkpoint_path}: lower --lr and continue with --resume, "
+            "or start over")
+    lr = state.scheduler.get_last_lr()[0]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    tokens = distributed.sum_int(world, tokens)
+    state.meter.add(tokens, rho)
+    computed = 1.0 if rho is None else sum(c for r, c in zip(rho, state.costs) if r > 0) / sum(state.costs)
+    target, actual, dropped = _advance_budget(state)
+    seconds = time.perf_counter() - began
+    loss, kl, ce = distributed.mean_floats(world, (sums / config.grad_accum).tolist())
+    state.step += 1
+    state.log.append({
+        "step": state.step, "tokens": state.meter.tokens, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
+        "grad_norm": grad_norm, "target_fraction": target, "actual_fraction": actual, "computed_fraction": computed,
+        "modules_dropped": dropped, "tokens_per_s": tokens / seconds, "seconds": seconds,
+    })
+    return state.log[-1]
+
+
+def _micro_batch(run: Run, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A micro-batch's token ids and mask (B, T) and the teacher's side of the loss: the live teacher's
+    final hidden states and head, or the cached top-k logits."""
+    config, world, inputs = run.config, run.world, run.inputs
+    index = [int(i) for i in micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
+                                                 config.grad_accum, len(inputs.train), config.seed)]
+    ids, mask = collate([inputs.train[i] for i in index], run.pad_id, world.device)
+    if inputs.cache is not None:
+        return ids, mask, {"topk": inputs.cache.batch(index, ids.shape[1], world.device)}
+    with torch.no_grad(), run.autocast():
+        teacher_hidden = hidden_states(run.teacher, ids, mask)  # (B, T, d_T)
+    return ids, mask, {"teacher_hidden": teacher_hidden, "teacher_head": run.teacher.get_output_embeddings()}
+
+
+def _advance_budget(state: TrainState) -> tuple[float, float, int]:
+    """Step the budget controller and hand the new ρ to the modules; (target, actual, modules dropped)."""
+    if state.controller is None:
+        return 1.0, 1.0, 0
+    ctl = state.controller.step()
+    _set_rho(state)
+    return ctl["target_fraction"], ctl["actual_fraction"], ctl["modules_dropped"]
+
+
+def _set_rho(state: TrainState) -> None:
+    for (_, module), value in zip(state.adapted, state.controller.rho):
+        module.set_rho(value)
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Everything needed to continue bit for bit, after `state.step` steps (collective: every rank calls)."""
+    rng = trainstate.rng_tensors(_gather_rng(run.world))
+    if run.world.main:
+        meta = {"step": state.step, "total_steps": run.steps, "scheduler": state.scheduler.state_dict(),
+                "controller": state.controller.state_dict() if state.controller else None,
+                "meter": state.meter.state_dict(), "log": state.log, "world_size": run.world.size}
+        trainstate.save(run.config.checkpoint_path, state.student, state.optimizer, rng, meta, run.config.record())
+    distributed.barrier(run.world)
+
+
+def _gather_rng(world: distributed.World) -> list[dict[str, torch.Tensor]]:
+    local = trainstate.local_rng_state()
+    gathered = {key: distributed.gather_tensors(world, value) for key, value in local.items()}
+    return [{key: gathered[key][r] for key in gathered} for r in range(world.size)]
+
+
+def _resume(run: Run, state: TrainState) -> None:
+    ckpt, record, world = run.config.checkpoint_path, run.config.record(), run.world
+    saved_state, trainable, optim, rng = trainstate.load(ckpt)
+    saved = read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")["config"]
+    differing = [k for k in record if k not in RESUME_FREE and saved.get(k) != record[k]]
+    if differing:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {record[k]!r} here)"
+                          for k in differing)
+        raise UsageError(f"--resume: the checkpoint in {ckpt} is from a run with other settings: {flags}")
+    trainstate.restore(state.student, state.optimizer, trainable, optim, saved_state["param_groups"])
+    state.scheduler.load_state_dict(saved_state["scheduler"])
+    state.meter.load_state_dict(saved_state["meter"])
+    if state.controller is not None:
+        state.controller.load_state_dict(saved_state["controller"])
+        _set_rho(state)
+    if saved_state["world_size"] == world.size:
+        trainstate.set_local_rng_state({k.split(".", 1)[1]: v for k, v in rng.items()
+                                        if k.startswith(f"rank{world.rank}.")})
+    else:
+        ui.warn(f"the checkpoint was written by {saved_state['world_size']} process(es), this run has {world.size}: "
+                "dropout randomness will differ from an uninterrupted run")
+    state.step, state.log = int(saved_state["step"]), list(saved_state["log"])
+    if state.step >= run.steps:
+        raise UsageError(f"--resume: the run in {ckpt} already finished its {run.steps} steps")
+    ui.info(f"resuming at step {state.step} of {run.steps} from {ckpt}")
+
+
+def _progress(world: distributed.World):
+    return ui.progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  dense {task.fields[dense]:.2f}  {task.fields[rate]:,.0f} tok/s"),
+        TimeElapsedColumn(), disable=not world.main,
+    )
 
 
 def _peak_memory_mib(device: str) -> dict:
@@ -410,73 +526,34 @@ def _peak_memory_mib(device: str) -> dict:
     return peak
 
 
-def _gather_rng(world: distributed.World) -> list[dict[str, torch.Tensor]]:
-    local = trainstate.local_rng_state()
-    gathered = {key: distributed.gather_tensors(world, value) for key, value in local.items()}
-    return [{key: gathered[key][r] for key in gathered} for r in range(world.size)]
-
-
-def _resume(ckpt, run_config, world, student, optimizer, scheduler, controller, adapted, meter):
-    state, trainable, optim, rng = trainstate.load(ckpt)
-    saved = read_manifest(ckpt, (trainstate.STAGE,), "--checkpoint-dir")["config"]
-    differing = [k for k in run_config if k not in RESUME_FREE and saved.get(k) != run_config[k]]
-    if differing:
-        flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {run_config[k]!r} here)"
-                          for k in differing)
-        raise UsageError(f"--resume: the checkpoint in {ckpt} is from a run with other settings: {flags}")
-    trainstate.restore(student, optimizer, trainable, optim, state["param_groups"])
-    scheduler.load_state_dict(state["scheduler"])
-    meter.load_state_dict(state["meter"])
-    if controller is not None:
-        controller.load_state_dict(state["controller"])
-        for (_, module), value in zip(adapted, controller.rho):
-            module.set_rho(value)
-    if state["world_size"] == world.size:
-        trainstate.set_local_rng_state({k.split(".", 1)[1]: v for k, v in rng.items()
-                                        if k.startswith(f"rank{world.rank}.")})
-    else:
-        ui.warn(f"the checkpoint was written by {state['world_size']} process(es), this run has {world.size}: "
-                "dropout randomness will differ from an uninterrupted run")
-    return int(state["step"]), list(state["log"])
-
-
-def _progress(world: distributed.World):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  dense {task.fields[dense]:.2f}  {task.fields[rate]:,.0f} tok/s"),
-        TimeElapsedColumn(), console=ui.console, transient=True, disable=not world.main,
-    )
-
-
-def _write_output(config, inputs, student, adapted, controller, meter, log, steps, warmup, seconds, world, out):
+def save(run: Run, state: TrainState, seconds: float) -> None:
+    """Write the distilled student with its log and manifest to --out (rank 0)."""
+    config, inputs, world, meter, log = run.config, run.inputs, run.world, state.meter, state.log
     teacher_input = (inputs.cache.ref() if inputs.cache is not None else
                      {"role": "teacher", **inputs.teacher_ref.describe(),
                       "content": model_content_hash(inputs.teacher_ref)})
     student_input = {"role": "student", **inputs.student_ref.describe(),
                      "content": model_content_hash(inputs.student_ref)}
     compute = meter.summary(config.budget, config.decay_start, config.decay_end)
-    student.eval()
-    with atomic_output(out, config.overwrite) as tmp:
+    student, adapted, controller = state.student.eval(), state.adapted, state.controller
+    with atomic_output(Path(config.out), config.overwrite) as tmp:
         if adapted:
             save_adapted(tmp, student, inputs.tokenizer)
         else:
             student.save_pretrained(tmp)
             inputs.tokenizer.save_pretrained(tmp)
         write_arrow(tmp / "log.arrow", log)
-        spec = config.lora_spec() if adapted else None
         write_manifest(
-            tmp, STAGE,
-            config={**asdict(config), "target_modules": list(config.target_modules)},
+            tmp, Stage.DISTILL,
+            config=config.record(),
             inputs=[teacher_input, student_input, inputs.data.ref()],
             method=config.method,
-            adapters=adapter_section(spec, adapted) if adapted else None,
+            adapters=adapter_section(config.lora_spec(), adapted) if adapted else None,
             budget=asdict(config.budget_config()) if controller else None,
-            schedule={"steps": steps, "warmup_steps": warmup, "lr": config.learning_rate, "scheduler": "cosine",
-                      "sequences_per_step": world.size * config.batch_size * config.grad_accum,
+            schedule={"steps": run.steps, "warmup_steps": run.warmup, "lr": config.learning_rate,
+                      "scheduler": "cosine", "sequences_per_step": world.size * config.batch_size * config.grad_accum,
                       "seq_len": inputs.data.seq_len, "world_size": world.size},
-            training={"tokens_seen": meter.tokens, "steps": steps, "seconds": round(seconds, 3),
+            training={"tokens_seen": meter.tokens, "steps": run.steps, "seconds": round(seconds, 3),
                       "tokens_per_s": round(meter.tokens / seconds, 1) if seconds > 0 else None,
                       "final_loss": log[-1]["loss"] if log else None, "device": world.device,
                       "peak_memory_mib": _peak_memory_mib(world.device),
@@ -488,8 +565,7 @@ def _write_output(config, inputs, student, adapted, controller, meter, log, step
             tokenizer=inputs.data.tokenizer,
         )
     last = log[-1]
-    ui.info(f"{config.method}: {steps} steps, {meter.tokens:,} tokens, final loss {last['loss']:.4f} "
+    ui.info(f"{config.method}: {run.steps} steps, {meter.tokens:,} tokens, final loss {last['loss']:.4f} "
             f"(kl {last['kl']:.4f}, ce {last['ce']:.4f}); dense fraction {last['actual_fraction']:.3f}, "
             f"{last['modules_dropped']} modules at ρ = 0; training compute proxy {compute['proxy']:.3f}, "
             f"realised {compute['realised']:.3f} (kd-full = 1)")
-

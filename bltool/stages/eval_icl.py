@@ -1,4 +1,4 @@
-"""eval-icl: in-context-learning probes (METHOD.md §6, paper Appendix F.1).
+"""eval-icl: in-context-learning probes (docs/method.md §6, paper Appendix F.1).
 
 Each task is asked `--n` queries under `--seeds` demonstration seeds with `--shots` demonstrations each
 (protocol and sampling in `bltool.icl`); a task's score for a seed is its exact-match accuracy, its score
@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bltool import ui
 from bltool.artifacts import (
+    Stage,
     atomic_output,
     check_output_dir,
     sha256_file,
@@ -31,6 +32,7 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
 from bltool.icl import (
     ANSWER_MARGIN,
@@ -44,19 +46,9 @@ from bltool.icl import (
     min_eligible,
     newline_token_ids,
 )
-from bltool.models import (
-    check_dtype,
-    check_vocab_fits,
-    load_model,
-    load_tokenizer,
-    model_content_hash,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-)
+from bltool.models import check_vocab_fits, load_model, load_tokenizer, model_content_hash, resolve_model
 from bltool.probes import BUILTIN, Task, load_tasks, vocabulary
 
-STAGE = "eval-icl"
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
 
 
@@ -117,10 +109,10 @@ def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: 
     seeds = list(range(config.seeds))
     per_task, predictions = {}, []
     watch = ui.Stopwatch()
-    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=ui.console, transient=True)
+    progress = ui.progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), TimeRemainingColumn())
     with progress:
-        bar = progress.add_task("eval-icl", total=sum(len(qs) for _, qs in planned))
+        bar = progress.add_task(Stage.EVAL_ICL, total=sum(len(qs) for _, qs in planned))
         for task, qs in planned:
             progress.update(bar, description=f"eval-icl {task.name}")
             cap = cap_new_tokens(tokenizer, [q.target for q in qs])
@@ -226,7 +218,7 @@ def run(config: EvalIclConfig) -> Path:
         write_arrow(tmp / "predictions.arrow", predictions)
         write_manifest(
             tmp,
-            STAGE,
+            Stage.EVAL_ICL,
             config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, *_probe_inputs(tasks)],
             result={"composite": result["composite"]["mean"], "composite_std": result["composite"]["std"]},

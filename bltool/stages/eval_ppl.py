@@ -1,4 +1,4 @@
-"""eval-ppl: held-out perplexity and bits-per-byte (METHOD.md §6).
+"""eval-ppl: held-out perplexity and bits-per-byte (docs/method.md §6).
 
 Protocol: the held-out split's packed windows (documents joined with EOS, non-overlapping windows of
 the data's sequence length), taken in file order until `--max-tokens` tokens; every token of a window
@@ -22,23 +22,19 @@ import numpy as np
 import torch
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_arrow, write_json, write_manifest
+from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.data import PreparedData
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
 from bltool.models import (
-    check_dtype,
     check_vocab_fits,
     load_model,
     load_tokenizer,
     model_content_hash,
-    resolve_device,
-    resolve_dtype,
     resolve_model,
     tokenizer_identity,
 )
 from bltool.nll import token_nll
-
-STAGE = "eval-ppl"
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> d
     nll_sum, scored, scored_bytes, windows, window_tokens = 0.0, 0, 0, 0, 0
     watch = ui.Stopwatch()
     with ui.token_progress() as progress:
-        task = progress.add_task("eval-ppl", total=available, tokens=0)
+        task = progress.add_task(Stage.EVAL_PPL, total=available, tokens=0)
         for batch in _batches(budget_windows(data, config.max_tokens), config.batch_size):
             ids, mask, nbytes = _collate(batch, pad_id, device)
             nll = token_nll(model, ids, mask, chunk=config.chunk)  # (B, T-1) float32
@@ -173,7 +169,7 @@ def run(config: EvalPplConfig) -> Path:
         write_arrow(tmp / "result.arrow", [row])
         write_manifest(
             tmp,
-            STAGE,
+            Stage.EVAL_PPL,
             config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, data.ref()],
             result={k: result[k] for k in ("perplexity", "bits_per_byte", "mean_nll")},

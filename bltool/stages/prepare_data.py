@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_manifest
+from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
 from bltool.corpus import CorpusReader, Document
-from bltool.data import PREPARE_STAGE, SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
+from bltool.data import SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
 from bltool.errors import UsageError
 from bltool.models import load_tokenizer, resolve_model, tokenizer_identity
 
@@ -78,7 +78,7 @@ def run(config: PrepareDataConfig) -> Path:
         total = reader.total_bytes()
         tokens = 0
         with ui.byte_progress() as progress:
-            task = progress.add_task("prepare-data", total=total or None, tokens=0)
+            task = progress.add_task(Stage.PREPARE_DATA, total=total or None, tokens=0)
             for batch in _batches(reader, BATCH_CHARS):
                 held = [is_heldout(d.key, config.heldout) for d in batch]
                 for split in SPLITS:
@@ -104,7 +104,7 @@ def run(config: PrepareDataConfig) -> Path:
             raise UsageError(f"--heldout {config.heldout}: every document fell in the held-out split; lower it")
         write_manifest(
             tmp,
-            PREPARE_STAGE,
+            Stage.PREPARE_DATA,
             config=asdict(config),
             inputs=[r.as_dict() for r in reader.records],
             tokenizer=identity,

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bltool import figures, ui
-from bltool.artifacts import atomic_output, check_output_dir, now_iso, write_arrow, write_json, write_manifest
+from bltool.artifacts import Stage, atomic_output, check_output_dir, now_iso, write_arrow, write_json, write_manifest
 from bltool.errors import UsageError
 from bltool.runs import COLUMNS, Row, build_rows, find_artifacts, rows_table
 
-STAGE = "report"
 START, END = "<!-- bltool-report:start -->", "<!-- bltool-report:end -->"
 FIGURES = ("frontier.png", "icl.png", "dense_fraction.png")
 HEADERS = {
@@ -30,6 +29,9 @@ HEADERS = {
     "module_speedup": "module speedup (measured)", "prefill_speedup": "prefill speedup (e2e)",
     "decode_speedup": "decode speedup (e2e)", "param_reduction": "param reduction", "missing": "missing",
 }
+
+# The artifacts a report cites as its inputs.
+REPORTED = (Stage.DISTILL, Stage.COMPRESS, Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".") -> s
         cells = [icl if c == "icl_composite" else _fmt(c, d[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Perplexity and bits/byte on the held-out split; ICL is the macro composite of the probes "
-              "(± std over demonstration seeds); training compute is METHOD.md §7's proxy and the dense MACs "
+              "(± std over demonstration seeds); training compute is docs/method.md §7's proxy and the dense MACs "
               "actually executed, both relative to kd-full; MAC speedup is over the adapted modules after "
               "`compress`; measured speedups come from `bench` (module: prefill shape; end to end: prefill "
               "and batch-1 decode). A dash is a value the runs do not have; `missing` names the stage that "
@@ -171,10 +173,9 @@ def run(config: ReportConfig) -> Path:
         figures.dense_fraction(rows, tmp / FIGURES[2])
         (tmp / "report.md").write_text(markdown(rows, config.title, note), encoding="utf-8")
         write_json(tmp / "rows.json", [r.as_dict() for r in rows])
-        write_manifest(tmp, STAGE, config=asdict(config),
+        write_manifest(tmp, Stage.REPORT, config=asdict(config),
                        inputs=[{"role": "run", "path": str(a.path), "stage": a.stage, "hash": a.hash}
-                               for a in artifacts if a.stage in ("distill", "compress", "eval-ppl", "eval-icl",
-                                                                 "bench")],
+                               for a in artifacts if a.stage in REPORTED],
                        rows=len(rows))
     if config.readme:
         readme = Path(config.readme)

@@ -1,9 +1,9 @@
 """teacher-logits: run the teacher once and store its top-k logits for the sequences distillation reads.
 
 The sequences are those at positions [0, ⌈tokens / seq_len⌉) of the run order for `--seed` (see
-`bltool.batches`), so any `distill --teacher-logits DIR` with the same data, seed and temperature and at
+`bltool.train.batches`), so any `distill --teacher-logits DIR` with the same data, seed and temperature and at
 most `--tokens` tokens finds every sequence it needs, whatever its batch size or number of processes.
-A sweep over budgets then pays for the teacher once. See `bltool.teacher_cache` for the file format and
+A sweep over budgets then pays for the teacher once. See `bltool.train.teacher_cache` for the file format and
 `losses.kd_loss_topk` for how the loss treats the tail beyond the top k.
 """
 
@@ -17,23 +17,15 @@ import numpy as np
 import torch
 
 from bltool import ui
-from bltool.artifacts import atomic_output, check_output_dir, write_manifest
-from bltool.batches import PackedSequences, collate, positions_to_indices
+from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
 from bltool.data import PreparedData
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.losses import check_kd_args
-from bltool.models import (
-    check_dtype,
-    load_model,
-    load_tokenizer,
-    model_content_hash,
-    resolve_device,
-    resolve_dtype,
-    resolve_model,
-    tokenizer_identity,
-)
+from bltool.models import load_model, load_tokenizer, model_content_hash, resolve_model, tokenizer_identity
 from bltool.nll import hidden_states
-from bltool.teacher_cache import FILE, STAGE, CacheWriter, teacher_topk
+from bltool.train.batches import PackedSequences, collate, positions_to_indices
+from bltool.train.losses import check_kd_args
+from bltool.train.teacher_cache import FILE, CacheWriter, teacher_topk
 
 
 @dataclass(frozen=True)
@@ -89,7 +81,7 @@ def run(config: TeacherLogitsConfig) -> Path:
         writer = CacheWriter(tmp / FILE)
         done = 0
         with ui.token_progress() as progress, torch.no_grad():
-            task = progress.add_task("teacher-logits", total=total, tokens=0)
+            task = progress.add_task(Stage.TEACHER_LOGITS, total=total, tokens=0)
             for start in range(0, len(sequences), config.batch_size):
                 index = [int(i) for i in sequences[start: start + config.batch_size]]
                 rows = [train[i] for i in index]
@@ -103,7 +95,7 @@ def run(config: TeacherLogitsConfig) -> Path:
         seconds = watch.seconds
         bytes_per_token = (tmp / FILE).stat().st_size / max(total, 1)
         write_manifest(
-            tmp, STAGE, config=asdict(config),
+            tmp, Stage.TEACHER_LOGITS, config=asdict(config),
             inputs=[{"role": "teacher", **ref.describe(), "content": model_content_hash(ref)}, data.ref()],
             teacher={**ref.describe(), "content": model_content_hash(ref), "vocab_size": teacher.config.vocab_size},
             coverage={"positions": math.ceil(config.tokens / data.seq_len), "sequences": len(sequences),

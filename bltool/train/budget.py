@@ -1,4 +1,4 @@
-"""Budget schedule and controller (METHOD.md §3).
+"""Budget schedule and controller (docs/method.md §3).
 
 The controller works on numbers only: module dense costs c_m = d_in · d_out in registration order, and
 their retention coefficients ρ_m. The training loop copies ρ into the modules after each step. Because
@@ -35,7 +35,7 @@ def settle_steps(beta: float, tau_drop: float) -> int:
 
 
 def scheduled_mean_retention(budget: float, decay_start: float, decay_end: float) -> float:
-    """ρ̄ = s0 + (s1 − s0)(1 + F)/2 + (1 − s1) F, the time-average of f(s) (METHOD.md §7)."""
+    """ρ̄ = s0 + (s1 − s0)(1 + F)/2 + (1 − s1) F, the time-average of f(s) (docs/method.md §7)."""
     return decay_start + (decay_end - decay_start) * (1 + budget) / 2 + (1 - decay_end) * budget
 
 
@@ -60,7 +60,7 @@ class BudgetConfig:
             raise UsageError(f"--tau-drop must be in [0, 1), got {self.tau_drop}")
 
     def short_run_warning(self, total_steps: int) -> str | None:
-        """A run with too few steps after s1 leaves modules between τ_drop and τ_svd (METHOD.md §3)."""
+        """A run with too few steps after s1 leaves modules between τ_drop and τ_svd (docs/method.md §3)."""
         after = total_steps - math.ceil(self.decay_end * total_steps)
         needed = settle_steps(self.beta, self.tau_drop)
         if self.budget < 1.0 and after < needed:

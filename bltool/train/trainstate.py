@@ -22,10 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bltool.artifacts import atomic_output, read_manifest, write_json, write_manifest
+from bltool.artifacts import Stage, atomic_output, read_manifest, write_json, write_manifest
 from bltool.errors import ArtifactError
-
-STAGE = "distill-checkpoint"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -79,13 +77,13 @@ def save(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         save_file({k: v.contiguous().cpu() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         write_json(tmp / "state.json", {**state, "param_groups": groups})
-        write_manifest(tmp, STAGE, config=config, inputs=[], step=state["step"])
+        write_manifest(tmp, Stage.DISTILL_CHECKPOINT, config=config, inputs=[], step=state["step"])
 
 
 def load(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(state.json, trainable tensors, optimizer tensors, rng tensors) of a checkpoint, checked."""
     directory = Path(directory)
-    read_manifest(directory, (STAGE,), "--checkpoint-dir")
+    read_manifest(directory, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")
     try:
         state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
         trainable = load_file(str(directory / "trainable.safetensors"))

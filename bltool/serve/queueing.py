@@ -1,4 +1,4 @@
-"""Serving capacity under KV-cache memory (METHOD.md §8): pure functions, no I/O.
+"""Serving capacity under KV-cache memory (docs/method.md §8): pure functions, no I/O.
 
 The model (Nie, Si & Zhou 2026): one GPU worker holds at most `M` KV tokens. A request with prompt
 length `s` and output length `o` is prefilled in chunks of `ŝ` tokens, one chunk per batch iteration,

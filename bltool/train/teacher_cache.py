@@ -22,11 +22,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bltool.artifacts import artifact_ref, read_manifest
+from bltool.artifacts import Stage, artifact_ref, read_manifest
 from bltool.data import list_array
 from bltool.errors import ArtifactError
 
-STAGE = "teacher-logits"
 FILE = "topk.arrow"
 SCHEMA = pa.schema([
     pa.field("sequence", pa.int64()),
@@ -107,10 +106,10 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: Path, flag: str = "--teacher-logits") -> TeacherCache:
-        return cls(Path(path), read_manifest(Path(path), (STAGE,), flag))
+        return cls(Path(path), read_manifest(Path(path), (Stage.TEACHER_LOGITS,), flag))
 
     def ref(self) -> dict:
-        return artifact_ref(self.path, self.manifest, "teacher-logits")
+        return artifact_ref(self.path, self.manifest, Stage.TEACHER_LOGITS)
 
     def __contains__(self, sequence: int) -> bool:
         return int(sequence) in self._where

@@ -1,4 +1,4 @@
-"""Training compute of the adapted modules: the proxy of METHOD.md §7 and what a run really executed.
+"""Training compute of the adapted modules: the proxy of docs/method.md §7 and what a run really executed.
 
 MACs per token, counted over the adapted linears only (attention scores, norms, embeddings and the LM
 head are the same for every method, so they cancel in the comparison):
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bltool.budget import scheduled_mean_retention
+from bltool.train.budget import scheduled_mean_retention
 
 
 def proxy(method: str, dense: int, lora: int, budget: float | None = None, decay_start: float = 0.1,
           decay_end: float = 0.3) -> float:
-    """METHOD.md §7's training-compute proxy, normalised to kd-full = 1."""
+    """docs/method.md §7's training-compute proxy, normalised to kd-full = 1."""
     if method == "kd-full":
         return 1.0
     if method == "kd-lora":

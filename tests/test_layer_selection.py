@@ -1,11 +1,11 @@
-"""Layer selection for build-student (METHOD.md §1): exact lists for every mode, and bad inputs."""
+"""Layer selection for build-student (docs/method.md §1): exact lists for every mode, and bad inputs."""
 
 from __future__ import annotations
 
 import pytest
 
 from bltool.errors import UsageError
-from bltool.layers import MODES, canonical_mode, select_layers
+from bltool.layer_selection import MODES, canonical_mode, select_layers
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Choosing which teacher layers a student keeps (METHOD.md §1)."""
+"""Choosing which teacher layers a student keeps (docs/method.md §1)."""
 
 from __future__ import annotations
 

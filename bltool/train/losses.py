@@ -1,4 +1,4 @@
-"""The distillation loss of METHOD.md §4, computed over sequence chunks.
+"""The distillation loss of docs/method.md §4, computed over sequence chunks.
 
 Over the non-padding next-token positions (position t predicts token t+1, right padding):
 

@@ -1,6 +1,14 @@
 """bltool: Budgeted LoRA distillation, from a teacher LM to a student that is cheaper to serve."""
 
+import wrapt
+
 __version__ = "0.1.0"
+
+# Compressed students have their own model types (bltool/lowrank_models.py). Register them with
+# transformers' Auto classes as soon as transformers is imported (at once if it already is), so that
+# `import bltool` is all `AutoModelForCausalLM.from_pretrained(compressed_dir)` needs, while
+# `import bltool` itself (and `bltool --help`) stays free of torch and transformers.
+wrapt.register_post_import_hook("bltool.lowrank_models:register", "transformers")
 
 
 def load_model(path, dtype=None, device: str = "cpu"):

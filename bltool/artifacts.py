@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -27,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from bltool import __version__
-from bltool.errors import ArtifactError, UsageError
+from bltool.errors import ArtifactError, BltoolError, UsageError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -51,6 +53,9 @@ class Stage:
     CAPACITY = "capacity"
     REPORT = "report"
 
+
+# Stages whose output is a model (a checkpoint directory with config.json and safetensors weights).
+MODEL_STAGES = (Stage.IMPORT_GGUF, Stage.BUILD_STUDENT, Stage.DISTILL, Stage.COMPRESS)
 
 # Directory names the example scripts give stage outputs inside a run directory; a model found in
 # one is named after its run (runs/bl-0.4/compressed → bl-0.4-compressed), so that two runs' students
@@ -114,6 +119,9 @@ def check_output_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace it")
+    parent = next(p for p in Path(out).absolute().parents if p.exists())  # where the output will be made
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: {parent} is not writable (read-only or no permission)")
 
 
 @contextlib.contextmanager
@@ -126,27 +134,69 @@ def atomic_output(out: Path, overwrite: bool = False, flag: str = "--out") -> It
     out = Path(out).absolute()
     check_output_dir(out, overwrite, flag)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         yield tmp
         for path in tmp.rglob("*"):  # some writers create 0600 files; give them the umask's mode
             if path.is_file():
                 os.chmod(path, 0o666 & ~_umask())
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
+        recover_output(out)  # a replacement killed half-way earlier
+        if out.exists():  # out → backup, tmp → out, drop backup: a kill in between leaves the backup
+            backup = _backup(out)
+            os.replace(out, backup)
             os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         for parent in created:  # parents this call made, if still empty
             with contextlib.suppress(OSError):
                 parent.rmdir()
+        code = _disk_errno(err)
+        if code in _FULL:
+            raise BltoolError(f"{flag} {out}: cannot write ({os.strerror(code)}); nothing was written") from None
         raise
+
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)  # the disk, not the program, said no
+
+
+def _disk_errno(err: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the one a Rust-backed writer (safetensors,
+    tokenizers) puts in its message as "(os error N)"."""
+    if isinstance(err, OSError):
+        return err.errno
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    return int(found.group(1)) if found else None
+
+
+def _backup(out: Path) -> Path:
+    return out.parent / f".{out.name}.replaced"
+
+
+def recover_output(out: Path) -> None:
+    """Finish what a process killed while replacing `out` left: the old `out` back in place if the new
+    one never arrived, or the old one dropped if it did."""
+    out, backup = Path(out).absolute(), _backup(Path(out).absolute())
+    if not backup.exists():
+        return
+    if out.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(backup, out)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Drop the temporary siblings that killed writers of `out` left behind (call only where no other
+    process can be writing `out`, e.g. a run's own checkpoint directory)."""
+    out = Path(out).absolute()
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def file_table(directory: Path) -> dict[str, dict[str, Any]]:
@@ -186,8 +236,8 @@ def write_manifest(
 
 
 def read_manifest(directory: Path, stages: tuple[str, ...] | None = None, flag: str = "PATH") -> dict:
-    """Read and check an artifact's manifest: it exists, parses, comes from one of `stages`, and
-    every file it lists is present with its recorded size (a cheap guard against truncation)."""
+    """Read and check an artifact's manifest: it exists, parses, comes from one of `stages`, and every
+    file it lists is present with its recorded size and SHA-256 (see `verify_hashes`)."""
     directory = Path(directory)
     if not directory.exists():
         raise ArtifactError(f"{flag}: {directory} does not exist")
@@ -208,6 +258,7 @@ def read_manifest(directory: Path, stages: tuple[str, ...] | None = None, flag: 
         raise ArtifactError(
             f"{flag}: {directory} was made by `bltool {manifest['stage']}`, expected the output of {wanted}"
         )
+    hashes = verify_hashes()
     for name, entry in manifest["files"].items():
         file = directory / name
         if not file.is_file():
@@ -217,7 +268,30 @@ def read_manifest(directory: Path, stages: tuple[str, ...] | None = None, flag: 
             raise ArtifactError(
                 f"{flag}: {file} has {size} bytes, its manifest says {entry['bytes']} (truncated or modified)"
             )
+        if hashes and _checked_sha256(file) != entry["sha256"]:
+            raise ArtifactError(f"{flag}: {file} does not match the SHA-256 in its {MANIFEST} (modified or corrupt)")
     return manifest
+
+
+VERIFY_ENV = "BLTOOL_VERIFY"
+_checked: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) → SHA-256, hashed once per process
+
+
+def verify_hashes() -> bool:
+    """Whether reading an artifact checks each file's SHA-256 against its manifest (the default), or
+    only its size ($BLTOOL_VERIFY=size, for inputs too large to hash on every read)."""
+    mode = os.environ.get(VERIFY_ENV, "") or "sha256"
+    if mode not in ("sha256", "size"):
+        raise UsageError(f"${VERIFY_ENV} must be sha256 or size, got {mode!r}")
+    return mode == "sha256"
+
+
+def _checked_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked:
+        _checked[key] = sha256_file(path)
+    return _checked[key]
 
 
 def artifact_ref(directory: Path, manifest: dict, role: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from bltool import __version__, ui
@@ -36,8 +37,12 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
 
 
+def _error_line(message: str) -> None:
+    ui.console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
 def _fail(message: str, code: int):
-    ui.console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    _error_line(message)
     raise typer.Exit(code)
 
 
@@ -480,7 +485,22 @@ def report(
 
 
 def main() -> None:
-    app(prog_name="bltool")
+    """The `bltool` entry point: a usage error (unknown flag, missing option, bad value) is one line on
+    stderr naming the flag, exit 2, like every other bad input."""
+    try:
+        code = app(prog_name="bltool", standalone_mode=False)
+    except Exception as err:  # click's UsageError / BadParameter (typer vendors click: matched by shape)
+        ctx, message = getattr(err, "ctx", None), getattr(err, "format_message", None)
+        if message is None or not hasattr(err, "exit_code"):
+            raise
+        if type(err).__name__ == "NoArgsIsHelpError":  # plain `bltool`: the help, as before
+            typer.echo(message(), err=True)
+        else:
+            where = f" (`{ctx.command_path} --help`)" if ctx is not None else ""
+            _error_line(" ".join(message().split()) + where)
+        raise SystemExit(err.exit_code) from None
+    raise SystemExit(code or 0)
+
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ from bltool.adapters import adapted_modules, merge_into_linear
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import LowRankLinear, default_kernel, set_kernel
+from bltool.lowrank_models import as_compressed, family_of, replace_module
 from bltool.weights import load_weights_strict, quiet_transformers
 
 FORMS = ("keep", "svd", "drop")
@@ -164,17 +165,12 @@ def module_record(name: str, layer: nn.Module, form: str, rho: float, lora_rank:
     }
 
 
-def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-
-
 def compress_model(model: nn.Module, policy: CompressionPolicy) -> list[dict[str, Any]]:
     """Replace every gated LoRA module of `model` in place (budgeted-lora); returns the records."""
     records = []
     for name, module in adapted_modules(model):
         layer, record = compress_module(module, policy, name)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         records.append(record)
     return records
 
@@ -184,7 +180,7 @@ def merge_model(model: nn.Module) -> list[dict[str, Any]]:
     records = []
     for name, module in adapted_modules(model):
         layer = merge_into_linear(module)
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         records.append(module_record(name, layer, form="keep", rho=module._rho, lora_rank=module.rank,
                                      kept_rank=module.rank, svd_rank=0))
     return records
@@ -197,7 +193,7 @@ def densify_model(model: nn.Module, records: list[dict[str, Any]]) -> list[dict[
         layer = model.get_submodule(record["name"])
         if isinstance(layer, LowRankLinear):
             layer = layer.to_dense()
-            _replace(model, record["name"], layer)
+            replace_module(model, record["name"], layer)
             record = module_record(record["name"], layer, record["form"], record["rho"], record["lora_rank"],
                                    record["kept_rank"], record["svd_rank"], multiplied_out=True)
         out.append(record)
@@ -244,15 +240,21 @@ def compressed_section(method: str, policy: CompressionPolicy | None, records: l
 
 
 def save_compressed(directory: Path, model: nn.Module, tokenizer) -> None:
-    """A Hugging Face checkpoint (config, generation config, tokenizer, one model.safetensors)."""
+    """A Hugging Face checkpoint (config, generation config, tokenizer, one model.safetensors). With
+    low-rank layers it is of bltool's compressed model type (bltool/lowrank_models.py), so that a loader
+    that does not know them refuses it instead of loading random dense weights."""
     set_kernel(model, "linear")  # the stored layout is nn.Linear's (row-major factors)
-    model.save_pretrained(directory, max_shard_size="1000GB")
+    as_compressed(model).save_pretrained(directory, max_shard_size="1000GB")
     tokenizer.save_pretrained(directory)
 
 
 def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: str = "MODEL"):
     """Rebuild a compressed student from its config and `compressed` section, load every weight strictly,
-    and select the low-rank kernel ($BLTOOL_LOWRANK_KERNEL, default auto). Ready for `generate()`."""
+    and select the low-rank kernel ($BLTOOL_LOWRANK_KERNEL, default auto). Ready for `generate()`.
+
+    A checkpoint of bltool's compressed model type builds its low-rank layers from its config; one
+    written before that type existed (model type `llama` etc.) gets them from the manifest. Either way
+    the manifest must describe the model that was built."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -260,22 +262,23 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else config.dtype)
     dtype = next(model.parameters()).dtype
+    built_lowrank = family_of(config.model_type) is not None
     for entry in section.get("modules", []):
         name = entry["name"]
         try:
-            original = model.get_submodule(name)
+            layer = model.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"{flag}: {directory}'s manifest lists {name}, absent from its config") from None
-        if not isinstance(original, nn.Linear) or (original.in_features, original.out_features) != (
-                entry["in_features"], entry["out_features"]):
+        if (layer.in_features, layer.out_features) != (entry["in_features"], entry["out_features"]):
             raise ArtifactError(f"{flag}: {directory}'s manifest says {name} is {entry['in_features']} → "
                                 f"{entry['out_features']}, its config disagrees")
-        if entry["layout"] == "lowrank":
-            layer = LowRankLinear(entry["in_features"], entry["out_features"], int(entry["rank"]),
-                                  bias=bool(entry["bias"]), dtype=dtype)
-        else:
-            layer = nn.Linear(entry["in_features"], entry["out_features"], bias=bool(entry["bias"]), dtype=dtype)
-        _replace(model, name, layer)
+        lowrank = entry["layout"] == "lowrank"
+        if built_lowrank:
+            if lowrank != isinstance(layer, LowRankLinear) or (lowrank and layer.rank != int(entry["rank"])):
+                raise ArtifactError(f"{flag}: {directory}'s manifest and config.json disagree about {name}")
+        elif lowrank:
+            replace_module(model, name, LowRankLinear(entry["in_features"], entry["out_features"],
+                                                      int(entry["rank"]), bias=bool(entry["bias"]), dtype=dtype))
     load_weights_strict(model, directory / WEIGHTS, flag, "compressed modules")
     set_kernel(model, default_kernel())
     return model.eval()

@@ -120,18 +120,25 @@ class LoRASpec:
             raise UsageError("--target-modules must name at least one module")
 
 
+def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers whose attribute name is in `targets`, in registration order; every target
+    must name at least one (a typo would otherwise train, or count, nothing)."""
+    found = [(name, module) for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)]
+    missing = set(targets) - {name.rsplit(".", 1)[-1] for name, _ in found}
+    if missing:
+        raise UsageError(f"--target-modules: no linear layer named {sorted(missing)} in the model")
+    return found
+
+
 def inject_lora(model: nn.Module, spec: LoRASpec) -> list[tuple[str, GatedLoRALinear]]:
     """Freeze `model` and wrap every nn.Linear whose attribute name is in `spec.targets`.
 
     Returns the adapted modules as (qualified name, module) in `named_modules()` registration order,
     the order the budget controller uses to break cost ties.
     """
+    found = target_linears(model, spec.targets)
     model.requires_grad_(False)
-    found = [(name, module) for name, module in model.named_modules()
-             if name.rsplit(".", 1)[-1] in spec.targets and isinstance(module, nn.Linear)]
-    missing = set(spec.targets) - {name.rsplit(".", 1)[-1] for name, _ in found}
-    if missing:
-        raise UsageError(f"--target-modules: no linear layer named {sorted(missing)} in the model")
     adapted = []
     for name, linear in found:
         parent_name, _, attr = name.rpartition(".")

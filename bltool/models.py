@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from bltool.adapters import load_adapted
-from bltool.artifacts import MANIFEST, STAGE_DIRS, check_safetensors, read_manifest, sha256_file, sha256_json
+from bltool.artifacts import (
+    MANIFEST,
+    MODEL_STAGES,
+    STAGE_DIRS,
+    check_safetensors,
+    read_manifest,
+    sha256_file,
+    sha256_json,
+)
 from bltool.compression import load_compressed
 from bltool.errors import ArtifactError, UsageError
 from bltool.gguf import gguf_cache_dir, gguf_checkpoint
+from bltool.lowrank_models import MODEL_TYPES
 from bltool.registry import SUPPORTED_MODEL_TYPES, load_registry, registry_path, safe_label
 from bltool.weights import quiet_transformers
 
@@ -86,9 +95,10 @@ def check_checkpoint_dir(path: Path, flag: str = "MODEL") -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{flag}: {config_path} is not valid JSON ({err})") from None
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES + MODEL_TYPES:
         raise UsageError(
-            f"{flag}: {path} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{flag}: {path} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            "(and bltool's compressed forms of them)"
         )
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
@@ -104,11 +114,12 @@ def check_checkpoint_dir(path: Path, flag: str = "MODEL") -> dict[str, Any]:
     return config
 
 
-def artifact_manifest(path: Path) -> dict | None:
-    """The bltool manifest of a model directory, or None for a plain Hugging Face checkpoint."""
+def artifact_manifest(path: Path, flag: str | None = None) -> dict | None:
+    """The bltool manifest of a model directory (checked: made by a stage that makes models, every file
+    whole), or None for a plain Hugging Face checkpoint."""
     if not (Path(path) / MANIFEST).is_file():
         return None
-    return read_manifest(Path(path), None, str(path))
+    return read_manifest(Path(path), MODEL_STAGES, flag or str(path))
 
 
 def load_model(ref: ModelRef, dtype=None, device: str = "cpu", flag: str = "MODEL"):
@@ -117,7 +128,7 @@ def load_model(ref: ModelRef, dtype=None, device: str = "cpu", flag: str = "MODE
     Students that carry adapters (`distill` kd-lora / budgeted-lora) or compressed low-rank modules
     (`compress`) are rebuilt from their manifest first, so every stage takes them like any model.
     """
-    manifest = artifact_manifest(ref.path)
+    manifest = artifact_manifest(ref.path, flag)
     if manifest is not None and manifest.get("adapters"):
         return load_adapted(ref.path, manifest["adapters"], dtype=dtype, flag=flag).to(device).eval()
     if manifest is not None and manifest.get("compressed"):

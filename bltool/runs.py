@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage
+from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage, read_manifest
 from bltool.errors import UsageError
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
@@ -67,6 +67,8 @@ class Artifact:
         return None
 
     def result(self) -> dict:
+        """The evaluation's result.json, checked against the manifest first (size and SHA-256)."""
+        read_manifest(self.path, (self.stage,), "RUN_DIR")
         path = self.path / "result.json"
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 

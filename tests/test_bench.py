@@ -8,6 +8,7 @@ import time
 
 import pyarrow as pa
 import pytest
+import torch
 from helpers import distilled_student
 from typer.testing import CliRunner
 
@@ -162,3 +163,33 @@ def test_bad_inputs_are_refused_in_one_line(extra, needles, tmp_path, compressed
     for needle in needles:
         assert needle in lines[0]
     assert not out.exists()
+
+
+def test_cuda_events_are_recorded_on_the_model_devices_stream(monkeypatch):
+    """`--device cuda:1`: the events must be on cuda:1's stream, not the current device's (cuda:0).
+    No GPU here, so torch.cuda's stream and event are stand-ins that record where they were used."""
+    recorded = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(stream.device if stream is not None else torch.device("cuda", 0))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    result = measure({"f": lambda: None}, warmup=0, repeats=2, device="cuda:1")
+    assert result["f"]["median_s"] == 0.002
+    assert recorded == [torch.device("cuda", 1)] * 4

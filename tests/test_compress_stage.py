@@ -82,6 +82,38 @@ def test_kd_full_passes_through(tmp_path, tiny_llama):
     assert torch.equal(logits(plain_transformers(out)), logits(model))
 
 
+def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, tiny_llama):
+    """Low-rank modules must not load as a "llama" whose q_proj.weight transformers fills at random:
+    transformers alone refuses the checkpoint in its own words; after `import bltool`, its Auto classes
+    build the low-rank model, every weight used, computing what bltool.load_model computes."""
+    import subprocess
+    import sys
+
+
+    source, _ = distilled_student(tmp_path / "s", tiny_llama, rhos=(0.0, 1.0))
+    out = tmp_path / "c"
+    assert invoke("compress", str(source), "--out", str(out)).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    records = read_manifest(out)["compressed"]["modules"]
+    assert config["model_type"] == "bltool_lowrank_llama"
+    assert config["architectures"] == ["BltoolLowRankLlamaForCausalLM"]
+    assert config["lowrank_modules"] == {r["name"]: r["rank"] for r in records if r["layout"] == "lowrank"}
+    assert 0 < len(config["lowrank_modules"]) < len(records)
+
+    alone = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
+                            "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode != 0 and "bltool_lowrank_llama" in alone.stderr, alone.stderr[-2000:]
+
+    hf = plain_transformers(out)  # in this process bltool is imported: the type is registered
+    assert type(hf).__name__ == "BltoolLowRankLlamaForCausalLM"
+    ranks = {name: m.rank for name, m in hf.named_modules() if isinstance(m, LowRankLinear)}
+    assert ranks == config["lowrank_modules"]
+    assert torch.allclose(logits(hf), logits(bltool.load_model(out)), atol=1e-6)
+    again = hf.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, bltool.load_model(out).generate(IDS, max_new_tokens=4, do_sample=False))
+
+
 def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, tiny_llama):
     source, _ = distilled_student(tmp_path / "s", tiny_llama, rhos=(0.0, 1.0))
     low = tmp_path / "low"
@@ -92,6 +124,7 @@ def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, tiny_l
     assert "gives up the" in result.stderr and "speedup" in result.stderr
     section = read_manifest(dense)["compressed"]
     assert section["densified"] and {m["layout"] for m in section["modules"]} == {"dense"}
+    assert json.loads((dense / "config.json").read_text())["model_type"] == "llama"  # any loader reads it
     assert torch.allclose(logits(plain_transformers(dense)), logits(bltool.load_model(low)), atol=1e-5)
 
 

@@ -59,14 +59,31 @@ def test_rho_zero_never_touches_dense_weight():
     layer = GatedLoRALinear(base, rank=2, alpha=2.0, dropout=0.0)
     nn.init.normal_(layer.lora_B)
     layer.set_rho(0.0)
+    base.requires_grad_(True)  # were the dense path in the graph, its weight would now get a gradient
     x = torch.randn(3, 6, requires_grad=True)
     out = layer(x)
     assert torch.allclose(out, layer.lora(x))
     out.sum().backward()  # backward does not need the dense weight either
-    assert base.weight.grad is None
+    assert base.weight.grad is None and layer.lora_B.grad is not None and x.grad is not None
     layer.set_rho(0.3)
     with pytest.raises(AssertionError, match="dense matmul ran"):
         layer(x)
+
+
+def test_dropout_acts_on_the_lora_path_only():
+    """In train mode, dropout drops entries of the low-rank path's input, never the dense path's: with
+    B = 0 the module is exactly the dense layer; with B ≠ 0 the difference from it changes with the mask."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    layer = GatedLoRALinear(base, rank=4, alpha=8.0, dropout=0.5).train()
+    x = torch.randn(32, 16)
+    for _ in range(3):
+        assert torch.equal(layer(x), base(x))
+    nn.init.normal_(layer.lora_B)
+    first, second = layer(x) - base(x), layer(x) - base(x)
+    assert not torch.allclose(first, second)  # a new mask each call, on the LoRA path
+    layer.eval()
+    assert torch.allclose(layer(x) - base(x), layer.lora(x)) and torch.equal(layer(x), layer(x))
 
 
 def test_only_lora_and_gates_train():

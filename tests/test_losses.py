@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from bltool.errors import UsageError
 from bltool.train.losses import kd_loss, kd_loss_reference, kd_loss_topk
+from bltool.train.teacher_cache import teacher_topk
 
 
 def identity_head(v: int) -> torch.nn.Linear:
@@ -184,11 +185,8 @@ def test_bad_arguments(kwargs, flag):
 
 
 def topk_inputs(h_t, head_t, k, temperature=3.0):
-    with torch.no_grad():
-        z_t = head_t(h_t)[:, :-1]  # (B, T-1, V): position t predicts token t+1
-        top = z_t.topk(k, dim=-1)
-        lse = torch.logsumexp(z_t / temperature, dim=-1)
-    return top.indices, top.values, lse
+    """What the cache holds for these hidden states (before float16 storage of the logits)."""
+    return teacher_topk(h_t, head_t, k, temperature)
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 100])
@@ -212,8 +210,9 @@ def test_topk_tail_is_one_bucket_hand_computed():
     h_s = torch.tensor([[z_s, [0.0] * 4]], dtype=torch.float64)  # (1, 2, 4); the 2nd position is the last
     ids, mask = torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long)
     lse = torch.tensor([[math.log(sum(math.exp(z / t) for z in z_t))]], dtype=torch.float64)
-    out = kd_loss_topk(h_s, identity_head(4), torch.tensor([[[0, 1]]]), torch.tensor([[[3.0, 1.0]]]), lse, ids,
-                       mask, temperature=t, kd_weight=0.5)
+    log_tail = torch.tensor([[math.log(p_tail)]], dtype=torch.float64)
+    out = kd_loss_topk(h_s, identity_head(4), torch.tensor([[[0, 1]]]), torch.tensor([[[3.0, 1.0]]]), lse,
+                       log_tail, ids, mask, temperature=t, kd_weight=0.5)
     assert out.kl.item() == pytest.approx(kl, rel=1e-6)
     assert out.loss.item() == pytest.approx(0.5 * t**2 * kl + 0.5 * ce, rel=1e-6)
     # the coarse-grained KL is a lower bound on the full KL
@@ -223,9 +222,60 @@ def test_topk_tail_is_one_bucket_hand_computed():
 
 def test_topk_padding_and_no_nan_at_padded_positions():
     h_s, h_t, head_s, head_t, ids, mask = make_batch()
-    top_ids, top_logits, lse = topk_inputs(h_t, head_t, 3)
-    top_ids[1, 5:], top_logits[1, 5:], lse[1, 5:] = 0, 0.0, 0.0  # as the cache pads past a row's end
-    out = kd_loss_topk(h_s, head_s, top_ids, top_logits, lse, ids, mask, chunk=4)
+    top_ids, top_logits, lse, tail = topk_inputs(h_t, head_t, 3)
+    top_ids[1, 5:], top_logits[1, 5:], lse[1, 5:], tail[1, 5:] = 0, 0.0, 0.0, 0.0  # the cache's padding
+    out = kd_loss_topk(h_s, head_s, top_ids, top_logits, lse, tail, ids, mask, chunk=4)
     assert torch.isfinite(out.loss)
     g = grads(out.loss, h_s, head_s)
     assert g[0][1, 5:].abs().max() == 0 and torch.isfinite(g[0]).all()
+
+
+# -- precision of the top-k form against a float64 reference -------------------------------------------
+
+
+def _coarse_reference(z_t, z_s, labels, k, t, kd_weight):
+    """The §4 loss with the KL coarse-grained to the teacher's top k + one tail bucket, in float64 from
+    the full logits (N, V)."""
+    log_p, log_q = torch.log_softmax(z_t / t, -1), torch.log_softmax(z_s / t, -1)
+    top = z_t.topk(k, -1).indices
+    in_top = torch.zeros_like(z_t, dtype=torch.bool).scatter(-1, top, True)
+    p_tail, q_tail = log_p.exp().masked_fill(in_top, 0).sum(-1), log_q.exp().masked_fill(in_top, 0).sum(-1)
+    kl = (log_p.exp().gather(-1, top) * (log_p.gather(-1, top) - log_q.gather(-1, top))).sum(-1)
+    kl = kl + p_tail * (p_tail.log() - q_tail.log())
+    ce = torch.nn.functional.cross_entropy(z_s, labels, reduction="none")
+    return kd_weight * t**2 * kl.mean() + (1 - kd_weight) * ce.mean(), p_tail
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0])
+@pytest.mark.parametrize("student_tail", ["ordinary", "tiny"])
+def test_topk_cache_path_matches_a_float64_reference(t, student_tail):
+    """The teacher's logits go through what `teacher-logits` stores (top-k logits in float16, lse and the
+    tail's log-mass in float32), the student's are float32: loss and gradient match the float64 coarse
+    KL. A peaked teacher keeps a few % of its mass in the tail; a "tiny" student tail (1e-9) is where
+    1 − Σ q in float32 has no precision left."""
+    g = torch.Generator().manual_seed(0)
+    n, v, k = 6, 50, 8
+    z_t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
+    z_t[:, :k] += 5.0 * t  # a peaked teacher: its top k hold most, not all, of the mass (≈ 3% left)
+    z_s = torch.randn(n, v, generator=g, dtype=torch.float64)
+    if student_tail == "tiny":
+        z_s[:, k:] -= 22.0 * t  # the student leaves ~1e-9 of its mass outside the teacher's top k
+    labels = torch.randint(0, v, (n,), generator=g)
+    ref_input = z_s.clone().requires_grad_(True)
+    ref_loss, p_tail = _coarse_reference(z_t, ref_input, labels, k, t, 0.8)
+    ref_loss.backward()
+    assert 0.005 < float(p_tail.mean()) < 0.2
+
+    # the cache: one sequence of n + 1 tokens whose n predicting positions have these logits
+    ids, values, lse, tail = teacher_topk(torch.cat([z_t.float(), z_t.float()[:1]])[None],
+                                          identity_head(v).float(), k, t)
+    values = values.half().float()  # float16 storage
+    assert torch.allclose(tail[0].double().exp(), p_tail, rtol=1e-5)  # the tail's mass, exact to float32
+    h_s = torch.cat([z_s.float(), z_s.float()[:1]])[None].requires_grad_(True)  # (1, n + 1, V)
+    input_ids = torch.cat([torch.zeros(1, dtype=torch.long), labels])[None]
+    mask = torch.ones_like(input_ids)
+    out = kd_loss_topk(h_s, identity_head(v).float(), ids, values, lse, tail, input_ids, mask, temperature=t)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref_loss.item(), rel=2e-4)
+    grad, ref_grad = h_s.grad[0, :n].double(), ref_input.grad
+    assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())

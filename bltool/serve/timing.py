@@ -2,8 +2,8 @@
 
 Candidates that are compared (dense against compressed) are timed interleaved, one repeat of each in
 turn, so that a change in machine load during the run affects both alike. On CUDA each call is timed
-with CUDA events around it (start and end recorded on the current stream, then synchronised); on CPU
-with `time.perf_counter`. An optional per-candidate `setup` runs before each of its calls, untimed
+with CUDA events around it (start and end recorded on the model device's current stream, then
+synchronised); on CPU with `time.perf_counter`. An optional per-candidate `setup` runs before each of its calls, untimed
 (e.g. re-prefilling a KV cache before timing decode steps).
 """
 
@@ -21,12 +21,14 @@ import torch
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds that one call of `fn` took."""
+    """Seconds that one call of `fn` took. On CUDA the events are recorded on `device`'s current stream,
+    which is not the current device's when the model sits on another GPU (`--device cuda:1`)."""
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
     begin = time.perf_counter()

@@ -44,6 +44,7 @@ from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNELS, set_kernel
+from bltool.lowrank_models import family_of
 from bltool.models import load_model, model_content_hash, resolve_model
 from bltool.serve.timing import machine_info, measure
 
@@ -104,6 +105,8 @@ def compared_modules(model: nn.Module, manifest: dict | None) -> list[dict[str, 
 def check_baseline(model, baseline, modules: list[dict], spec: str) -> None:
     for key in SAME_ARCHITECTURE:
         a, b = getattr(model.config, key, None), getattr(baseline.config, key, None)
+        if key == "model_type":  # a compressed student is of its family's compressed type
+            a, b = family_of(a) or a, family_of(b) or b
         if a != b:
             raise UsageError(f"--baseline: {spec} is not the same architecture as MODEL ({key} {b} vs {a})")
     for entry in modules:

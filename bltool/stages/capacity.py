@@ -18,6 +18,7 @@ from pathlib import Path
 from bltool import ui
 from bltool.artifacts import (
     MANIFEST,
+    MODEL_STAGES,
     Stage,
     artifact_ref,
     atomic_output,
@@ -134,7 +135,8 @@ def _checkpoint_parameters(path: Path) -> int:
 
 def load_model_info(spec: str) -> ModelInfo:
     path = Path(spec)
-    manifest = read_manifest(path, None, "MODELS") if (path / MANIFEST).is_file() else None
+    stages = (Stage.BENCH_SERVING, *MODEL_STAGES)
+    manifest = read_manifest(path, stages, "MODELS") if (path / MANIFEST).is_file() else None
     if manifest is not None and manifest["stage"] == Stage.BENCH_SERVING:
         try:
             result = json.loads((path / "result.json").read_text(encoding="utf-8"))

@@ -23,15 +23,25 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from bltool import ui
 from bltool.adapters import adapter_section, save_adapted
-from bltool.artifacts import Stage, atomic_output, check_output_dir, read_manifest, write_arrow, write_manifest
+from bltool.artifacts import (
+    Stage,
+    atomic_output,
+    check_output_dir,
+    read_manifest,
+    recover_output,
+    remove_stale_temporaries,
+    write_arrow,
+    write_manifest,
+)
 from bltool.data import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
-from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora
+from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
 from bltool.models import (
     artifact_manifest,
     count_parameters,
@@ -145,12 +155,13 @@ class Objective(torch.nn.Module):
         self.student = student
         self.kw = {"temperature": config.temperature, "kd_weight": config.kd_weight, "chunk": config.chunk}
 
-    def forward(self, input_ids, attention_mask, teacher_hidden=None, teacher_head=None, topk=None):
+    def forward(self, input_ids, attention_mask, normalizer, teacher_hidden=None, teacher_head=None, topk=None):
         hidden = hidden_states(self.student, input_ids, attention_mask)  # (B, T, d)
         head = self.student.get_output_embeddings()
+        kw = {**self.kw, "normalizer": normalizer}
         if topk is not None:
-            return kd_loss_topk(hidden, head, *topk, input_ids, attention_mask, **self.kw)
-        return kd_loss(hidden, teacher_hidden, head, teacher_head, input_ids, attention_mask, **self.kw)
+            return kd_loss_topk(hidden, head, *topk, input_ids, attention_mask, **kw)
+        return kd_loss(hidden, teacher_hidden, head, teacher_head, input_ids, attention_mask, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -170,7 +181,7 @@ class Inputs:
 def _open_inputs(config: DistillConfig) -> Inputs:
     data = PreparedData.open(Path(config.data))
     student_ref = resolve_model(config.student, flag="--student")
-    manifest = artifact_manifest(student_ref.path)
+    manifest = artifact_manifest(student_ref.path, "--student")
     if manifest is not None and (manifest.get("adapters") or manifest.get("compressed")):
         made = "distilled with adapters" if manifest.get("adapters") else "compressed"
         raise UsageError(f"--student: {config.student} is already {made}; distil the `bltool build-student` output")
@@ -224,6 +235,8 @@ def _check_paths(config: DistillConfig) -> None:
     check_output_dir(Path(config.out), config.overwrite)
     if config.resume and not (ckpt / "manifest.json").is_file():
         raise UsageError(f"--resume: no checkpoint in {ckpt} (set --checkpoint-dir to where it is)")
+    if config.resume:  # every file of it whole, before any work
+        read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")
     if not config.resume and ckpt.exists() and not config.overwrite:
         raise UsageError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier run; pass --resume to "
                          "continue it or --overwrite to start over")
@@ -300,6 +313,7 @@ class TrainState:
     meter: ComputeMeter
     log: list[dict] = field(default_factory=list)  # one row per optimizer step (log.arrow)
     step: int = 0  # optimizer steps done
+    seconds: float = 0.0  # training wall time so far, over every resumption
 
 
 def run(config: DistillConfig) -> Path | None:
@@ -314,6 +328,10 @@ def run(config: DistillConfig) -> Path | None:
 
 
 def _run(config: DistillConfig, world: distributed.World) -> Path | None:
+    if world.main:  # what a run killed while writing its checkpoint left behind
+        recover_output(config.checkpoint_path)
+        remove_stale_temporaries(config.checkpoint_path)
+    distributed.barrier(world)
     _check_paths(config)
     inputs = _open_inputs(config)
     if not config.resume and config.checkpoint_path.exists() and world.main:
@@ -325,26 +343,32 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
     ui.info(f"distill {config.method}: {run_.steps} steps × {world.size * config.batch_size * config.grad_accum} "
             f"sequences of {inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
             f"warm-up {run_.warmup}" + (f", budget {config.budget}" if state.controller else ""))
-    watch = ui.Stopwatch()
+    finished = state.step >= run_.steps  # resumed after its last step: only the output is missing
     with StopSignals() as stop, _progress(world) as progress:
         task = progress.add_task(Stage.DISTILL, total=run_.steps, completed=state.step, loss=float("nan"), dense=1.0,
                                  rate=0.0)
         while state.step < run_.steps:
-            row = train_step(run_, state)
-            progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
-                            rate=state.meter.tokens / watch.seconds)
-            if distributed.any_true(world, stop.received is not None):
+            row = train_step(run_, state, stop)
+            if row is not None:
+                progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
+                                rate=row["tokens"] / state.seconds)
+            if row is None or distributed.any_true(world, stop.received is not None):
                 save_checkpoint(run_, state)
-                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} after step {state.step} "
-                                  f"of {run_.steps}; checkpoint in {config.checkpoint_path}; continue with --resume",
-                                  stop.received or 15)
+                where = f"after step {state.step}" if row is not None else f"during step {state.step + 1}"
+                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} {where} of {run_.steps}; "
+                                  f"checkpoint (after step {state.step}) in {config.checkpoint_path}; continue with "
+                                  "--resume", stop.received or 15)
             if config.save_every and state.step % config.save_every == 0 and state.step < run_.steps:
                 save_checkpoint(run_, state)
-    save_checkpoint(run_, state)
-    seconds = watch.seconds
+    if not finished:
+        save_checkpoint(run_, state)
     if not world.main:
         return None
-    save(run_, state, seconds)
+    try:
+        save(run_, state)
+    except BltoolError as err:
+        raise BltoolError(f"{err}. The checkpoint in {config.checkpoint_path} holds all {run_.steps} steps: "
+                          "free the space and run the same command with --resume to write the output") from None
     return Path(config.out)
 
 
@@ -360,13 +384,15 @@ def setup(run: Run) -> TrainState:
     _check_models(student, teacher_config, vocab)
     if config.method == "kd-full":  # every weight trains; the targeted linears are only counted
         student.requires_grad_(True)
-        linears = [m for n, m in student.named_modules()
-                   if n.rsplit(".", 1)[-1] in config.target_modules and isinstance(m, torch.nn.Linear)]
-        adapted, costs, lora_macs = [], [m.in_features * m.out_features for m in linears], 0
+        linears = target_linears(student, config.target_modules)
+        adapted, costs, lora_macs = [], [m.in_features * m.out_features for _, m in linears], 0
     else:
         adapted = inject_lora(student, config.lora_spec())
         costs = [m.dense_macs for _, m in adapted]
         lora_macs = sum(m.lora_macs for _, m in adapted)
+    # Dropout from here on: every rank draws its own masks (the LoRA initialisation above is the same on
+    # every rank, as the seed is); a pure function of --seed and the rank, so a run is reproducible.
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, world.rank]).generate_state(1)[0]))
     student.to(world.device).train()
     controller = None
     if config.method == "budgeted-lora":
@@ -391,23 +417,34 @@ def setup(run: Run) -> TrainState:
     return state
 
 
-def train_step(run: Run, state: TrainState) -> dict:
+def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> dict | None:
     """One optimizer step: the micro-batches (gradient accumulation; DDP all-reduces on the last), clip,
-    AdamW, schedule, then the budget controller. Appends and returns the step's log row."""
+    AdamW, schedule, then the budget controller. Appends and returns the step's log row.
+
+    The loss is the mean over every predicted token of the step, on all ranks (docs/method.md §4), however
+    the step is split into micro-batches and processes. A stop signal seen between micro-batches abandons
+    the step (None is returned; the state, random generators included, is as after the previous step)."""
     config, world = run.config, run.world
     began = time.perf_counter()
+    rng = trainstate.local_rng_state()  # given back if the step is abandoned
     rho = list(state.controller.rho) if state.controller else None  # the ρ this step computes with
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (sums of micro-batch means)
-    tokens = 0
-    for micro in range(config.grad_accum):
-        ids, mask, targets = _micro_batch(run, state.step, micro)
+    batches = [_micro_batch_rows(run, state.step, micro) for micro in range(config.grad_accum)]
+    tokens, predicted = distributed.sum_ints(world, [sum(len(r) for _, rows in batches for r in rows),
+                                                     sum(len(r) - 1 for _, rows in batches for r in rows)])
+    normalizer = predicted / world.size  # DDP averages gradients over ranks
+    sums = torch.zeros(3, dtype=torch.float64)  # this rank's share of the step's loss, kl, ce
+    for micro, (index, rows) in enumerate(batches):
+        if micro and stop is not None and distributed.any_true(world, stop.received is not None):
+            state.optimizer.zero_grad(set_to_none=True)
+            trainstate.set_local_rng_state(rng)
+            return None
+        ids, mask, targets = _micro_batch(run, index, rows)
         last = micro == config.grad_accum - 1
         with state.model.no_sync() if world.distributed and not last else contextlib.nullcontext():
             with run.autocast():
-                result = state.model(ids, mask, **targets)
-            (result.loss / config.grad_accum).backward()
+                result = state.model(ids, mask, normalizer, **targets)
+            result.loss.backward()
         sums += torch.stack([result.loss, result.kl, result.ce]).detach().to("cpu", torch.float64)
-        tokens += int(mask.sum())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip))
     if distributed.any_true(world, not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm))):
         state.optimizer.zero_grad(set_to_none=True)
@@ -420,12 +457,12 @@ def train_step(run: Run, state: TrainState) -> dict:
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    tokens = distributed.sum_int(world, tokens)
     state.meter.add(tokens, rho)
     computed = 1.0 if rho is None else sum(c for r, c in zip(rho, state.costs) if r > 0) / sum(state.costs)
     target, actual, dropped = _advance_budget(state)
     seconds = time.perf_counter() - began
-    loss, kl, ce = distributed.mean_floats(world, (sums / config.grad_accum).tolist())
+    state.seconds += seconds
+    loss, kl, ce = distributed.mean_floats(world, sums.tolist())
     state.step += 1
     state.log.append({
         "step": state.step, "tokens": state.meter.tokens, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
@@ -435,13 +472,19 @@ def train_step(run: Run, state: TrainState) -> dict:
     return state.log[-1]
 
 
-def _micro_batch(run: Run, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _micro_batch_rows(run: Run, step: int, micro: int) -> tuple[list[int], list]:
+    """The training-sequence indices of this rank's micro-batch and their token rows."""
+    config, world, train = run.config, run.world, run.inputs.train
+    index = [int(i) for i in micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
+                                                 config.grad_accum, len(train), config.seed)]
+    return index, [train[i] for i in index]
+
+
+def _micro_batch(run: Run, index: list[int], rows: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """A micro-batch's token ids and mask (B, T) and the teacher's side of the loss: the live teacher's
     final hidden states and head, or the cached top-k logits."""
-    config, world, inputs = run.config, run.world, run.inputs
-    index = [int(i) for i in micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
-                                                 config.grad_accum, len(inputs.train), config.seed)]
-    ids, mask = collate([inputs.train[i] for i in index], run.pad_id, world.device)
+    world, inputs = run.world, run.inputs
+    ids, mask = collate(rows, run.pad_id, world.device)
     if inputs.cache is not None:
         return ids, mask, {"topk": inputs.cache.batch(index, ids.shape[1], world.device)}
     with torch.no_grad(), run.autocast():
@@ -469,7 +512,8 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     if run.world.main:
         meta = {"step": state.step, "total_steps": run.steps, "scheduler": state.scheduler.state_dict(),
                 "controller": state.controller.state_dict() if state.controller else None,
-                "meter": state.meter.state_dict(), "log": state.log, "world_size": run.world.size}
+                "meter": state.meter.state_dict(), "log": state.log, "world_size": run.world.size,
+                "seconds": state.seconds}
         trainstate.save(run.config.checkpoint_path, state.student, state.optimizer, rng, meta, run.config.record())
     distributed.barrier(run.world)
 
@@ -489,22 +533,26 @@ def _resume(run: Run, state: TrainState) -> None:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {record[k]!r} here)"
                           for k in differing)
         raise UsageError(f"--resume: the checkpoint in {ckpt} is from a run with other settings: {flags}")
+    if saved_state["world_size"] != world.size:
+        raise UsageError(
+            f"--resume: the checkpoint in {ckpt} was written by {saved_state['world_size']} process(es), this run "
+            f"has {world.size}; the global batch, the step count, the learning-rate schedule, the budget "
+            f"controller and the data order all follow from it: resume with {saved_state['world_size']} "
+            "process(es)")
     trainstate.restore(state.student, state.optimizer, trainable, optim, saved_state["param_groups"])
     state.scheduler.load_state_dict(saved_state["scheduler"])
     state.meter.load_state_dict(saved_state["meter"])
     if state.controller is not None:
         state.controller.load_state_dict(saved_state["controller"])
         _set_rho(state)
-    if saved_state["world_size"] == world.size:
-        trainstate.set_local_rng_state({k.split(".", 1)[1]: v for k, v in rng.items()
-                                        if k.startswith(f"rank{world.rank}.")})
-    else:
-        ui.warn(f"the checkpoint was written by {saved_state['world_size']} process(es), this run has {world.size}: "
-                "dropout randomness will differ from an uninterrupted run")
+    trainstate.set_local_rng_state({k.split(".", 1)[1]: v for k, v in rng.items()
+                                    if k.startswith(f"rank{world.rank}.")})
     state.step, state.log = int(saved_state["step"]), list(saved_state["log"])
+    state.seconds = float(saved_state.get("seconds", 0.0))
     if state.step >= run.steps:
-        raise UsageError(f"--resume: the run in {ckpt} already finished its {run.steps} steps")
-    ui.info(f"resuming at step {state.step} of {run.steps} from {ckpt}")
+        ui.info(f"the run in {ckpt} finished its {run.steps} steps; writing its output")
+    else:
+        ui.info(f"resuming at step {state.step} of {run.steps} from {ckpt}")
 
 
 def _progress(world: distributed.World):
@@ -526,9 +574,10 @@ def _peak_memory_mib(device: str) -> dict:
     return peak
 
 
-def save(run: Run, state: TrainState, seconds: float) -> None:
+def save(run: Run, state: TrainState) -> None:
     """Write the distilled student with its log and manifest to --out (rank 0)."""
     config, inputs, world, meter, log = run.config, run.inputs, run.world, state.meter, state.log
+    seconds = state.seconds
     teacher_input = (inputs.cache.ref() if inputs.cache is not None else
                      {"role": "teacher", **inputs.teacher_ref.describe(),
                       "content": model_content_hash(inputs.teacher_ref)})

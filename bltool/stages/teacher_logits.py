@@ -87,8 +87,8 @@ def run(config: TeacherLogitsConfig) -> Path:
                 rows = [train[i] for i in index]
                 ids, mask = collate(rows, pad_id, device)
                 hidden = hidden_states(teacher, ids, mask)  # (B, T, d)
-                top_ids, top_logits, lse = teacher_topk(hidden, head, config.top_k, config.temperature, config.chunk)
-                writer.write(index, top_ids, top_logits, lse, [len(r) for r in rows])
+                top = teacher_topk(hidden, head, config.top_k, config.temperature, config.chunk)
+                writer.write(index, *top, [len(r) for r in rows])
                 done += int(mask.sum())
                 progress.update(task, advance=int(mask.sum()), tokens=done)
         writer.close()
@@ -100,10 +100,13 @@ def run(config: TeacherLogitsConfig) -> Path:
             teacher={**ref.describe(), "content": model_content_hash(ref), "vocab_size": teacher.config.vocab_size},
             coverage={"positions": math.ceil(config.tokens / data.seq_len), "sequences": len(sequences),
                       "tokens": total},
+            tail={"mean_mass": writer.mean_tail_mass, "temperature": config.temperature,
+                  "what": "the teacher's probability mass beyond its top k, mean over positions"},
             tokenizer=data.tokenizer,
             timing={"seconds": round(seconds, 3), "tokens_per_s": round(total / seconds, 1) if seconds else None,
                     "bytes_per_token": round(bytes_per_token, 1), "device": device},
         )
     ui.info(f"teacher-logits: top-{config.top_k} of {len(sequences):,} sequences ({total:,} tokens, "
-            f"{bytes_per_token:,.0f} bytes/token) in {seconds:,.1f} s")
+            f"{bytes_per_token:,.0f} bytes/token) in {seconds:,.1f} s; mean tail mass beyond the top "
+            f"{config.top_k}: {writer.mean_tail_mass or 0:.4f} at T = {config.temperature:g}")
     return out

@@ -71,12 +71,13 @@ def any_true(world: World, flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
-def sum_int(world: World, value: int) -> int:
+def sum_ints(world: World, values: list[int]) -> list[int]:
+    """The sum over ranks of each value, in one collective."""
     if not world.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=world.device)
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=world.device)
     dist.all_reduce(tensor)
-    return int(tensor.item())
+    return tensor.tolist()
 
 
 def mean_floats(world: World, values: list[float]) -> list[float]:

@@ -78,8 +78,12 @@ def _kl_ce_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     return torch.stack([kl, ce])
 
 
-def _combine(sums: torch.Tensor, n_valid: torch.Tensor, temperature: float, kd_weight: float) -> KDLoss:
-    kl, ce = sums / n_valid.clamp(min=1)  # means per predicted token
+def _combine(sums: torch.Tensor, n_valid: torch.Tensor, temperature: float, kd_weight: float,
+             normalizer: float | None = None) -> KDLoss:
+    """Sums → the loss. Divided by this batch's predicted tokens, or by `normalizer`: a training step
+    passes the count over all of its micro-batches and processes, so that the gradients it accumulates
+    are those of the mean over the step's tokens (docs/method.md §4), however they are split."""
+    kl, ce = sums / (n_valid.clamp(min=1) if normalizer is None else max(normalizer, 1e-12))
     loss = kd_weight * temperature**2 * kl + (1.0 - kd_weight) * ce
     return KDLoss(loss, kl.detach().float(), ce.detach().float())
 
@@ -109,11 +113,13 @@ def _chunked_sums(student_hidden: torch.Tensor, labels: torch.Tensor, chunk: int
 
 def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
             input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
-            kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True) -> KDLoss:
+            kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True,
+            normalizer: float | None = None) -> KDLoss:
     """The §4 loss from both models' final hidden states (B, T, d_S) and (B, T, d_T), chunk by chunk.
 
     Hidden states come from `nll.hidden_states`; the heads are the models' `get_output_embeddings()`.
     Gradients reach the student's hidden states and head only: the teacher's side runs under no_grad.
+    `normalizer`: divide the sums by this instead of the batch's predicted-token count (see `_combine`).
     """
     check_kd_args(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
@@ -125,25 +131,31 @@ def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
         return _kl_ce_sums(z_s, z_t, y, temperature)  # (2,)
 
     sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, teacher_hidden.detach())
-    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight)
+    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight, normalizer)
 
 
 def _topk_kl_ce_sums(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_logits: torch.Tensor, teacher_lse: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[Σ KL, Σ CE] against a teacher known by its top-k logits (..., k) and the log-sum-exp (...) of its
-    full logits at `temperature`: the KL between both distributions coarse-grained to k + 1 outcomes
-    (the teacher's k tokens, and one bucket for everything else)."""
+                     topk_logits: torch.Tensor, teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """[Σ KL, Σ CE] against a teacher known by its top-k logits (..., k), the log-sum-exp (...) of its
+    logits at `temperature` (both shifted by the same constant: only log p = logit / T − lse matters), and
+    the log of its mass beyond the top k (...): the KL between both distributions coarse-grained to
+    k + 1 outcomes (the teacher's k tokens, and one bucket for everything else)."""
     valid = labels != IGNORE_INDEX
+    lowest = torch.finfo(student_logits.dtype).min
     with torch.no_grad():
         log_p = _fp32(topk_logits) / temperature - _fp32(teacher_lse).unsqueeze(-1)  # (..., k)
         p = log_p.exp()
-        p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)  # (...) teacher mass beyond its top k
-        tail_entropy = torch.where(p_tail > 0, p_tail * p_tail.clamp(min=1e-30).log(), 0.0)
-    log_q_all = F.log_softmax(student_logits / temperature, dim=-1)  # (..., V)
-    log_q = log_q_all.gather(-1, topk_ids.long())  # (..., k)
-    # log(1 − Σ_k q) = log(−expm1(logsumexp(log q_k))), clamped where the student puts no mass outside
-    log_q_tail = (-torch.expm1(torch.logsumexp(log_q, dim=-1))).clamp(min=1e-30).log()  # (...)
-    kl = (p * (log_p - log_q)).sum(-1) + tail_entropy - torch.where(p_tail > 0, p_tail * log_q_tail, 0.0)
+        log_p_tail = _fp32(teacher_log_tail).clamp(min=lowest)  # (...) exact to float32 (the cache's)
+        p_tail = log_p_tail.exp()  # 0 when k = V
+    z = student_logits / temperature  # (..., V)
+    ids = topk_ids.long()
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (..., 1)
+    log_q = z.gather(-1, ids) - lse  # (..., k)
+    # the student's tail: a log-sum-exp over its logits with the teacher's top k masked out (exact, and
+    # with a gradient however little mass the student leaves there)
+    log_q_tail = (torch.logsumexp(z.scatter(-1, ids, lowest), dim=-1, keepdim=True) - lse).squeeze(-1)  # (...)
+    kl = (p * (log_p - log_q)).sum(-1) + p_tail * (log_p_tail - log_q_tail)
     kl = torch.where(valid, kl, 0.0).sum()
     ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
                          reduction="sum")
@@ -151,12 +163,15 @@ def _topk_kl_ce_sums(student_logits: torch.Tensor, labels: torch.Tensor, topk_id
 
 
 def kd_loss_topk(student_hidden: torch.Tensor, student_head: Head, topk_ids: torch.Tensor,
-                 topk_logits: torch.Tensor, teacher_lse: torch.Tensor, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8,
-                 chunk: int = 256, checkpoint: bool = True) -> KDLoss:
-    """The §4 loss with a cached teacher (`bltool teacher-logits`): `topk_ids` / `topk_logits` (B, T-1, k)
-    are the teacher's k largest logits at each predicting position, `teacher_lse` (B, T-1) the log-sum-exp
-    of all its logits divided by `temperature` (the temperature the cache was made at).
+                 topk_logits: torch.Tensor, teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor,
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
+                 kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True,
+                 normalizer: float | None = None) -> KDLoss:
+    """The §4 loss with a cached teacher (`bltool teacher-logits`, `teacher_cache.teacher_topk`):
+    `topk_ids` / `topk_logits` (B, T-1, k) are the teacher's k largest logits at each predicting position,
+    `teacher_lse` (B, T-1) the log-sum-exp of all its logits divided by `temperature` (both may be shifted
+    by one constant per position), `teacher_log_tail` (B, T-1) the log of its probability mass beyond the
+    top k at `temperature` (the temperature the cache was made at).
 
     How the tail is treated: the teacher's mass beyond its top k is one bucket. The KL term compares the
     teacher's k probabilities and that bucket's total with the student's probabilities of the same k
@@ -169,12 +184,13 @@ def kd_loss_topk(student_hidden: torch.Tensor, student_head: Head, topk_ids: tor
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
 
     def chunk_sums(h_s: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor,
-                   lse: torch.Tensor) -> torch.Tensor:
+                   lse: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         z_s = _fp32(student_head(h_s))  # (B, c, V) float32
-        return _topk_kl_ce_sums(z_s, y, ids, logits, lse, temperature)  # (2,)
+        return _topk_kl_ce_sums(z_s, y, ids, logits, lse, tail, temperature)  # (2,)
 
-    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, topk_ids, topk_logits, teacher_lse)
-    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight)
+    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, topk_ids, topk_logits, teacher_lse,
+                         teacher_log_tail)
+    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight, normalizer)
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,

@@ -5,13 +5,16 @@
     sequence     int64              index of the sequence in the data's train split
     topk_ids     list<int32>        (T-1)·k token ids, position-major: the k largest teacher logits at
                                     each predicting position 0..T-2 (position t predicts token t+1)
-    topk_logits  list<float16>      the matching raw logits (temperature 1)
-    lse          list<float32>      (T-1) log-sum-exp of all V logits divided by the cache's temperature
+    topk_logits  list<float16>      the matching logits (temperature 1) minus the position's largest,
+                                    so ≤ 0: float16 is most precise near 0, where the mass is
+    lse          list<float32>      (T-1) log-sum-exp of all V logits / temperature, minus largest / T
+    tail         list<float32>      (T-1) log of the teacher's probability mass beyond its top k at the
+                                    cache's temperature, computed from the float32 logits (−inf at k = V)
 
-`lse` is what turns k logits into probabilities at the distillation temperature and gives the mass of
-the tail beyond the top k (see `losses.kd_loss_topk` for how the loss treats it). Because it depends
-on the temperature, a cache serves runs at the temperature it was made with, and `distill` refuses
-another.
+`lse` turns the k logits into probabilities at the distillation temperature, and `tail` is the mass of
+everything else, exact to float32 rather than 1 − Σ of k float16-rounded probabilities (see
+`losses.kd_loss_topk` for how the loss uses them). Both depend on the temperature, so a cache serves
+runs at the temperature it was made with, and `distill` refuses another.
 """
 
 from __future__ import annotations
@@ -32,23 +35,32 @@ SCHEMA = pa.schema([
     pa.field("topk_ids", pa.list_(pa.int32())),
     pa.field("topk_logits", pa.list_(pa.float16())),
     pa.field("lse", pa.list_(pa.float32())),
+    pa.field("tail", pa.list_(pa.float32())),
 ])
 
 
 @torch.no_grad()
 def teacher_topk(hidden: torch.Tensor, head, k: int, temperature: float, chunk: int = 256):
-    """From the teacher's final hidden states (B, T, d): top-k ids (B, T-1, k) int32, their logits
-    (B, T-1, k) float32, and log-sum-exp of all logits / temperature (B, T-1) float32, chunk by chunk."""
+    """From the teacher's final hidden states (B, T, d), chunk by chunk, at float32 or wider: top-k ids
+    (B, T-1, k) int32; their logits minus the position's largest (B, T-1, k), so ≤ 0; log-sum-exp of all
+    logits / temperature minus largest / temperature (B, T-1); and the log of the probability mass
+    beyond the top k at `temperature` (B, T-1), −inf when k = V. Subtracting the largest logit from
+    both keeps log p = logit / T − lse exact while putting the stored logits where float16 is precise."""
     hidden = hidden[:, :-1]
-    ids, values, lse = [], [], []
+    ids, values, lse, tail = [], [], [], []
     for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start: start + chunk]).float()  # (B, c, V) float32
+        logits = head(hidden[:, start: start + chunk])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, c, V)
         top = logits.topk(k, dim=-1)
+        largest = top.values[..., :1]  # (B, c, 1)
+        scaled = logits / temperature
+        all_lse = torch.logsumexp(scaled, dim=-1)  # (B, c)
         ids.append(top.indices.to(torch.int32))
-        values.append(top.values)
-        lse.append(torch.logsumexp(logits / temperature, dim=-1))
-        del logits
-    return torch.cat(ids, 1), torch.cat(values, 1), torch.cat(lse, 1)
+        values.append(top.values - largest)
+        lse.append(all_lse - largest.squeeze(-1) / temperature)
+        tail.append(torch.logsumexp(scaled.scatter(-1, top.indices, float("-inf")), dim=-1) - all_lse)
+        del logits, scaled
+    return torch.cat(ids, 1), torch.cat(values, 1), torch.cat(lse, 1), torch.cat(tail, 1)
 
 
 class CacheWriter:
@@ -58,20 +70,33 @@ class CacheWriter:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
         self.rows = 0
+        self.positions = 0
+        self.tail_mass = 0.0  # Σ over written positions of the teacher's mass beyond its top k
 
     def write(self, sequences: list[int], ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
-              lengths: list[int]) -> None:
-        """One batch: `lengths[i]` real tokens in row i (its predicting positions are lengths[i] − 1)."""
+              tail: torch.Tensor, lengths: list[int]) -> None:
+        """One batch of `teacher_topk`'s outputs: `lengths[i]` real tokens in row i (its predicting
+        positions are lengths[i] − 1)."""
         n = [length - 1 for length in lengths]
-        ids_np, logits_np, lse_np = ids.cpu().numpy(), logits.cpu().numpy(), lse.cpu().numpy()
+        ids_np, logits_np = ids.cpu().numpy(), logits.float().cpu().numpy()
+        lse_np, tail_np = lse.float().cpu().numpy(), tail.float().cpu().numpy()
+        tails = [tail_np[i, : n[i]] for i in range(len(n))]
         batch = pa.RecordBatch.from_arrays([
             pa.array(np.asarray(sequences, dtype=np.int64)),
             list_array([ids_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.int32),
             list_array([logits_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.float16),
             list_array([lse_np[i, : n[i]] for i in range(len(n))], np.float32),
+            list_array(tails, np.float32),
         ], schema=SCHEMA)
         self._writer.write_batch(batch)
         self.rows += len(sequences)
+        self.positions += sum(n)
+        self.tail_mass += float(sum(np.exp(t.astype(np.float64)).sum() for t in tails))
+
+    @property
+    def mean_tail_mass(self) -> float | None:
+        """The teacher's mean probability mass beyond its top k, over the written positions."""
+        return self.tail_mass / self.positions if self.positions else None
 
     def close(self) -> None:
         self._writer.close()
@@ -89,14 +114,18 @@ class TeacherCache:
         file = self.path / FILE
         try:
             self._source = pa.memory_map(str(file))
-            batches = list(pa.ipc.open_stream(self._source))
+            reader = pa.ipc.open_stream(self._source)
+            if "tail" not in reader.schema.names:
+                raise ArtifactError(f"--teacher-logits: {file} was made by an earlier bltool (no float32 tail "
+                                    "mass); make the cache again with `bltool teacher-logits`")
+            batches = list(reader)
         except (OSError, pa.ArrowInvalid) as err:
             raise ArtifactError(f"--teacher-logits: {file} is not a readable Arrow stream ({err})") from None
         self._columns = []
         where: dict[int, tuple[int, int]] = {}
         for b, batch in enumerate(batches):
             cols = {}
-            for name in ("topk_ids", "topk_logits", "lse"):
+            for name in ("topk_ids", "topk_logits", "lse", "tail"):
                 lists = batch.column(name)
                 cols[name] = (lists.values.to_numpy(zero_copy_only=False), lists.offsets.to_numpy(zero_copy_only=False))
             self._columns.append(cols)
@@ -118,13 +147,14 @@ class TeacherCache:
         values, offsets = self._columns[b][name]
         return values[offsets[row]: offsets[row + 1]]
 
-    def batch(self, sequences: list[int], length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids (B, length-1, k) int64, logits (B, length-1, k) float32, lse (B, length-1) float32),
-        zero past each row's end (those positions are padding and carry no loss)."""
+    def batch(self, sequences: list[int], length: int, device) -> tuple[torch.Tensor, ...]:
+        """(ids (B, length-1, k) int64, logits (B, length-1, k) float32, lse (B, length-1) float32,
+        tail (B, length-1) float32), zero past each row's end (padding: those positions carry no loss)."""
         n, k = len(sequences), self.k
         ids = np.zeros((n, length - 1, k), dtype=np.int64)
         logits = np.zeros((n, length - 1, k), dtype=np.float32)
         lse = np.zeros((n, length - 1), dtype=np.float32)
+        tail = np.zeros((n, length - 1), dtype=np.float32)
         for i, sequence in enumerate(sequences):
             if int(sequence) not in self._where:
                 raise ArtifactError(f"--teacher-logits: {self.path} has no logits for train sequence {sequence}")
@@ -134,7 +164,7 @@ class TeacherCache:
             if positions > length - 1:
                 raise ArtifactError(f"--teacher-logits: {self.path}: sequence {sequence} is longer than the data's")
             lse[i, :positions] = row_lse
+            tail[i, :positions] = self._row("tail", b, row)
             ids[i, :positions] = self._row("topk_ids", b, row).reshape(positions, k)
             logits[i, :positions] = self._row("topk_logits", b, row).reshape(positions, k)
-        return (torch.from_numpy(ids).to(device), torch.from_numpy(logits).to(device),
-                torch.from_numpy(lse).to(device))
+        return tuple(torch.from_numpy(a).to(device) for a in (ids, logits, lse, tail))

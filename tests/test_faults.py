@@ -1,0 +1,316 @@
+"""Fault injection: every stage that reads an artifact, given a damaged one, stops with one line that
+names the file, exit 2, and writes nothing. The faults: a truncated safetensors file, a file whose size
+or SHA-256 no longer matches the manifest, a missing file, a manifest from another stage, an Arrow file
+cut mid-batch. docs/reliability.md records the table this suite produces (`pytest tests/test_faults.py
+-v`). Faults of the output side (a full disk, a read-only parent) and of distill's checkpoints (SIGKILL)
+are at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import save_tiny_model, write_corpus
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bltool.artifacts import read_manifest
+from bltool.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2"]
+BENCH = ["--prefill-tokens", "32", "--decode-batch", "1", "--decode-context", "8", "--decode-steps", "2",
+         "--repeats", "1", "--warmup", "0"]
+
+
+def cli(*args) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """One real artifact of each kind, from a tiny teacher."""
+    root = tmp_path_factory.mktemp("faults")
+    teacher = save_tiny_model(root / "teacher", tokenizer, "llama", layers=4, seed=7)
+    corpus = write_corpus(root / "corpus", n_docs=60, seed=5)
+    data = Path(cli("prepare-data", corpus, "--tokenizer", teacher, "--heldout", "0.2", "--seq-len", "32",
+                    "--out", root / "data"))
+    student = Path(cli("build-student", "--teacher", teacher, "--layers", "2", "--out", root / "student"))
+    cache = Path(cli("teacher-logits", "--teacher", teacher, "--data", data, "--tokens", "256", "--top-k", "8",
+                     "--out", root / "cache"))
+    distilled = Path(cli("distill", "--teacher", teacher, "--student", student, "--data", data, "--method",
+                         "budgeted-lora", "--budget", "0.5", "--tokens", str(8 * 64), "--save-every", "0",
+                         *SMALL, "--out", root / "distilled"))
+    compressed = Path(cli("compress", distilled, "--out", root / "compressed"))
+    ppl = Path(cli("eval-ppl", compressed, "--data", data, "--max-tokens", "256", "--out", root / "runs" / "ppl"))
+    return {"teacher": teacher, "data": data, "student": student, "cache": cache, "distilled": distilled,
+            "checkpoint": Path(f"{distilled}.checkpoint"), "compressed": compressed, "ppl": ppl,
+            "runs": root / "runs"}
+
+
+# What each stage reads: (stage, the input artifact, the command with {input} and {out} to fill in).
+def _commands(a: dict[str, Path]) -> list[tuple[str, str, list[str]]]:
+    distill = ["distill", "--teacher", a["teacher"], "--student", a["student"], "--data", a["data"], "--method",
+               "budgeted-lora", "--budget", "0.5", "--tokens", str(8 * 64), "--save-every", "0", *SMALL]
+    return [
+        ("build-student", "teacher", ["build-student", "--teacher", "{input}", "--layers", "2", "--out", "{out}"]),
+        ("teacher-logits", "data", ["teacher-logits", "--teacher", a["teacher"], "--data", "{input}", "--tokens",
+                                    "256", "--out", "{out}"]),
+        ("distill", "data", [*distill[:5], "--data", "{input}", *distill[7:], "--out", "{out}"]),
+        ("distill", "student", [*distill[:3], "--student", "{input}", *distill[5:], "--out", "{out}"]),
+        ("distill", "cache", ["distill", "--student", a["student"], "--data", a["data"], "--teacher-logits",
+                              "{input}", "--method", "kd-lora", "--tokens", "256", "--save-every", "0", *SMALL,
+                              "--out", "{out}"]),
+        ("distill --resume", "checkpoint", [*distill, "--checkpoint-dir", "{input}", "--resume", "--out", "{out}"]),
+        ("compress", "distilled", ["compress", "{input}", "--out", "{out}"]),
+        ("eval-ppl", "compressed", ["eval-ppl", "{input}", "--data", a["data"], "--out", "{out}"]),
+        ("eval-ppl", "data", ["eval-ppl", a["compressed"], "--data", "{input}", "--out", "{out}"]),
+        ("eval-icl", "compressed", ["eval-icl", "{input}", "--n", "1", "--seeds", "1", "--out", "{out}"]),
+        ("bench", "compressed", ["bench", "{input}", "--baseline", a["student"], *BENCH, "--out", "{out}"]),
+        ("bench", "student", ["bench", a["compressed"], "--baseline", "{input}", *BENCH, "--out", "{out}"]),
+        ("capacity", "compressed", ["capacity", "{input}", "--gpu-mem", "1GiB", "--prompt-len", "16",
+                                    "--output-len", "8", "--iteration-time", "0.01", "--out", "{out}"]),
+        ("report", "runs", ["report", "{input}", "--out", "{out}"]),
+    ]
+
+
+def _largest(directory: Path, suffix: str) -> Path | None:
+    files = sorted(directory.rglob(f"*{suffix}"), key=lambda p: p.stat().st_size)
+    return files[-1] if files else None
+
+
+def _victim(directory: Path) -> Path:
+    """The file a fault damages: the weights, else the biggest Arrow file, else the biggest listed file."""
+    for suffix in (".safetensors", ".arrow", ".json"):
+        found = [p for p in directory.rglob(f"*{suffix}") if p.name != "manifest.json"]
+        if found:
+            return max(found, key=lambda p: p.stat().st_size)
+    raise AssertionError(f"nothing to damage in {directory}")
+
+
+def truncate_safetensors(directory: Path) -> Path | None:
+    victim = _largest(directory, ".safetensors")
+    if victim is not None:
+        with open(victim, "r+b") as handle:
+            handle.truncate(victim.stat().st_size // 2)
+    return victim
+
+
+def change_a_byte(directory: Path) -> Path | None:
+    """Same size, other content: only the SHA-256 can tell."""
+    if not (directory / "manifest.json").is_file():
+        return None
+    victim = _victim(directory)
+    with open(victim, "r+b") as handle:
+        handle.seek(victim.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    return victim
+
+
+def append_bytes(directory: Path) -> Path | None:
+    if not (directory / "manifest.json").is_file():
+        return None
+    victim = _victim(directory)
+    with open(victim, "ab") as handle:
+        handle.write(b"\0" * 16)
+    return victim
+
+
+def remove_a_file(directory: Path) -> Path | None:
+    victim = _victim(directory)
+    victim.unlink()
+    return victim
+
+
+def manifest_of_another_stage(directory: Path) -> Path | None:
+    path = directory / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    manifest["stage"] = "eval-icl" if manifest["stage"] != "eval-icl" else "bench"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def cut_arrow_mid_batch(directory: Path) -> Path | None:
+    victim = _largest(directory, ".arrow")
+    if victim is not None:
+        with open(victim, "r+b") as handle:
+            handle.truncate(victim.stat().st_size - 100)
+    return victim
+
+
+FAULTS = {f.__name__: f for f in (truncate_safetensors, change_a_byte, append_bytes, remove_a_file,
+                                  manifest_of_another_stage, cut_arrow_mid_batch)}
+MANIFESTED = ("change_a_byte", "append_bytes", "remove_a_file", "manifest_of_another_stage")
+APPLICABLE = {  # which faults each kind of input can have
+    "teacher": ("truncate_safetensors", "remove_a_file"),  # a plain Hugging Face checkpoint: no manifest
+    "data": (*MANIFESTED, "cut_arrow_mid_batch"),
+    "cache": (*MANIFESTED, "cut_arrow_mid_batch"),
+    "student": ("truncate_safetensors", *MANIFESTED),
+    "checkpoint": ("truncate_safetensors", *MANIFESTED),
+    "distilled": ("truncate_safetensors", *MANIFESTED),
+    "compressed": ("truncate_safetensors", *MANIFESTED),
+    "runs": ("change_a_byte", "append_bytes", "remove_a_file", "cut_arrow_mid_batch"),  # report: any stage
+}
+CASES = [(stage, role, fault) for stage, role, _ in _commands({k: Path(k) for k in APPLICABLE})
+         for fault in APPLICABLE[role]]
+
+
+@pytest.mark.parametrize("stage, role, fault", CASES, ids=[f"{s}-{r}-{f}" for s, r, f in CASES])
+def test_a_damaged_input_is_refused_in_one_line(made, tmp_path, stage, role, fault):
+    command = next(c for s, r, c in _commands(made) if (s, r) == (stage, role))
+    source = made[role] if role != "runs" else made["runs"]
+    damaged = tmp_path / source.name
+    shutil.copytree(source, damaged)
+    target = damaged / "ppl" if role == "runs" else damaged  # report: one evaluation in the runs
+    victim = FAULTS[fault](target)
+    assert victim is not None, (fault, role)
+    out = tmp_path / "out"
+    args = [str(out) if a == "{out}" else str(damaged) if a == "{input}" else str(a) for a in command]
+    result = CliRunner().invoke(app, args)
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr[-3000:]
+    assert victim.name in lines[0] or str(target) in lines[0], lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output side: a disk that fills up, a parent that is read-only
+
+
+def _distill_cmd(made: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bltool", "distill", "--teacher", str(made["teacher"]), "--student",
+            str(made["student"]), "--data", str(made["data"]), "--method", "budgeted-lora", "--budget", "0.5",
+            "--lora-dropout", "0.1", *SMALL, "--out", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_in_one_line_and_leaves_nothing(made, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writing a file past 64 KiB fails with EFBIG, as a write
+    on a full disk fails with ENOSPC."""
+    out = tmp_path / "out"
+    limit = 64 * 1024
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run([sys.executable, "-m", "bltool", "compress", str(made["distilled"]), "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), preexec_fn=small_files, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "cannot write" in lines[-1], done.stderr
+    assert str(out) in lines[-1] and "Traceback" not in done.stderr and done.stdout == ""
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def _read_only_mount_possible() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _read_only_mount_possible(), reason="needs `unshare -rm` to mount a read-only tmpfs")
+def test_a_read_only_parent_is_refused_before_any_work(made, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "runs" / "out"
+    script = (f"mount -t tmpfs -o ro tmpfs {ro} && exec {sys.executable} -m bltool compress {made['distilled']} "
+              f"--out {out}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: --out {out}: {ro} is not writable (read-only or no "
+                                                "permission)"]
+    assert not out.exists() and not (ro / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# distill: SIGKILL after a checkpoint, and during one
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(made, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "out"
+    done = subprocess.run(_distill_cmd(made, out, "--tokens", str(40 * 64), "--save-every", "0"),
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(made, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    state = Path(f"{out}.checkpoint") / "state.json"
+    proc = subprocess.Popen(_distill_cmd(made, out, "--tokens", str(40 * 64), "--save-every", "3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    deadline = time.monotonic() + 300
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: whatever was on disk is what there is
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    step = read_manifest(state.parent, ("distill-checkpoint",))["step"]
+    assert 3 <= step < 40
+    resumed = subprocess.run(_distill_cmd(made, out, "--tokens", str(40 * 64), "--save-every", "3", "--resume"),
+                             capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same(_weights(out), _weights(uninterrupted))  # bitwise on CPU
+
+
+KILL_ON_FIFTH_WRITE = """
+import os, signal, sys
+import bltool.train.trainstate as trainstate
+original, calls = trainstate.save_file, [0]
+def save_file(*args, **kwargs):
+    calls[0] += 1
+    original(*args, **kwargs)
+    if calls[0] == 5:  # checkpoints write 3 files: the 5th is the middle of the second checkpoint
+        os.kill(os.getpid(), signal.SIGKILL)
+trainstate.save_file = save_file
+sys.argv = ["bltool", *sys.argv[1:]]
+from bltool.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(made, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    ckpt = Path(f"{out}.checkpoint")
+    args = _distill_cmd(made, out, "--tokens", str(40 * 64), "--save-every", "2")[3:]  # after `-m bltool`
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_FIFTH_WRITE, *args], capture_output=True, text=True,
+                            env=_env(), timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(tmp_path.glob(f".{ckpt.name}.tmp-*"))  # the half-written one
+    assert read_manifest(ckpt, ("distill-checkpoint",))["step"] == 2  # the previous one, whole
+    resumed = subprocess.run(_distill_cmd(made, out, "--tokens", str(40 * 64), "--save-every", "2", "--resume"),
+                             capture_output=True, text=True, env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _same(_weights(out), _weights(uninterrupted))
+    assert not list(tmp_path.glob(f".{ckpt.name}.tmp-*"))  # the resumed run cleaned up

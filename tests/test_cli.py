@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case is a fresh interpreter
+
 PROBE = """
 import sys
 sys.argv = ["bltool", *sys.argv[1:]]

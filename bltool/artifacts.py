@@ -48,6 +48,7 @@ class Stage:
     COMPRESS = "compress"
     EVAL_PPL = "eval-ppl"
     EVAL_ICL = "eval-icl"
+    EVAL_HARNESS = "eval-harness"  # EleutherAI lm-evaluation-harness tasks (the `harness` extra)
     BENCH = "bench"
     BENCH_SERVING = "bench-serving"
     CAPACITY = "capacity"

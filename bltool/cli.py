@@ -158,6 +158,9 @@ def prepare_data(
     text_field: Annotated[str, typer.Option(help="Field/column holding the text.")] = "text",
     id_field: Annotated[str, typer.Option(
         help="Field/column with a document id, hashed for the split when present ('' for none).")] = "id",
+    doc_sep: Annotated[str | None, typer.Option(
+        help="Token joining documents; one token of the vocabulary \\[default: <|endoftext|> if the vocabulary "
+             "has it, else the EOS].", show_default=False)] = None,
     overwrite: Overwrite = False,
 ):
     """Split a corpus into train and held-out (MD5 rule), tokenize, and pack into Arrow sequences."""
@@ -165,7 +168,7 @@ def prepare_data(
 
     config = PrepareDataConfig(
         inputs=tuple(inputs), tokenizer=tokenizer, out=out, heldout=heldout, seq_len=seq_len, glob=glob,
-        text_field=text_field, id_field=id_field or None, overwrite=overwrite,
+        text_field=text_field, id_field=id_field or None, doc_sep=doc_sep, overwrite=overwrite,
     )
     _emit(run(config))
 
@@ -235,6 +238,36 @@ def eval_icl(
     _emit(run(config))
 
 
+@app.command("eval-harness")
+@stage_command
+def eval_harness(
+    model: Annotated[str, typer.Argument(help="Model: checkpoint directory, .gguf file, alias or bltool student.",
+                                         show_default=False)],
+    tasks: Annotated[str, typer.Option(help="Comma-separated lm-evaluation-harness tasks or groups.",
+                                       show_default=False)],
+    out: Annotated[str | None, typer.Option(help="Output directory \\[default: harness/<model name>].",
+                                            show_default=False)] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples \\[default: each task's own].",
+                                                    show_default=False)] = None,
+    limit: Annotated[float | None, typer.Option(
+        help="Examples per task: a count, or a fraction below 1 (for quick checks; not for reported numbers) "
+             "\\[default: all].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 8,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    include_path: Annotated[str | None, typer.Option(help="A directory of local task YAMLs.",
+                                                     show_default=False)] = None,
+    overwrite: Overwrite = False,
+):
+    """EleutherAI lm-evaluation-harness tasks on any model bltool names (needs `pip install 'bltool[harness]'`)."""
+    from bltool.stages.eval_harness import EvalHarnessConfig, run
+
+    config = EvalHarnessConfig(model=model, tasks=tuple(parse_names(tasks)), out=out, num_fewshot=num_fewshot,
+                               limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+                               include_path=include_path, overwrite=overwrite)
+    _emit(run(config))
+
+
 @app.command()
 @stage_command
 def distill(
@@ -276,6 +309,14 @@ def distill(
                                                             "the teacher.", show_default=False)] = None,
     chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk in the loss (bounds memory).")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Frozen weights (teacher; the student's base under LoRA): auto "
+                                            "(bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16. "
+                                            "Trained parameters stay float32.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each decoder layer of the student.")]
+    = False,
+    eval_every: Annotated[int, typer.Option(help="Score the held-out slice every N steps and at the end, into "
+                                                 "log.arrow (0: never).")] = 0,
+    eval_tokens: Annotated[str, typer.Option(help="The held-out slice: its first N tokens, e.g. 4k.")] = "4096",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out and checkpoint.")] = False,
 ):
     """Distil a student: kd-full, kd-lora or budgeted-lora (the budget controller). Runs under torchrun too."""
@@ -288,7 +329,8 @@ def distill(
         target_modules=parse_names(target_modules), decay_start=decay_start,
         decay_end=decay_end, rho_ema=rho_ema, tau_drop=tau_drop, warmup=warmup, warmup_cap=warmup_cap,
         grad_clip=grad_clip, seed=seed, save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume,
-        teacher_logits=teacher_logits, chunk=chunk, device=device, overwrite=overwrite,
+        teacher_logits=teacher_logits, chunk=chunk, device=device, dtype=dtype, compile=compile,
+        eval_every=eval_every, eval_tokens=parse_count(eval_tokens, "--eval-tokens"), overwrite=overwrite,
     )
     path = run(config)
     if path is not None:  # rank 0 of a torchrun job, or a single process
@@ -300,25 +342,35 @@ def distill(
 def teacher_logits(
     teacher: Annotated[str, typer.Option(help="Teacher model: path, .gguf or alias.")],
     data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
-    out: Annotated[str, typer.Option(help="Output directory.")],
+    out: Annotated[str, typer.Option(help="Output directory (built in OUT.partial until it is finished).")],
     tokens: Annotated[str, typer.Option(help="Cover the sequences a distill run of this many tokens reads.")] = "2M",
     seed: Annotated[int, typer.Option(help="The --seed of the distill runs that will read the cache.")] = 0,
     top_k: Annotated[int, typer.Option(help="Logits kept per position.")] = 64,
     temperature: Annotated[float, typer.Option(help="The distill --temperature (the tail mass depends on it).")]
     = 3.0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward pass.")] = 8,
-    chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward pass (per process).")] = 8,
+    chunk: Annotated[int, typer.Option(help="Positions of each sequence per LM-head chunk (bounds memory).")] = 256,
+    save_seconds: Annotated[float, typer.Option(help="Complete a part file (what --resume keeps) at least this "
+                                                     "often, in seconds; 0: after every batch.")] = 300.0,
+    resume: Annotated[bool, typer.Option(help="Continue the unfinished run in OUT.partial (the same flags).")]
+    = False,
     dtype: Dtype = "auto",
-    device: Device = "auto",
-    overwrite: Overwrite = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out, and start over an unfinished run.")]
+    = False,
 ):
-    """Store a teacher's top-k logits for the sequences distillation will read (pay for the teacher once)."""
+    """Store a teacher's top-k logits for the sequences distillation will read (pay for the teacher once).
+
+    Runs under torchrun too (each process computes its share); a killed run continues with --resume."""
     from bltool.stages.teacher_logits import TeacherLogitsConfig, run
 
     config = TeacherLogitsConfig(teacher=teacher, data=data, out=out, tokens=parse_count(tokens, "--tokens"),
                                  seed=seed, top_k=top_k, temperature=temperature, batch_size=batch_size,
-                                 chunk=chunk, dtype=dtype, device=device, overwrite=overwrite)
-    _emit(run(config))
+                                 chunk=chunk, dtype=dtype, device=device, overwrite=overwrite, resume=resume,
+                                 save_seconds=save_seconds)
+    path = run(config)
+    if path is not None:  # rank 0 of a torchrun job, or a single process
+        _emit(path)
 
 
 @app.command()
@@ -476,12 +528,16 @@ def report(
     readme: Annotated[str | None, typer.Option(
         help="Also replace the <!-- bltool-report:start/end --> section of this file (figures go to its "
              "docs/results/).", show_default=False)] = None,
+    allow_mixed: Annotated[bool, typer.Option(
+        help="Report runs evaluated differently (other held-out data, token budget, ICL --n/--shots/--seeds or "
+             "probes), marking the column, instead of refusing.")] = False,
     overwrite: Overwrite = False,
 ):
     """Collect runs into the paper's Table 2 shape (Markdown, CSV, Arrow) with the frontier figures."""
     from bltool.stages.report import ReportConfig, run
 
-    _emit(run(ReportConfig(runs=tuple(runs), out=out, title=title, note=note, readme=readme, overwrite=overwrite)))
+    _emit(run(ReportConfig(runs=tuple(runs), out=out, title=title, note=note, readme=readme, allow_mixed=allow_mixed,
+                           overwrite=overwrite)))
 
 
 def main() -> None:

@@ -3,9 +3,12 @@
 A prepared dataset (`bltool prepare-data`) is a directory with `train.arrow` and `heldout.arrow` (Arrow
 IPC *stream* files, which `datasets.Dataset.from_file` reads) and `manifest.json`. Each row is one
 packed sequence: `input_ids` (list<int32>, `seq_len` long; only a split's last row may be shorter).
-Documents are joined with EOS (`doc₁ EOS doc₂ EOS …`) and cut into consecutive, non-overlapping windows,
-so a document may straddle two rows. Held-out rows also carry `token_bytes` (list<int32>): how many
-UTF-8 bytes of the original text each token stands for, which is what bits-per-byte divides by.
+Documents are joined with a separator token (`doc₁ SEP doc₂ SEP …`): the tokenizer's pretraining
+separator (`<|endoftext|>`) when its vocabulary has one, else its EOS, or the token `--doc-sep` names; the
+manifest's `doc_sep` records it (data prepared before it was recorded used the EOS). The stream is cut into
+consecutive, non-overlapping windows, so a document may straddle two rows. Held-out rows also carry
+`token_bytes` (list<int32>): how many UTF-8 bytes of the original text each token stands for, which is what
+bits-per-byte divides by.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def token_byte_counts(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
     Byte-level BPE can give several tokens the same character span (one multi-byte character split
     over tokens); characters a tokenizer skips would be counted by no token. So each token is given the
     characters from the end of everything before it to its own end, and the sum over tokens is exactly
-    the bytes up to the last token's end. The caller gives any remainder to the EOS that follows.
+    the bytes up to the last token's end. The caller gives any remainder to the separator that follows.
     Returns int64 array of len(offsets).
     """
     n = len(offsets)
@@ -68,7 +71,7 @@ def token_byte_counts(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
 
 
 class Packer:
-    """Concatenates documents (each followed by EOS) and emits `seq_len` windows.
+    """Concatenates documents (each followed by the separator `eos_id`) and emits `seq_len` windows.
 
     `add` returns the completed windows; `flush` returns the final, shorter window (if any tokens are
     left). With `with_bytes`, each window carries its tokens' byte counts too.
@@ -83,7 +86,7 @@ class Packer:
         self._pending = 0
 
     def add(self, ids: list[int], nbytes: np.ndarray | None = None, tail_bytes: int = 0):
-        """Append one document's token ids (and per-token bytes), then EOS (carrying `tail_bytes`)."""
+        """Append one document's token ids (and per-token bytes), then the separator (carrying `tail_bytes`)."""
         self._ids.append(np.asarray(ids, dtype=np.int32))
         self._ids.append(np.asarray([self.eos_id], dtype=np.int32))
         if self.with_bytes:
@@ -191,6 +194,16 @@ class PreparedData:
     @property
     def tokenizer(self) -> dict:
         return self.manifest["tokenizer"]
+
+    @property
+    def doc_sep(self) -> dict:
+        """The token that ends each document: {"token", "id", "chosen_by"}. Data prepared before the
+        separator was recorded joined documents with the tokenizer's EOS."""
+        recorded = self.manifest.get("doc_sep")
+        if recorded is not None:
+            return recorded
+        return {"token": self.tokenizer.get("eos_token"), "id": int(self.tokenizer["eos_token_id"]),
+                "chosen_by": "EOS (prepared before bltool recorded the separator)"}
 
     def ref(self) -> dict:
         return artifact_ref(self.path, self.manifest, "data")

@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg backend, PNG): the quality / inference-cost frontier, ICL
-against budget, and the dense fraction along training. Each takes report rows and returns nothing but
+against budget, the dense fraction along training, and the learning curves (held-out perplexity during
+training, `distill --eval-every`). Each takes report rows and returns nothing but
 the file it wrote; a figure with nothing to plot says so in its title rather than being skipped."""
 
 from __future__ import annotations
@@ -37,18 +38,27 @@ def _label(row: Row) -> str:
     return f"{row.method} F={row.budget:g}" if row.budget is not None else row.method
 
 
-def frontier(rows: list[Row], path: Path) -> Path:
-    """Perplexity (log scale) against relative inference cost of the adapted modules (1 / MAC speedup):
-    the lower-left points are the better trade-offs; the frontier joins those no other point beats."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _run_label(row: Row) -> str:
+    """A legend entry: the run's name and what it is (two runs of one method stay apart)."""
+    return f"{row.name} ({_label(row)})"
+
+
+def frontier_figure(rows: list[Row]):
+    """The frontier's (figure, axes): each run one point, named only in the legend, drawn with its
+    method's colour and a marker of its own within that method, so no label can sit beside another
+    run's point and two runs of one method remain distinguishable."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     points = [(1.0 / r.values["mac_speedup"], r.values["perplexity"], r) for r in rows
               if r.values.get("mac_speedup") and r.values.get("perplexity")]
-    for i, (cost, ppl, row) in enumerate(sorted(points, key=lambda p: (p[0], p[1]))):
-        ax.scatter(cost, ppl, color=COLORS.get(row.method, "tab:green"), zorder=3)
-        # alternate labels above and below so that neighbours at similar cost stay readable
-        ax.annotate(_label(row), (cost, ppl), textcoords="offset points", xytext=(5, 5 if i % 2 else -12),
-                    fontsize=8)
+    seen: dict[str, int] = {}
+    for cost, ppl, row in sorted(points, key=lambda p: (p[0], p[1])):
+        k = seen[row.method] = seen.get(row.method, -1) + 1
+        ax.scatter(cost, ppl, color=COLORS.get(row.method, "tab:green"), marker=MARKERS[k % len(MARKERS)],
+                   s=40, zorder=3, label=_run_label(row))
     best, front = float("inf"), []
     for cost, ppl, _ in sorted(points, key=lambda p: (p[0], p[1])):
         if ppl < best:
@@ -63,25 +73,33 @@ def frontier(rows: list[Row], path: Path) -> Path:
     ax.set_xlabel("inference cost of adapted modules (compressed MACs / dense MACs)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("quality against inference cost" if points else "no run has both perplexity and compression")
-    return _save(plt, fig, ax, path)
+    return fig, ax
+
+
+def frontier(rows: list[Row], path: Path) -> Path:
+    """Perplexity (log scale) against relative inference cost of the adapted modules (1 / MAC speedup):
+    the lower-left points are the better trade-offs; the frontier joins those no other point beats.
+    Runs are told apart by the legend (colour = method, marker = run), never by text beside a point."""
+    fig, ax = frontier_figure(rows)
+    return _save(_pyplot(), fig, ax, path)
 
 
 def icl_by_budget(rows: list[Row], path: Path) -> Path:
-    """ICL composite (± std over seeds) against the budget F; methods without a budget as lines."""
+    """ICL composite (± its standard error) against the budget F; methods without a budget as lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     budgeted = sorted((r for r in rows if r.budget is not None and r.values.get("icl_composite") is not None),
                       key=lambda r: r.budget)
     if budgeted:
         ax.errorbar([r.budget for r in budgeted], [r.values["icl_composite"] for r in budgeted],
-                    yerr=[r.values.get("icl_std") or 0.0 for r in budgeted], marker="o", capsize=3,
+                    yerr=[r.values.get("icl_se") or 0.0 for r in budgeted], marker="o", capsize=3,
                     color=COLORS["budgeted-lora"], label="budgeted-lora")
     for row in rows:
         if row.budget is None and row.values.get("icl_composite") is not None:
             ax.axhline(row.values["icl_composite"], color=COLORS.get(row.method, "tab:green"), linestyle="--",
                        linewidth=1, label=row.method)
     ax.set_xlabel("dense budget F")
-    ax.set_ylabel("ICL composite (exact match)")
+    ax.set_ylabel("ICL composite (exact match, ± se)")
     ax.set_xlim(-0.05, 1.05)
     has = budgeted or any(r.values.get("icl_composite") is not None for r in rows)
     ax.set_title("ICL probes against budget" if has else "no run has ICL results")
@@ -112,3 +130,45 @@ def dense_fraction(rows: list[Row], path: Path) -> Path:
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("dense fraction during training" if plotted else "no distill log found")
     return _save(plt, fig, ax, path, legend_size=7)
+
+
+def _read_log(path: Path) -> dict[str, list]:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().to_pydict()
+
+
+def learning_curves_figure(rows: list[Row]):
+    """The learning curves' (figure, axes): per distilled run whose log has held-out evaluations
+    (`distill --eval-every`), held-out perplexity against training tokens, both on log scales, in its
+    method's colour with a marker of its own; the teacher's held-out perplexity (eval-ppl) as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    seen: dict[str, int] = {}
+    plotted = 0
+    for row in rows:
+        if row.log is None:
+            continue
+        log = _read_log(row.log)
+        points = [(t, p) for t, p in zip(log["tokens"], log.get("eval_ppl", [])) if p is not None]
+        if not points:
+            continue
+        k = seen[row.method] = seen.get(row.method, -1) + 1
+        ax.plot(*zip(*points), color=COLORS.get(row.method, "tab:green"), marker=MARKERS[k % len(MARKERS)],
+                markersize=4, label=_run_label(row))
+        plotted += 1
+    for row in rows:
+        if row.method == "teacher" and row.values.get("perplexity"):
+            ax.axhline(row.values["perplexity"], color="black", linestyle="--", linewidth=1,
+                       label="teacher (eval-ppl)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("learning curves" if plotted else "no distill log has held-out evaluations (--eval-every)")
+    return fig, ax
+
+
+def learning_curves(rows: list[Row], path: Path) -> Path:
+    """Held-out perplexity against training tokens for every run (log-log), the teacher as a line."""
+    fig, ax = learning_curves_figure(rows)
+    return _save(_pyplot(), fig, ax, path)

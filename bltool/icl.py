@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bltool.probes import Task
+from bltool.probes import Task, chance, copy_chance, standard_error  # noqa: F401 (the protocol's statistics)
 
 ANSWER_MARGIN = 4  # new tokens allowed beyond the task's longest target (a leading space, another split)
 
@@ -76,15 +76,6 @@ def is_correct(answer: str, target: str) -> bool:
     """Case-sensitive exact match after stripping surrounding whitespace (no lower-casing: the
     capitalisation probes would be trivial under a case-folding match)."""
     return answer.strip() == target.strip()
-
-
-def chance(queries: list[Query]) -> float:
-    """The score of the best constant answer: the share of queries whose target is the most common one.
-    A model that ignores its input cannot beat it, so it is the floor a probe's accuracy is read against."""
-    counts: dict[str, int] = {}
-    for q in queries:
-        counts[q.target.strip()] = counts.get(q.target.strip(), 0) + 1
-    return max(counts.values()) / len(queries) if queries else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ g = sigmoid(γ) are per-rank gates with trainable logits γ started at +4 (g ≈
 dense retention coefficient: a buffer that the budget controller sets, not gradients. When ρ == 0 the
 dense matmul is not computed at all. The low-rank path never builds the d_out × d_in matrix.
 
+The LoRA parameters are float32 even when the frozen base weight is bfloat16 (`distill --dtype`): the
+low-rank path runs on its input upcast to float32 and its output is cast back to the input's dtype, so
+the parameters and their optimizer state keep full precision. ρ enters the computation as a tensor and
+the skip (ρ == 0 or not) is the module's only Python branch, so `torch.compile` (`distill --compile`)
+compiles each layer at most once per set of skipped modules, not once per value of ρ.
+
 Plain LoRA (`kd-lora`) is the same layer with `gated=False` and ρ left at 1.
 """
 
@@ -36,7 +42,7 @@ class GatedLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = rank
         self.scaling = alpha / rank
-        device, dtype = base.weight.device, base.weight.dtype
+        device, dtype = base.weight.device, torch.promote_types(base.weight.dtype, torch.float32)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
@@ -46,6 +52,7 @@ class GatedLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("rho", torch.ones((), dtype=torch.float32))
         self._rho = 1.0  # Python mirror of the buffer: the skip decision must not sync the device
+        self._dense = True  # ρ > 0: the only Python branch of forward (a compiled graph guards on it)
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_rho())
 
     # -- retention ------------------------------------------------------------------------------
@@ -54,10 +61,12 @@ class GatedLoRALinear(nn.Module):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {value}")
         self._rho = float(torch.tensor(value, dtype=torch.float32))  # the value the buffer holds
+        self._dense = self._rho > 0.0
         self.rho.fill_(self._rho)
 
     def _sync_rho(self) -> None:
         self._rho = float(self.rho)
+        self._dense = self._rho > 0.0
 
     @property
     def dense_active(self) -> bool:
@@ -70,19 +79,16 @@ class GatedLoRALinear(nn.Module):
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
         """(α/r) · B · diag(g) · A · dropout(x): (..., d_in) → (..., d_out), two thin matmuls."""
-        h = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
         if self.gate_logits is not None:
             h = h * torch.sigmoid(self.gate_logits)
-        return F.linear(h, self.lora_B) * self.scaling  # (..., d_out)
+        return (F.linear(h, self.lora_B) * self.scaling).to(x.dtype)  # (..., d_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lora(x)
-        if self._rho == 0.0:
-            return out  # the dense weight is not touched
-        dense = self.base(x)
-        if self._rho != 1.0:
-            dense = dense * self._rho
-        return dense + out
+        if not self._dense:
+            return out  # ρ = 0: the dense weight is not touched
+        return torch.addcmul(out, self.base(x), self.rho.to(x.dtype))  # lora + ρ · W x, one fused op
 
     # -- accounting -----------------------------------------------------------------------------
 

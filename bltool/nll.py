@@ -36,3 +36,17 @@ def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, chun
         )  # (B, c)
         del logits
     return nll * valid
+
+
+def heldout_windows(data, max_tokens: int):
+    """(ids, token bytes) of a prepared dataset's held-out windows in file order, the last one cut so the
+    total is at most `max_tokens`: the slice `eval-ppl` scores, and `distill --eval-every` (the same for
+    every run on the same data and budget)."""
+    left = max_tokens
+    for ids, nbytes in data.iter_sequences("heldout"):
+        if left < 2:
+            return
+        if len(ids) > left:
+            ids, nbytes = ids[:left], nbytes[:left]
+        left -= len(ids)
+        yield ids, nbytes

@@ -6,7 +6,9 @@ everyday objects, lower case), so the same bltool version always evaluates the s
 come from files in the Function Vectors format (a JSON list of `{"input", "output"}` objects) or JSON
 Lines with one such object per line; a file's task is named after the file's stem.
 
-How queries and demonstrations are drawn from a pool is the protocol's business (`bltool.icl`).
+How queries and demonstrations are drawn from a pool is the protocol's business (`bltool.icl`); the
+baselines a score is read against (`chance`, `copy_chance`) and its standard error are here, free of torch,
+so `bltool report` can use them.
 """
 
 from __future__ import annotations
@@ -251,3 +253,57 @@ def load_tasks(specs: tuple[str, ...], names: tuple[str, ...] | None = None, fla
         chosen = list(available)
     return [available[name] or builtin_task(name) for name in chosen]
 
+
+# ---------------------------------------------------------------------------------------------------
+# Baselines and standard errors
+
+
+def chance(task: Task) -> float:
+    """The best constant answer's accuracy over the task's whole pool: the share of its pairs whose
+    target is the most common one. A model that ignores its input cannot beat it in expectation, so it is
+    the floor a probe's accuracy is read against. (Over the pool, not over the n queries asked: the most
+    common of 10 queried targets is at least 1/10 even when every target in the pool differs.)"""
+    counts: dict[str, int] = {}
+    for _, y in task.pairs:
+        counts[y.strip()] = counts.get(y.strip(), 0) + 1
+    return max(counts.values()) / len(task.pairs) if task.pairs else 0.0
+
+
+LIST_SEPARATOR = ", "
+
+
+def copy_chance(task: Task) -> float | None:
+    """For a list task, one whose every answer is an item of its input's list (`a, b, c`: the choose_* and
+    alphabetically_* probes): the expected accuracy of copying a uniformly random item of the prompt's
+    list, the mean over the pool of 1/k for k items. None for other tasks."""
+    if not task.pairs:
+        return None
+    lengths: dict[int, int] = {}  # list length k → pairs with k items
+    for x, y in task.pairs:
+        items = [item.strip() for item in x.split(LIST_SEPARATOR)]
+        if len(items) < 2 or y.strip() not in items:
+            return None
+        lengths[len(items)] = lengths.get(len(items), 0) + 1
+    return sum(count / k for k, count in lengths.items()) / len(task.pairs)
+
+
+def standard_error(correct: list[list[bool]]) -> float | None:
+    """Standard error of a task's accuracy, `correct[seed][query]`, counting query sampling as well as
+    demonstration sampling: each query's correctness is averaged over the seeds, and the SE is the sample
+    standard deviation (ddof = 1) of those n per-query means over √n. Every (query, seed) draws its own
+    demonstrations, so the per-query means are independent draws; the spread over seeds alone misses the
+    (larger) uncertainty of which n queries were asked. None with a single query."""
+    seeds, n = len(correct), len(correct[0]) if correct else 0
+    if n < 2:
+        return None
+    means = [sum(float(correct[s][j]) for s in range(seeds)) / seeds for j in range(n)]
+    mean = sum(means) / n
+    variance = sum((m - mean) ** 2 for m in means) / (n - 1)
+    return (variance / n) ** 0.5
+
+
+def composite_se(ses: list[float | None]) -> float | None:
+    """The macro composite's standard error from its tasks' (independent samples): √(Σ se²) / tasks."""
+    if not ses or any(se is None for se in ses):
+        return None
+    return sum(se**2 for se in ses) ** 0.5 / len(ses)

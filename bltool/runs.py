@@ -26,9 +26,9 @@ from bltool.errors import UsageError
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
-COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "bits_per_byte", "icl_composite", "icl_std",
-           "compute_proxy", "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup",
-           "decode_speedup", "param_reduction", "kept", "svd", "dropped", "missing", "path")
+COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "bits_per_byte", "icl_composite", "icl_se",
+           "icl_seed_std", "icl_baseline", "compute_proxy", "compute_realised", "mac_speedup", "module_speedup",
+           "prefill_speedup", "decode_speedup", "param_reduction", "kept", "svd", "dropped", "missing", "path")
 
 
 @dataclass
@@ -114,6 +114,8 @@ class Row:
     values: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     log: Path | None = None  # the distill run's per-step log, for the dense-fraction figure
+    # how each evaluation was run: {stage: {setting: value}}, what `evaluation_differences` compares
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         row = {"name": self.name, "method": self.method, "budget": self.budget, "tokens": self.tokens,
@@ -188,9 +190,14 @@ def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]
     if Stage.EVAL_PPL in evals:
         r = evals[Stage.EVAL_PPL].result()
         row.values.update(perplexity=r.get("perplexity"), bits_per_byte=r.get("bits_per_byte"))
+        row.settings[Stage.EVAL_PPL] = ppl_settings(evals[Stage.EVAL_PPL].manifest)
     if Stage.EVAL_ICL in evals:
-        r = evals[Stage.EVAL_ICL].result().get("composite", {})
-        row.values.update(icl_composite=r.get("mean"), icl_std=r.get("std"))
+        artifact = evals[Stage.EVAL_ICL]
+        r = artifact.result().get("composite", {})
+        se = r["se"] if "se" in r else icl_se_from_predictions(artifact.path)
+        row.values.update(icl_composite=r.get("mean"), icl_se=se, icl_seed_std=r.get("seed_std", r.get("std")),
+                          icl_baseline=r.get("baseline"))
+        row.settings[Stage.EVAL_ICL] = icl_settings(artifact.manifest)
     if Stage.BENCH in evals:
         r = evals[Stage.BENCH].result()
         prefill = [s for s in r.get("modules", []) if s.get("phase") == "prefill"]
@@ -204,10 +211,86 @@ def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]
     row.missing += [stage for stage in need if stage not in evals]
 
 
+def icl_se_from_predictions(path: Path) -> float | None:
+    """The composite's standard error of an eval-icl run written before result.json recorded one,
+    recomputed from its predictions.arrow (one row per task, seed and query) as eval-icl computes it now."""
+    from bltool.probes import composite_se, standard_error
+
+    file = path / "predictions.arrow"
+    if not file.is_file():
+        return None
+    try:
+        with pa.memory_map(str(file)) as source:
+            rows = pa.ipc.open_stream(source).read_all().select(["task", "seed", "query", "correct"]).to_pylist()
+    except (pa.ArrowInvalid, KeyError):
+        return None
+    grids: dict[str, dict[int, dict[int, bool]]] = {}
+    for r in rows:
+        grids.setdefault(r["task"], {}).setdefault(r["seed"], {})[r["query"]] = bool(r["correct"])
+    ses = []
+    for by_seed in grids.values():
+        queries = sorted(next(iter(by_seed.values())))
+        ses.append(standard_error([[by_seed[s][j] for j in queries] for s in sorted(by_seed)]))
+    return composite_se(ses)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Were the rows evaluated the same way?
+
+
+def _input(manifest: dict, role: str) -> list[dict]:
+    return [e for e in manifest.get("inputs", []) if e.get("role") == role]
+
+
+def ppl_settings(manifest: dict) -> dict[str, Any]:
+    """What must match for two perplexities to be compared: the held-out data (by content) and the token
+    budget scored."""
+    data = _input(manifest, "data")
+    return {"held-out data": data[0].get("hash") if data else None,
+            "--max-tokens": manifest.get("config", {}).get("max_tokens")}
+
+
+def icl_settings(manifest: dict) -> dict[str, Any]:
+    """What must match for two ICL composites to be compared: the protocol's sizes and the probe set
+    (built-in pools by the SHA-256 of their pairs, files by content, whatever their paths)."""
+    config = manifest.get("config", {})
+    probes = [{k: v for k, v in e.items() if k != "path"} for e in _input(manifest, "probes")]
+    return {"--n": config.get("n"), "--shots": config.get("shots"), "--seeds": config.get("seeds"),
+            "probe set": json.dumps(probes, sort_keys=True)}
+
+
+def evaluation_differences(rows: list[Row]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Per evaluation stage, the settings that differ between the rows that have it: {stage: [(setting,
+    {row name: value})]}; empty when every compared row was evaluated the same way."""
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for stage in (Stage.EVAL_PPL, Stage.EVAL_ICL):
+        having = [r for r in rows if stage in r.settings]
+        keys = dict.fromkeys(k for r in having for k in r.settings[stage])
+        for key in keys:
+            values = {r.name: r.settings[stage].get(key) for r in having}
+            if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+                out.setdefault(stage, []).append((key, values))
+    return out
+
+
+def describe_difference(setting: str, values: dict[str, Any]) -> str:
+    """`--n differs: bl 10, lora 20` (hashes and probe sets shortened to a digest)."""
+    def short(v):
+        if isinstance(v, str) and len(v) > 16:
+            import hashlib
+
+            return hashlib.sha256(v.encode()).hexdigest()[:10] if v.startswith("[") else v[:10]
+        return v
+
+    return f"{setting} differs: " + ", ".join(f"{name} {short(v)}" for name, v in values.items())
+
+
+FLOATS = ("perplexity", "bits_per_byte", "icl_composite", "icl_se", "icl_seed_std", "icl_baseline", "compute_proxy",
+          "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup", "decode_speedup", "param_reduction")
+
+
 def rows_table(rows: list[Row]) -> pa.Table:
-    return pa.Table.from_pylist([r.as_dict() for r in rows], schema=pa.schema([
-        ("name", pa.string()), ("method", pa.string()), ("budget", pa.float64()), ("tokens", pa.int64()),
-        *[(c, pa.float64()) for c in COLUMNS[4:14]], ("param_reduction", pa.float64()),
-        ("kept", pa.int64()), ("svd", pa.int64()), ("dropped", pa.int64()), ("missing", pa.string()),
-        ("path", pa.string()),
-    ]))
+    types = {"name": pa.string(), "method": pa.string(), "budget": pa.float64(), "tokens": pa.int64(),
+             **{c: pa.float64() for c in FLOATS}, "kept": pa.int64(), "svd": pa.int64(), "dropped": pa.int64(),
+             "missing": pa.string(), "path": pa.string()}
+    return pa.Table.from_pylist([r.as_dict() for r in rows], schema=pa.schema([(c, types[c]) for c in COLUMNS]))

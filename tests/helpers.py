@@ -224,3 +224,22 @@ def rule_answer(name: str, x: str) -> str | None:
         return RULES[name](x)
     except (AssertionError, ValueError, KeyError, IndexError):
         return None
+
+
+def chat_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE fast tokenizer laid out like an instruct model's (SmolLM2-Instruct): its EOS is the
+    chat turn end `<|im_end|>`, and its vocabulary also has the pretraining separator `<|endoftext|>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([make_text(rng, 30) for _ in range(200)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")

@@ -16,6 +16,7 @@ from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.capacity import CapacityConfig
 from bltool.stages.compress import CompressConfig
 from bltool.stages.distill import DistillConfig
+from bltool.stages.eval_harness import EvalHarnessConfig
 from bltool.stages.eval_icl import EvalIclConfig
 from bltool.stages.eval_ppl import EvalPplConfig
 from bltool.stages.prepare_data import PrepareDataConfig
@@ -28,6 +29,7 @@ CONFIGS = {
     "build-student": (BuildStudentConfig,),
     "eval-ppl": (EvalPplConfig,),
     "eval-icl": (EvalIclConfig,),
+    "eval-harness": (EvalHarnessConfig,),
     "distill": (DistillConfig,),
     "teacher-logits": (TeacherLogitsConfig,),
     "capacity": (CapacityConfig,),
@@ -39,6 +41,7 @@ CONFIGS = {
 PARSED = {
     ("distill", "tokens"): ("tokens", lambda v: parse_count(v, "--tokens")),
     ("teacher-logits", "tokens"): ("tokens", lambda v: parse_count(v, "--tokens")),
+    ("distill", "eval_tokens"): ("eval_tokens", lambda v: parse_count(v, "--eval-tokens")),
     ("distill", "target_modules"): ("target_modules", parse_names),
     ("capacity", "activation_reserve"): ("activation_reserve", lambda v: parse_bytes(v, "--activation-reserve")),
     ("bench", "decode_batch"): ("decode_batches", lambda v: parse_int_list(v, "--decode-batch")),

@@ -5,6 +5,7 @@ accounting, resume equivalence (bitwise on CPU), stopping on SIGTERM, a 2-proces
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,7 +267,8 @@ def test_teacher_logits_cache(setting, tmp_path, tokenizer):
                                     "--top-k", "8"]).exit_code == 0
     # the manifest records the teacher's mean mass beyond its top k: none at k = V, some at k = 8
     assert read_manifest(cache)["tail"]["mean_mass"] == 0.0
-    tails = pa.ipc.open_stream(pa.memory_map(str(small / "topk.arrow"))).read_all().column("tail")
+    tails = pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(small / shard["file"]))).read_all()
+                             for shard in read_manifest(small)["shards"]).column("tail")
     mean = float(np.mean(np.exp(np.concatenate([np.asarray(t, dtype=np.float64) for t in tails.to_pylist()]))))
     assert 0.0 < read_manifest(small)["tail"]["mean_mass"] == pytest.approx(mean, rel=1e-6)
     topk = CliRunner().invoke(app, ["distill", "--student", str(setting["student"]), "--data", str(setting["data"]),
@@ -550,3 +552,94 @@ def test_two_processes_draw_their_own_dropout_and_resume_bit_for_bit(setting, tm
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert _same_weights(whole, parts)
+
+
+# -- frozen weights in bfloat16, the trained ones in float32 -------------------------------------------
+
+
+def test_bfloat16_frozen_base_trains_float32_adapters_and_saves_the_full_precision_base(setting, tmp_path):
+    out = tmp_path / "bf16"
+    result = invoke(setting, out, "--method", "budgeted-lora", "--budget", "0.4", "--tokens", str(6 * 64),
+                    "--dtype", "bfloat16", *SMALL)
+    assert result.exit_code == 0, result.stderr
+    saved = load_file(str(out / "model.safetensors"))
+    original = load_file(str(Path(setting["student"]) / "model.safetensors"))
+    lora = {k: v for k, v in saved.items() if "lora_" in k or "gate_logits" in k}
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # the adapters trained
+    bases = {k.replace(".base.", "."): v for k, v in saved.items() if ".base." in k}
+    assert bases
+    for name, value in bases.items():  # the frozen base: the student's float32 weights, bit for bit
+        torch.testing.assert_close(value, original[name], rtol=0, atol=0)
+    manifest = read_manifest(out, ("distill",))
+    assert manifest["config"]["dtype"] == "bfloat16"
+
+
+def test_bfloat16_base_keeps_lora_parameters_float32_in_the_module():
+    from bltool.lora import GatedLoRALinear
+
+    module = GatedLoRALinear(torch.nn.Linear(8, 6, dtype=torch.bfloat16), rank=2)
+    assert module.lora_A.dtype == module.lora_B.dtype == module.gate_logits.dtype == torch.float32
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert module(x).dtype == torch.bfloat16
+    module.set_rho(0.0)
+    out = module(x)
+    out.float().sum().backward()
+    assert module.lora_A.grad.dtype == torch.float32 and module.base.weight.grad is None
+
+
+def test_prefetcher_hands_items_in_order_and_reraises_errors():
+    from bltool.train.batches import Prefetcher
+
+    made = []
+
+    def make(key):
+        made.append(key)
+        if key == 3:
+            raise ValueError("row 3 is broken")
+        return (torch.full((2,), key),)
+
+    prefetch = Prefetcher(make, range(5), "cpu")
+    try:
+        for key in range(3):
+            (item,) = prefetch.get(key)
+            assert item.tolist() == [key, key]
+        with pytest.raises(ValueError, match="row 3"):
+            prefetch.get(3)
+    finally:
+        prefetch.close()
+    assert made == [0, 1, 2, 3]  # it stops at the error
+
+
+# -- held-out evaluation during training -----------------------------------------------------------------
+
+
+def test_eval_every_logs_the_held_out_perplexity_of_the_student_as_it_is(setting, tmp_path):
+    out = tmp_path / "evaluated"
+    result = invoke(setting, out, "--method", "kd-lora", "--tokens", str(7 * 64), "--eval-every", "3",
+                    "--eval-tokens", "100", *SMALL)
+    assert result.exit_code == 0, result.stderr
+    log = read_log(out)
+    scored = [row["step"] for row in log if row["eval_ppl"] is not None]
+    assert scored == [3, 6, 7]  # every 3 steps and the last
+    assert all(row["eval_nll"] is None for row in log if row["step"] not in scored)
+    # the last figure is the saved student's own perplexity on the first 100 held-out tokens
+    from bltool.data import PreparedData
+    from bltool.nll import heldout_windows, token_nll
+    from bltool.train.batches import collate as collate_rows
+
+    data = PreparedData.open(Path(setting["data"]))
+    windows = [ids for ids, _ in heldout_windows(data, 100)]
+    assert sum(len(w) for w in windows) == 100
+    model = bltool.load_model(str(out))
+    ids, mask = collate_rows(windows, int(data.tokenizer["eos_token_id"]), "cpu")
+    with torch.no_grad():
+        nll = token_nll(model, ids, mask).double().sum() / mask[:, 1:].sum()
+    assert log[-1]["eval_nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert log[-1]["eval_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert read_manifest(out, ("distill",))["evaluation"]["tokens"] == 100
+
+
+def test_eval_flags_are_checked(setting, tmp_path):
+    assert_refused(invoke(setting, tmp_path / "x", "--method", "kd-lora", "--eval-every", "-1"), "--eval-every")
+    assert_refused(invoke(setting, tmp_path / "y", "--method", "kd-lora", "--eval-tokens", "1"), "--eval-tokens")

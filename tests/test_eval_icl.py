@@ -24,14 +24,16 @@ from bltool.icl import (
     answer_text,
     build_queries,
     chance,
+    copy_chance,
     format_prompt,
     greedy_answers,
     is_correct,
     newline_token_ids,
     query_indices,
+    standard_error,
 )
 from bltool.probes import TASK_NAMES, Task, builtin_task, load_tasks
-from bltool.stages.eval_icl import EvalIclConfig, evaluate, plan
+from bltool.stages.eval_icl import EvalIclConfig, composite_se, evaluate, plan
 
 
 def parse_prompt(prompt: str) -> tuple[list[tuple[str, str]], str]:
@@ -106,7 +108,43 @@ def test_exact_match_is_case_sensitive_and_strips_whitespace():
 
 def test_chance_is_the_best_constant_answer():
     task = Task("t", (("a", "x"), ("b", "x"), ("c", "y"), ("d", "z")), "test")
-    assert chance(build_queries(task, 4, 0, 0)) == 0.5
+    assert chance(task) == 0.5
+
+
+def test_chance_is_over_the_whole_pool_not_the_queries_asked():
+    """With 200 distinct targets the best constant answer is right 1 time in 200, however few queries are
+    asked (the most common of 10 queried targets would say 1/10)."""
+    task = Task("t", tuple((f"in{i}", f"out{i}") for i in range(199)) + (("in199", "out0"),), "test")
+    assert chance(task) == 2 / 200
+    assert chance(builtin_task("capitalize")) == 1 / len(builtin_task("capitalize").pairs) < 0.002
+    pool = builtin_task("word_length").pairs
+    assert chance(builtin_task("word_length")) == max(Counter(y for _, y in pool).values()) / len(pool)
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("choose_first_of_3", 1 / 3), ("choose_middle_of_5", 1 / 5), ("alphabetically_last_3", 1 / 3),
+    ("alphabetically_first_5", 1 / 5), ("capitalize", None), ("next_item", None), ("word_length", None),
+])
+def test_copy_chance_of_list_tasks(name, expected):
+    assert copy_chance(builtin_task(name)) == (pytest.approx(expected) if expected else None)
+
+
+def test_copy_chance_of_a_user_list_task_with_mixed_lengths():
+    task = Task("mine", (("a, b", "b"), ("c, d, e, f", "c")), "test")
+    assert copy_chance(task) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert copy_chance(Task("not", (("a, b", "b"), ("c, d", "x")), "test")) is None  # one answer not in its list
+
+
+def test_standard_error_counts_query_sampling():
+    """A model right on the same half of the queries under every seed: no spread over seeds, but the
+    score's standard error over queries is that of a 50 % proportion over n queries."""
+    grid = [[True, False] * 5] * 3  # [seed][query]
+    means = [1.0, 0.0] * 5
+    assert standard_error(grid) == pytest.approx(statistics.stdev(means) / 10 ** 0.5)
+    assert standard_error([[True, True, False, False], [True, False, False, False]]) == pytest.approx(
+        statistics.stdev([1.0, 0.5, 0.0, 0.0]) / 2)
+    assert standard_error([[True], [False]]) is None
+    assert composite_se([0.3, 0.4]) == pytest.approx(0.25) and composite_se([0.1, None]) is None
 
 
 def test_answer_text_and_newline_stop(tokenizer):
@@ -169,23 +207,45 @@ def test_oracle_scores_100_percent_on_every_probe(tokenizer):
     result, predictions = evaluate(ScriptedLM(tokenizer, oracle), tokenizer, planned, config)
     assert set(result["tasks"]) == set(TASK_NAMES)
     for name, t in result["tasks"].items():
-        assert t["accuracy"] == [1.0, 1.0] and t["correct"] == [6, 6] and t["std"] == 0.0, name
+        assert t["accuracy"] == [1.0, 1.0] and t["correct"] == [6, 6] and t["seed_std"] == 0.0, name
+        assert t["se"] == 0.0, name
     assert result["composite"]["mean"] == 1.0 and result["composite"]["per_seed"] == [1.0, 1.0]
     assert len(predictions) == 19 * 2 * 6 and all(p["correct"] for p in predictions)
     assert all(p["answer"] == p["target"] for p in predictions)  # the junk after the newline was cut
 
 
 def test_constant_models_score_chance(tokenizer):
+    """The pool's most common answer, given every time, scores the share of the queries with that target;
+    `chance` is the same share over the whole pool."""
     config = EvalIclConfig(model="constant", n=30, shots=3, seeds=3, batch_size=8)
     for task, queries in plan(load_tasks(("builtin",)), config):
         seed0 = queries[: len(queries) // 3]
-        majority, count = Counter(q.target for q in seed0).most_common(1)[0]
+        majority, count = Counter(y for _, y in task.pairs).most_common(1)[0]
         result, _ = evaluate(ScriptedLM(tokenizer, lambda _, a=majority: a), tokenizer, [(task, queries)], config)
         t = result["tasks"][task.name]
-        assert t["chance"] == count / len(seed0)
-        assert t["accuracy"] == [t["chance"]] * 3, task.name
+        assert t["chance"] == count / len(task.pairs)
+        hits = sum(q.target == majority for q in seed0)
+        assert t["accuracy"] == [hits / len(seed0)] * 3, task.name
+        assert t["baseline"] == max(t["chance"], t["copy_chance"] or 0.0)
         wrong, _ = evaluate(ScriptedLM(tokenizer, lambda _: "not an answer"), tokenizer, [(task, queries)], config)
         assert wrong["tasks"][task.name]["accuracy"] == [0.0, 0.0, 0.0]
+
+
+def test_se_counts_queries_that_every_seed_gets_wrong(tokenizer):
+    """A model right on a fixed subset of the queries whatever the demonstrations: the seed spread is 0,
+    the standard error is not; both, and the composite's, as documented."""
+    config = EvalIclConfig(model="half", n=8, shots=3, seeds=3, batch_size=8)
+    planned = plan(load_tasks(("builtin",), ("capitalize", "next_item")), config)
+    right = {q.input for _, qs in planned for q in qs[:8] if q.index % 3 != 0}  # queries 1, 2, 4, 5, 7 of 8
+    respond = lambda p: oracle(p) if parse_prompt(p)[1] in right else "wrong"  # noqa: E731
+    result, predictions = evaluate(ScriptedLM(tokenizer, respond), tokenizer, planned, config)
+    for name, t in result["tasks"].items():
+        assert t["accuracy"] == [5 / 8] * 3 and t["seed_std"] == 0.0, name
+        per_query = [statistics.fmean(p["correct"] for p in predictions if p["task"] == name and p["query"] == j)
+                     for j in range(8)]
+        assert t["se"] == pytest.approx(statistics.stdev(per_query) / 8 ** 0.5) and t["se"] > 0.15, name
+    assert result["composite"]["seed_std"] == 0.0
+    assert result["composite"]["se"] == pytest.approx((2 * t["se"] ** 2) ** 0.5 / 2)
 
 
 def test_lowercased_answers_fail_the_capitalisation_probes(tokenizer):
@@ -255,14 +315,19 @@ def test_cli_writes_result_tables_and_manifest(tiny_llama, tmp_path):
     assert manifest["inputs"][1]["builtin"] == list(TASK_NAMES)
     data = json.loads((out / "result.json").read_text())
     assert list(data["tasks"]) == list(TASK_NAMES) and data["protocol"]["seeds"] == [0, 1]
-    for t in data["tasks"].values():
+    for name, t in data["tasks"].items():
         assert t["n"] == 3 and len(t["accuracy"]) == 2 and t["mean"] == statistics.fmean(t["accuracy"])
-        assert t["std"] == pytest.approx(statistics.stdev(t["accuracy"]))
+        assert t["seed_std"] == pytest.approx(statistics.stdev(t["accuracy"]))
         assert [c / 3 for c in t["correct"]] == t["accuracy"]
+        assert t["chance"] == chance(builtin_task(name)) and t["copy_chance"] == copy_chance(builtin_task(name))
     per_seed = [statistics.fmean(t["accuracy"][s] for t in data["tasks"].values()) for s in (0, 1)]
     assert data["composite"]["per_seed"] == pytest.approx(per_seed)
     assert data["composite"]["mean"] == pytest.approx(statistics.fmean(t["mean"] for t in data["tasks"].values()))
     assert manifest["result"]["composite"] == data["composite"]["mean"]
+    assert manifest["result"]["composite_se"] == data["composite"]["se"]
+    assert manifest["result"]["tasks"]["choose_first_of_3"] == {
+        "chance": chance(builtin_task("choose_first_of_3")), "copy_chance": 1 / 3}
+    assert manifest["result"]["tasks"]["choose_first_of_3"]["chance"] < 0.01
     rows = _read_arrow(out / "result.arrow").to_pylist()
     assert len(rows) == 19 * 2 and {r["seed"] for r in rows} == {0, 1}
     assert {(r["task"], r["seed"]): r["accuracy"] for r in rows} == {
@@ -270,6 +335,13 @@ def test_cli_writes_result_tables_and_manifest(tiny_llama, tmp_path):
     predictions = _read_arrow(out / "predictions.arrow").to_pylist()
     assert len(predictions) == 19 * 2 * 3
     assert sum(p["correct"] for p in predictions) == sum(sum(t["correct"]) for t in data["tasks"].values())
+    # the standard errors, recomputed from the predictions: per query, the mean over seeds; SE over queries
+    for name, t in data["tasks"].items():
+        means = [statistics.fmean(p["correct"] for p in predictions if p["task"] == name and p["query"] == j)
+                 for j in range(3)]
+        assert t["se"] == pytest.approx(statistics.stdev(means) / 3 ** 0.5), name
+    ses = [t["se"] for t in data["tasks"].values()]
+    assert data["composite"]["se"] == pytest.approx(sum(x * x for x in ses) ** 0.5 / len(ses))
     assert all(p["correct"] == is_correct(p["answer"], p["target"]) for p in predictions)
 
     again = CliRunner().invoke(app, ["eval-icl", str(tiny_llama), "--n", "3", "--out", str(out)])

@@ -4,11 +4,13 @@ cluster job would run them (each `bltool` call is its own process)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from helpers import save_tiny_model, write_corpus
 
@@ -59,15 +61,30 @@ def test_pipeline_script(tiny_env):
     assert float(row["perplexity"]) > 1 and float(row["mac_speedup"]) >= 1
 
 
-def test_sweep_script_shares_one_teacher_cache(tiny_env):
+def test_gpu_sweep_smoke_mode_measures_then_sweeps_from_one_cache_with_learning_curves(tiny_env):
+    """examples/gpu_sweep.sh at toy size on the CPU (SMOKE=1): a probe run sets the token budget from the
+    measured throughput, then examples/sweep.sh runs kd-lora, F = 0.4 and F = 0 from one teacher-logits
+    cache with held-out evaluations during training, and the report draws their learning curves."""
     root, env = tiny_env
-    runs = root / "sweep"
-    run_script("sweep.sh", {**env, "RUNS": str(runs), "SWEEP": "kd-lora budgeted-lora:0.5"})
+    runs = root / "gpu-sweep"
+    result = run_script("gpu_sweep.sh", {**env, "RUNS": str(runs), "SMOKE": "1", "EVALS": "3", "EVAL_TOKENS": "64",
+                                         "TOKENS": "", "BASELINES": "1"})
+    probe = json.loads((runs / "probe" / "distilled" / "manifest.json").read_text())
+    tokens = json.loads((runs / "kd-lora" / "distilled" / "manifest.json").read_text())["training"]["tokens_seen"]
+    step = 2 * 32
+    expected = max(int(probe["training"]["tokens_per_s"] * 4), 512) // step * step  # SECONDS_PER_RUN=4 in smoke
+    assert tokens == expected
+    assert f"{expected} tokens per run" in result.stderr
     rows = read_report(runs / "report")
-    assert set(rows) == {"kd-lora", "budgeted-lora-0.5", "student", "teacher"}
+    assert set(rows) == {"kd-lora", "budgeted-lora-0.4", "budgeted-lora-0.0", "student", "teacher"}
     assert all(row["missing"] == "" for name, row in rows.items() if name != "teacher")
-    assert rows["teacher"]["method"] == "teacher" and rows["teacher"]["perplexity"]
-    for name in ("kd-lora", "budgeted-lora-0.5"):  # both read the one cache instead of the teacher
-        manifest = (runs / name / "distilled" / "manifest.json").read_text()
-        assert '"role": "teacher-logits"' in manifest
-    assert (runs / "report" / "frontier.png").stat().st_size > 1000
+    for name in ("kd-lora", "budgeted-lora-0.4", "budgeted-lora-0.0"):  # all read the one cache
+        manifest = json.loads((runs / name / "distilled" / "manifest.json").read_text())
+        assert any(i.get("role") == "teacher-logits" for i in manifest["inputs"])
+        assert manifest["evaluation"]["tokens"] == 64
+        log = pa.ipc.open_stream(pa.memory_map(str(runs / name / "distilled" / "log.arrow"))).read_all()
+        assert sum(v is not None for v in log.column("eval_ppl").to_pylist()) >= 3
+    assert (runs / "report" / "learning_curves.png").stat().st_size > 1000
+    assert "GPU sweep on CPU" in (runs / "report" / "report.md").read_text()
+
+

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bltool.errors import UsageError
-from bltool.train.losses import kd_loss, kd_loss_reference, kd_loss_topk
+from bltool.train.losses import kd_loss, kd_loss_reference, kd_loss_topk, kd_loss_topk_reference
 from bltool.train.teacher_cache import teacher_topk
 
 
@@ -74,13 +74,12 @@ def grads(loss, h_s, head_s):
     return torch.autograd.grad(loss, [h_s, head_s.weight, head_s.bias])
 
 
-@pytest.mark.parametrize("checkpoint", [True, False])
-def test_chunked_equals_unchunked(checkpoint):
+def test_chunked_equals_unchunked():
     h_s, h_t, head_s, head_t, ids, mask = make_batch()
     ref = kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask)
     ref_grads = grads(ref.loss, h_s, head_s)
     for chunk in (1, 2, 3, 8, 9, 100):
-        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=chunk, checkpoint=checkpoint)
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=chunk)
         torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
         torch.testing.assert_close(out.kl, ref.kl)
         torch.testing.assert_close(out.ce, ref.ce)
@@ -129,8 +128,8 @@ def test_kd_weight_one_identical_models_is_zero():
 def test_teacher_gets_no_gradient():
     h_s, h_t, head_s, head_t, ids, mask = make_batch()
     h_t.requires_grad_()
-    for checkpoint in (True, False):
-        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=4, checkpoint=checkpoint)
+    for chunk in (4, 100):
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=chunk)
         out.loss.backward()
         assert h_t.grad is None and head_t.weight.grad is None
         assert h_s.grad is not None and head_s.weight.grad.abs().sum() > 0
@@ -279,3 +278,74 @@ def test_topk_cache_path_matches_a_float64_reference(t, student_tail):
     assert out.loss.item() == pytest.approx(ref_loss.item(), rel=2e-4)
     grad, ref_grad = h_s.grad[0, :n].double(), ref_input.grad
     assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+
+
+# -- the fused pass: exact against autograd, nothing kept, nothing recomputed ---------------------------
+
+
+@pytest.mark.parametrize("t", [1.0, 2.5])
+@pytest.mark.parametrize("k", [3, 11])  # 11 = V: the coarse-grained KL is the full KL
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_fused_topk_equals_autograd_in_float64(t, k, chunk):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    top = teacher_topk(h_t, head_t, k, t)
+    ref = kd_loss_topk_reference(head_s(h_s), *top, ids, mask, temperature=t, kd_weight=0.7)
+    out = kd_loss_topk(h_s, head_s, *top, ids, mask, temperature=t, kd_weight=0.7, chunk=chunk)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.kl, ref.kl)
+    torch.testing.assert_close(out.ce, ref.ce)
+    for got, want in zip(grads(out.loss, h_s, head_s), grads(ref.loss, h_s, head_s)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    if k == 11:  # and the full live form agrees
+        full = kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask, temperature=t, kd_weight=0.7)
+        torch.testing.assert_close(out.loss, full.loss, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_fused_live_equals_autograd_at_other_temperatures(t):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch(seed=3)
+    ref = kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask, temperature=t, kd_weight=0.3)
+    out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, temperature=t, kd_weight=0.3, chunk=4)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+    for got, want in zip(grads(out.loss, h_s, head_s), grads(ref.loss, h_s, head_s)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_fused_backward_follows_the_upstream_gradient_and_the_normalizer():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    one = grads(kd_loss(h_s, h_t, head_s, head_t, ids, mask).loss, h_s, head_s)
+    three = grads(3.0 * kd_loss(h_s, h_t, head_s, head_t, ids, mask).loss, h_s, head_s)
+    half = grads(kd_loss(h_s, h_t, head_s, head_t, ids, mask, normalizer=2 * 13).loss, h_s, head_s)  # 8 + 5 predicted
+    for a, b, c in zip(one, three, half):
+        torch.testing.assert_close(b, 3 * a)
+        torch.testing.assert_close(c, a / 2)
+
+
+def test_a_frozen_head_gets_no_gradient_and_costs_no_weight_gradient():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    h_s, h_t, head_s, head_t, ids, mask = make_batch(b=2, t=33, d_s=16, d_t=24, v=64)
+    mask[:] = 1
+    n, v, d_s, d_t = 2 * 32, 64, 16, 24
+    head = {"fwd_s": 2 * n * d_s * v, "fwd_t": 2 * n * d_t * v, "grad_h": 2 * n * v * d_s, "grad_w": 2 * n * v * d_s}
+    for trains in (True, False):
+        head_s.requires_grad_(trains)
+        with FlopCounterMode(display=False) as counter:
+            out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=8)
+            out.loss.backward()
+        # each head once per position, the student's hidden-state gradient once, the weight's when it trains
+        want = head["fwd_s"] + head["fwd_t"] + head["grad_h"] + (head["grad_w"] if trains else 0)
+        assert counter.get_total_flops() == want
+        assert (head_s.weight.grad is not None) == trains
+        h_s.grad = None
+        head_s.zero_grad(set_to_none=True)
+
+
+def test_the_graph_keeps_no_vocabulary_sized_activation():
+    h_s, h_t, head_s, head_t, ids, mask = make_batch(b=2, t=40, d_s=4, d_t=4, v=500)
+    head_s.requires_grad_(False)  # as for the LoRA methods: then only the hidden states' gradient is kept
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=8)
+    assert saved and max(math.prod(s) for s in saved) == h_s.numel()  # (B, T, d), not (B, c, V) or more
+    out.loss.backward()

@@ -72,8 +72,11 @@ def test_manifest(prepared, corpus, tiny_llama, tokenizer):
     assert manifest["bltool_version"] == bltool.__version__
     assert manifest["config"] == {
         "inputs": [str(corpus)], "tokenizer": str(tiny_llama), "out": str(prepared), "heldout": HELDOUT,
-        "seq_len": SEQ_LEN, "glob": "**/*.txt", "text_field": "text", "id_field": "id", "overwrite": False,
+        "seq_len": SEQ_LEN, "glob": "**/*.txt", "text_field": "text", "id_field": "id", "doc_sep": None,
+        "overwrite": False,
     }
+    # this tokenizer has no <|endoftext|>: documents are joined with its EOS, and the manifest says so
+    assert manifest["doc_sep"] == {"token": "<eos>", "id": tokenizer.eos_token_id, "chosen_by": "default: the EOS"}
 
     files = sorted(p for p in corpus.glob("**/*.txt"))
     assert len(files) == 60
@@ -268,7 +271,7 @@ def tiny_corpus_outside_buckets(root: Path, below: int, n: int = 3) -> list[str]
     "case",
     ["missing-input", "empty-dir", "glob-matches-nothing", "heldout-0", "heldout-1", "heldout-1.5",
      "heldout-negative", "unknown-tokenizer", "seq-len-1", "no-heldout-document", "every-document-heldout",
-     "unknown-suffix", "out-is-a-file"],
+     "unknown-suffix", "out-is-a-file", "doc-sep-several-tokens", "doc-sep-empty"],
 )
 def test_cli_refusals_leave_nothing(tmp_path, corpus, tiny_llama, case):
     out = tmp_path / "data"
@@ -307,6 +310,10 @@ def test_cli_refusals_leave_nothing(tmp_path, corpus, tiny_llama, case):
     elif case == "out-is-a-file":
         out.write_text("a file", encoding="utf-8")
         needles = ["--out", "not a directory"]
+    elif case == "doc-sep-several-tokens":
+        options, needles = ["--doc-sep", "<|endoftext|>"], ["--doc-sep", "'<|endoftext|>'", "single token"]
+    elif case == "doc-sep-empty":
+        options, needles = ["--doc-sep", ""], ["--doc-sep", "empty"]
     tokenizer = "no-such-model" if case == "unknown-tokenizer" else str(tiny_llama)
     result = invoke("prepare-data", *inputs, "--tokenizer", tokenizer, "--out", str(out), *options)
     assert_refused(result, *needles, only_line=only_line)
@@ -500,3 +507,77 @@ def test_bytes_no_token_covers_go_to_eos(tmp_path, whitespace_model):
     assert start == len(ids)
     assert sum(nbytes) == sum(len(t.encode("utf-8")) for t in chosen)
     assert read_manifest(out)["splits"]["heldout"]["text_bytes"] == sum(nbytes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The document separator
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny model whose tokenizer's EOS is `<|im_end|>` and whose vocabulary has `<|endoftext|>`."""
+    from helpers import chat_tokenizer, save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("chat") / "model", chat_tokenizer(), "llama", layers=1)
+
+
+def _joined(texts: list[str], tokenizer, sep: int) -> list[int]:
+    expected = []
+    for text in texts:
+        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [sep]
+    return expected
+
+
+@pytest.mark.parametrize("doc_sep", [None, "<|im_end|>", "<|im_start|>"])
+def test_documents_are_joined_with_the_pretraining_separator(tmp_path, corpus, chat_model, doc_sep):
+    """By default an instruct tokenizer's <|endoftext|> joins documents, not its EOS (the chat token
+    <|im_end|>); --doc-sep names another single token. The manifest records the choice and its id, and
+    the reader returns it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model)
+    assert tokenizer.eos_token == "<|im_end|>"
+    expected_token = doc_sep or "<|endoftext|>"
+    sep = tokenizer.convert_tokens_to_ids(expected_token)
+    assert sep != tokenizer.eos_token_id or doc_sep == "<|im_end|>"
+    out = run(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(chat_model), out=str(tmp_path / "data"),
+                                heldout=HELDOUT, seq_len=SEQ_LEN, doc_sep=doc_sep))
+    manifest = read_manifest(out, ("prepare-data",))
+    chosen_by = "--doc-sep" if doc_sep else "default: the pretraining separator"
+    assert manifest["doc_sep"] == {"token": expected_token, "id": sep, "chosen_by": chosen_by}
+    assert manifest["config"]["doc_sep"] == doc_sep
+    assert PreparedData.open(out).doc_sep == manifest["doc_sep"]
+    # the tokenizer record (what other stages read the pad id from) is unchanged: its EOS
+    assert manifest["tokenizer"]["eos_token_id"] == tokenizer.eos_token_id
+    texts = corpus_texts(corpus)
+    for split in ("train", "heldout"):
+        chosen = [t for t in texts if is_heldout(t, HELDOUT) == (split == "heldout")]
+        table = read_split(out / f"{split}.arrow")
+        assert flat(table, "input_ids") == _joined(chosen, tokenizer, sep)
+    assert sum(flat(read_split(out / "heldout.arrow"), "token_bytes")) == sum(
+        len(t.encode("utf-8")) for t in texts if is_heldout(t, HELDOUT))
+
+
+def test_doc_sep_may_be_text_that_is_one_token(tmp_path, corpus, tiny_llama, tokenizer):
+    """--doc-sep takes a vocabulary entry or text that encodes to exactly one token."""
+    (single,) = tokenizer(".", add_special_tokens=False)["input_ids"]
+    out = run(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(tiny_llama), out=str(tmp_path / "data"),
+                                heldout=HELDOUT, seq_len=SEQ_LEN, doc_sep="."))
+    assert read_manifest(out)["doc_sep"] == {"token": ".", "id": single, "chosen_by": "--doc-sep"}
+    ids = flat(read_split(out / "train.arrow"), "input_ids")
+    chosen = [t for t in corpus_texts(corpus) if not is_heldout(t, HELDOUT)]
+    assert ids == _joined(chosen, tokenizer, single)
+
+
+def test_data_prepared_before_doc_sep_still_loads(tmp_path, prepared, tokenizer):
+    """A manifest written before the separator was recorded: the reader falls back to the EOS, which is
+    what those data were joined with, and the stages that read it still run."""
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["doc_sep"], manifest["config"]["doc_sep"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    data = PreparedData.open(old)
+    assert data.doc_sep["id"] == tokenizer.eos_token_id and data.doc_sep["token"] == "<eos>"
+    assert sum(len(ids) for ids, _ in data.iter_sequences("heldout")) == manifest["splits"]["heldout"]["tokens"]
+

@@ -104,6 +104,8 @@ def test_readme_section_is_regenerated(runs, tmp_path):
     assert "old table" not in text and text.startswith("# Project") and text.endswith("End.\n")
     assert "![frontier.png](docs/results/frontier.png)" in text
     assert (tmp_path / "docs" / "results" / "frontier.png").read_bytes().startswith(PNG)
+    # the table's data is committed next to the figures
+    assert (tmp_path / "docs" / "results" / "report.csv").read_text() == (tmp_path / "rep" / "report.csv").read_text()
 
 
 @pytest.mark.parametrize("case", ["no-markers", "no-runs", "missing-dir"])
@@ -129,7 +131,7 @@ def test_paper_claims_are_computed_from_the_rows(report):
     text = (report / "report.md").read_text()
     assert "### Against the paper's claims" in text
     claim = next(line for line in text.splitlines() if line.startswith("- **Moderate budget.**"))
-    assert f"({ratio:.2f}×)" in claim
+    assert f"({ratio:.2f}×," in claim
     assert ("lands near" in claim) == (ratio <= 1.10)
     assert "- **Aggressive budget.**" not in text  # one budget only: nothing to say about the extremes
     assert "- **ICL probes.**" not in text  # kd-lora has no ICL result in these runs
@@ -155,3 +157,218 @@ def test_printed_table_keeps_every_column_in_a_log(runs, tmp_path):
     for column in ("name", "method", "budget", "perplexity", "icl_composite", "missing"):
         assert HEADERS[column] in header, (column, header)
     assert "budgeted-lora" in done.stderr and str(tmp_path / "r") == done.stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims judged against the standard error
+
+
+def _row(name, method, budget=None, **values):
+    from bltool.runs import Row
+
+    return Row(name, f"/runs/{name}", method, budget=budget, values=values)
+
+
+def _claim(lines: list[str], heading: str) -> str:
+    (line,) = [line for line in lines if line.startswith(f"- **{heading}.**")]
+    return line
+
+
+# kd-lora's ICL 0.300 ± 0.030 and a budgeted run's se 0.040: the difference's se is 0.05, so "higher" or
+# "lower" needs a difference beyond 0.1. The seed spreads are 0: the old rule (seed std of both) would
+# call any difference at all higher or lower.
+LORA_ICL = {"icl_composite": 0.30, "icl_se": 0.03, "icl_seed_std": 0.0}
+
+
+@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"),
+                                           (0.21, "within noise of"), (0.19, "lower than")])
+def test_icl_claim_uses_the_standard_error(icl, word):
+    from bltool.stages.report import comparison
+
+    rows = [_row("lora", "kd-lora", **LORA_ICL),
+            _row("bl", "budgeted-lora", 0.4, icl_composite=icl, icl_se=0.04, icl_seed_std=0.0)]
+    claim = _claim(comparison(rows), "ICL probes")
+    assert f"{icl:.3f} ± 0.040 ({word} kd-lora;" in claim, claim
+    assert "2 standard errors = 0.100" in claim
+
+
+def test_icl_claim_without_a_standard_error_makes_no_verdict():
+    from bltool.stages.report import comparison
+
+    rows = [_row("lora", "kd-lora", icl_composite=0.3, icl_se=None),
+            _row("bl", "budgeted-lora", 0.4, icl_composite=0.9, icl_se=0.01)]
+    claim = _claim(comparison(rows), "ICL probes")
+    assert "not comparable with kd-lora" in claim and "higher" not in claim
+
+
+@pytest.mark.parametrize(("ppl", "near"), [(109.0, True), (111.0, False)])
+@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"), (0.19, "lower than")])
+def test_moderate_budget_claim_on_both_sides(ppl, near, icl, word):
+    from bltool.stages.report import comparison
+
+    rows = [_row("lora", "kd-lora", perplexity=100.0, **LORA_ICL),
+            _row("bl", "budgeted-lora", 0.4, perplexity=ppl, mac_speedup=1.5, icl_composite=icl, icl_se=0.04)]
+    claim = _claim(comparison(rows), "Moderate budget")
+    assert ("F = 0.4 lands near" in claim) == near and ("does not land near" in claim) == (not near), claim
+    assert f"({ppl / 100:.2f}×" in claim
+    assert f"its ICL composite {icl:.3f} ± 0.040 is {word} kd-lora's 0.300 ± 0.030" in claim, claim
+
+
+@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"), (0.19, "lower than")])
+@pytest.mark.parametrize("largest", [True, False])
+def test_aggressive_budget_claim_on_both_sides(icl, word, largest):
+    from bltool.stages.report import comparison
+
+    rows = [_row("lora", "kd-lora", perplexity=100.0, mac_speedup=1.0, **LORA_ICL),
+            _row("bl0", "budgeted-lora", 0.0, perplexity=150.0, mac_speedup=3.0, icl_composite=icl, icl_se=0.04),
+            _row("bl5", "budgeted-lora", 0.5, perplexity=105.0, mac_speedup=2.0 if largest else 4.0,
+                 icl_composite=0.3, icl_se=0.04)]
+    claim = _claim(comparison(rows), "Aggressive budget")
+    assert claim.startswith("- **Aggressive budget.** F = 0 gives 3.00×")
+    assert ("(the largest MAC speedup here)" in claim) == largest, claim
+    assert "its perplexity is 1.50× kd-lora's" in claim
+    assert f"its ICL composite {icl:.3f} ± 0.040 is {word} kd-lora's 0.300 ± 0.030" in claim, claim
+
+
+def test_markdown_shows_the_standard_error_not_the_seed_spread():
+    from bltool.stages.report import markdown
+
+    rows = [_row("lora", "kd-lora", icl_composite=0.3, icl_se=0.031, icl_seed_std=0.007, icl_baseline=0.197)]
+    text = markdown(rows, "t", "")
+    assert "| 0.300 ± 0.031 | 0.197 |" in text and "0.007" not in text
+    assert "standard error" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows must have been evaluated the same way
+
+
+@pytest.fixture(scope="module")
+def lora_icl_other_n(runs):
+    """kd-lora's compressed student evaluated on the ICL probes with another --n than bl's (2)."""
+    other = runs.parent / "other-icl"
+    cli("eval-icl", runs / "lora" / "compressed", "--n", "3", "--seeds", "2", "--shots", "2",
+        "--tasks", "capitalize,next_item", "--out", other / "lora-icl")
+    return other
+
+
+def test_report_refuses_rows_evaluated_differently(runs, lora_icl_other_n, tmp_path):
+    out = tmp_path / "rep"
+    result = CliRunner().invoke(app, ["report", str(runs), str(lora_icl_other_n), "--out", str(out)])
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "eval-icl --n differs" in lines[0] and "bl 2" in lines[0] and "lora 3" in lines[0], lines[0]
+    assert "--allow-mixed" in lines[0]
+    assert not out.exists() and result.stdout == ""
+
+
+def test_allow_mixed_marks_the_column(runs, lora_icl_other_n, tmp_path):
+    out = Path(cli("report", runs, lora_icl_other_n, "--out", tmp_path / "rep", "--allow-mixed"))
+    text = (out / "report.md").read_text()
+    assert "| ICL † | ICL baseline † |" in text and "| ppl | bits/byte |" in text
+    note = next(line for line in text.splitlines() if line.startswith("† Not evaluated the same way"))
+    assert "eval-icl --n differs: bl 2, lora 3" in note
+    claim = _claim(text.splitlines(), "ICL probes")
+    assert claim.split(". Higher")[0].endswith("†"), claim
+    assert json.loads((out / "manifest.json").read_text())["mixed"] == ["eval-icl --n differs: bl 2, lora 3"]
+
+
+def test_report_refuses_perplexity_on_another_token_budget(runs, tmp_path):
+    other = tmp_path / "other-ppl"
+    cli("eval-ppl", runs / "lora" / "compressed", "--data", runs / "data", "--max-tokens", "64",
+        "--out", other / "lora-ppl")
+    result = CliRunner().invoke(app, ["report", str(runs), str(other), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2 and "eval-ppl --max-tokens differs" in result.stderr, result.stderr
+    assert "lora 64" in result.stderr and "bl 10000000" in result.stderr
+
+
+def test_old_icl_results_get_their_standard_error_from_the_predictions(runs):
+    """An eval-icl run whose result.json predates `se`: the report recomputes it from predictions.arrow."""
+    from bltool.runs import icl_se_from_predictions
+
+    result = json.loads((runs / "bl" / "icl" / "result.json").read_text())
+    assert icl_se_from_predictions(runs / "bl" / "icl") == pytest.approx(result["composite"]["se"])
+    assert icl_se_from_predictions(runs / "nowhere") is None
+
+
+def test_icl_se_from_hand_made_predictions(tmp_path):
+    from bltool.artifacts import write_arrow
+    from bltool.runs import icl_se_from_predictions
+
+    rows = [{"task": t, "seed": s, "query": j, "correct": c}
+            for t, grid in (("a", [[1, 0, 1], [1, 0, 0]]), ("b", [[0, 0, 1], [0, 1, 1]]))
+            for s, row in enumerate(grid) for j, c in enumerate(row)]
+    write_arrow(tmp_path / "predictions.arrow", [{**r, "correct": bool(r["correct"])} for r in rows])
+    import statistics
+
+    se_a = statistics.stdev([1.0, 0.0, 0.5]) / 3 ** 0.5
+    se_b = statistics.stdev([0.0, 0.5, 1.0]) / 3 ** 0.5
+    assert icl_se_from_predictions(tmp_path) == pytest.approx((se_a**2 + se_b**2) ** 0.5 / 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The frontier figure
+
+
+def test_frontier_names_runs_in_a_legend_not_beside_points():
+    """kd-full and kd-lora at the same cost (both dense): no text sits beside any point; each run is one
+    legend entry whose colour and marker are those of its own point, and no two runs share both."""
+    from matplotlib.colors import to_rgba
+
+    from bltool.figures import COLORS, frontier_figure
+
+    rows = [_row("full", "kd-full", perplexity=50.0, mac_speedup=1.0),
+            _row("lora", "kd-lora", perplexity=52.0, mac_speedup=1.0),
+            _row("bl-0.4", "budgeted-lora", 0.4, perplexity=55.0, mac_speedup=1.6),
+            _row("bl-0.5", "budgeted-lora", 0.5, perplexity=54.0, mac_speedup=1.4)]
+    fig, ax = frontier_figure(rows)
+    assert len(ax.texts) == 0  # nothing annotated beside a point
+    handles, labels = ax.get_legend_handles_labels()
+    points = {label: handle for handle, label in zip(handles, labels) if label != "frontier"}
+    assert set(points) == {"full (kd-full)", "lora (kd-lora)", "bl-0.4 (budgeted-lora F=0.4)",
+                           "bl-0.5 (budgeted-lora F=0.5)"}
+    styles = set()
+    for row in rows:
+        (collection,) = [c for c in ax.collections if c.get_label() == f"{row.name} ({row.method}"
+                         + (f" F={row.budget:g})" if row.budget is not None else ")")]
+        assert tuple(collection.get_facecolor()[0]) == to_rgba(COLORS[row.method]), row.name
+        x, y = collection.get_offsets()[0]
+        assert (x, y) == (1 / row.values["mac_speedup"], row.values["perplexity"])
+        styles.add((COLORS[row.method], collection.get_paths()[0].vertices.tobytes()))
+    assert len(styles) == len(rows)  # the two budgeted runs differ by marker
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_path):
+    from bltool.artifacts import write_arrow
+    from bltool.figures import COLORS, learning_curves_figure
+
+    def run(name, method, budget, curve):
+        log = tmp_path / f"{name}.arrow"
+        write_arrow(log, [{"step": i + 1, "tokens": 100 * (i + 1), "eval_ppl": p} for i, p in enumerate(curve)])
+        row = _row(name, method, budget)
+        row.log = log
+        return row
+
+    rows = [run("lora", "kd-lora", None, [900.0, None, 400.0, None]),
+            run("bl", "budgeted-lora", 0.4, [950.0, None, 600.0, 500.0]),
+            _row("teacher", "teacher", perplexity=12.0)]
+    no_eval = tmp_path / "plain.arrow"
+    write_arrow(no_eval, [{"step": 1, "tokens": 100}])
+    rows.append(_row("plain", "kd-full"))
+    rows[-1].log = no_eval
+    fig, ax = learning_curves_figure(rows)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["lora (kd-lora)"].get_xdata()) == [100, 300]  # steps without an evaluation skipped
+    assert list(lines["lora (kd-lora)"].get_ydata()) == [900.0, 400.0]
+    assert list(lines["bl (budgeted-lora F=0.4)"].get_xdata()) == [100, 300, 400]
+    assert lines["bl (budgeted-lora F=0.4)"].get_color() == COLORS["budgeted-lora"]
+    assert list(lines["teacher (eval-ppl)"].get_ydata()) == [12.0, 12.0]
+    assert not any("plain" in label for label in lines)  # a run without evaluations draws nothing
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

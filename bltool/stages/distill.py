@@ -40,6 +40,7 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.data import PreparedData
+from bltool.devices import check_dtype, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
 from bltool.models import (
@@ -51,10 +52,10 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import hidden_states
+from bltool.nll import heldout_windows, hidden_states, token_nll
 from bltool.train import distributed, trainstate
 from bltool.train.accounting import ComputeMeter
-from bltool.train.batches import PackedSequences, collate, micro_batch_indices, positions_to_indices
+from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices, positions_to_indices
 from bltool.train.budget import BudgetConfig, BudgetController
 from bltool.train.losses import check_kd_args, kd_loss, kd_loss_topk
 from bltool.train.signals import StopSignals
@@ -63,7 +64,8 @@ from bltool.train.teacher_cache import TeacherCache
 METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 DEFAULT_LR = {"kd-full": 1e-4, "kd-lora": 3e-4, "budgeted-lora": 3e-4}
 # Fields that may differ between a run and its resumption (they do not change what is computed).
-RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "device")
+RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "device", "compile", "eval_every",
+               "eval_tokens")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ class DistillConfig:
     teacher_logits: str | None = None  # a teacher-logits output: read cached top-k logits instead of the teacher
     chunk: int = 256  # positions per LM-head chunk in the loss (bounds logits memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # frozen weights (teacher; the student's base for LoRA methods): auto = bf16 on CUDA
+    compile: bool = False  # torch.compile each decoder layer of the student (regional compilation)
+    eval_every: int = 0  # score the held-out slice every N steps and at the end (0: never)
+    eval_tokens: int = 4096  # the held-out slice: the first N tokens of the held-out split
     overwrite: bool = False  # replace an existing --out and checkpoint
 
     def __post_init__(self):
@@ -112,6 +118,7 @@ class DistillConfig:
         if self.method != "kd-full":
             LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
         check_kd_args(self.temperature, self.kd_weight, self.chunk)
+        check_dtype(self.dtype)
         for flag, value in (("--tokens", self.tokens), ("--batch-size", self.batch_size),
                             ("--grad-accum", self.grad_accum)):
             if value < 1:
@@ -120,6 +127,10 @@ class DistillConfig:
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.warmup < 1.0:
             raise UsageError(f"--warmup must be in [0, 1), got {self.warmup}")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must not be negative, got {self.eval_every}")
+        if self.eval_tokens < 2:
+            raise UsageError(f"--eval-tokens must be at least 2, got {self.eval_tokens}")
         if self.warmup_cap < 0 or self.save_every < 0:
             raise UsageError("--warmup-cap and --save-every must not be negative")
         if not self.grad_clip > 0:
@@ -148,15 +159,19 @@ class DistillConfig:
 
 
 class Objective(torch.nn.Module):
-    """The student's side of a step: its hidden states and the chunked §4 loss (what DDP wraps)."""
+    """The student's side of a step: its hidden states and the fused §4 loss (what DDP wraps).
+
+    `padded` (known on the host) says whether any row is shorter than the batch: when none is, the model
+    runs without an attention mask (plain causal attention, no mask tensor to build or inspect)."""
 
     def __init__(self, student, config: DistillConfig):
         super().__init__()
         self.student = student
         self.kw = {"temperature": config.temperature, "kd_weight": config.kd_weight, "chunk": config.chunk}
 
-    def forward(self, input_ids, attention_mask, normalizer, teacher_hidden=None, teacher_head=None, topk=None):
-        hidden = hidden_states(self.student, input_ids, attention_mask)  # (B, T, d)
+    def forward(self, input_ids, attention_mask, normalizer, padded=True, teacher_hidden=None, teacher_head=None,
+                topk=None):
+        hidden = hidden_states(self.student, input_ids, attention_mask if padded else None)  # (B, T, d)
         head = self.student.get_output_embeddings()
         kw = {**self.kw, "normalizer": normalizer}
         if topk is not None:
@@ -263,11 +278,10 @@ def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -
 
 
 def _load_teacher(run) -> torch.nn.Module | None:
-    """The live teacher, frozen (bf16 on CUDA); None when the run reads --teacher-logits."""
+    """The live teacher, frozen, in --dtype (auto: bf16 on CUDA); None when the run reads --teacher-logits."""
     if run.inputs.cache is not None:
         return None
-    dtype = torch.bfloat16 if run.world.device.startswith("cuda") else torch.float32
-    teacher = load_model(run.inputs.teacher_ref, dtype=dtype, device=run.world.device, flag="--teacher")
+    teacher = load_model(run.inputs.teacher_ref, dtype=run.frozen_dtype, device=run.world.device, flag="--teacher")
     return teacher.requires_grad_(False).eval()
 
 
@@ -286,6 +300,11 @@ class Run:
     steps: int  # optimizer steps of the whole run
     warmup: int  # warm-up steps of the cosine schedule
     teacher: torch.nn.Module | None  # the live teacher; None when reading --teacher-logits
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of the weights that do not train: the teacher, and the student's base under LoRA."""
+        return resolve_dtype(self.config.dtype, self.world.device)
 
     @property
     def pad_id(self) -> int:
@@ -314,6 +333,8 @@ class TrainState:
     log: list[dict] = field(default_factory=list)  # one row per optimizer step (log.arrow)
     step: int = 0  # optimizer steps done
     seconds: float = 0.0  # training wall time so far, over every resumption
+    stop_requested: bool = False  # a stop signal reached some rank during the last step (all ranks agree)
+    prefetch: Prefetcher | None = None  # builds the coming micro-batches in the background (`_run`)
 
 
 def run(config: DistillConfig) -> Path | None:
@@ -333,33 +354,15 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
         remove_stale_temporaries(config.checkpoint_path)
     distributed.barrier(world)
     _check_paths(config)
-    inputs = _open_inputs(config)
     if not config.resume and config.checkpoint_path.exists() and world.main:
         shutil.rmtree(config.checkpoint_path)  # --overwrite: a stale checkpoint must not be resumed later
-    run_ = Run(config, world, inputs, *_schedule(config, world, inputs), teacher=None)
-    torch.manual_seed(config.seed)
-    run_.teacher = _load_teacher(run_)
-    state = setup(run_)
-    ui.info(f"distill {config.method}: {run_.steps} steps × {world.size * config.batch_size * config.grad_accum} "
-            f"sequences of {inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
-            f"warm-up {run_.warmup}" + (f", budget {config.budget}" if state.controller else ""))
-    finished = state.step >= run_.steps  # resumed after its last step: only the output is missing
-    with StopSignals() as stop, _progress(world) as progress:
-        task = progress.add_task(Stage.DISTILL, total=run_.steps, completed=state.step, loss=float("nan"), dense=1.0,
-                                 rate=0.0)
-        while state.step < run_.steps:
-            row = train_step(run_, state, stop)
-            if row is not None:
-                progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
-                                rate=row["tokens"] / state.seconds)
-            if row is None or distributed.any_true(world, stop.received is not None):
-                save_checkpoint(run_, state)
-                where = f"after step {state.step}" if row is not None else f"during step {state.step + 1}"
-                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} {where} of {run_.steps}; "
-                                  f"checkpoint (after step {state.step}) in {config.checkpoint_path}; continue with "
-                                  "--resume", stop.received or 15)
-            if config.save_every and state.step % config.save_every == 0 and state.step < run_.steps:
-                save_checkpoint(run_, state)
+    # Signals are recorded from before the set-up, so that one arriving while the models load (or while
+    # another rank is still loading) stops the run after its first step instead of killing the process.
+    with StopSignals() as stop:
+        run_, state = prepare(config, world)
+        finished = state.step >= run_.steps  # resumed after its last step: only the output is missing
+        with contextlib.closing(state.prefetch):
+            _train(run_, state, stop)
     if not finished:
         save_checkpoint(run_, state)
     if not world.main:
@@ -372,11 +375,55 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
     return Path(config.out)
 
 
+def _train(run: Run, state: TrainState, stop: StopSignals) -> None:
+    """The step loop: steps, held-out evaluations, progress, checkpoints; a stop signal checkpoints and
+    raises Interrupted."""
+    config, world = run.config, run.world
+    with _progress(world) as progress:
+        sequences = world.size * config.batch_size * config.grad_accum
+        ui.info(f"distill {config.method}: {run.steps} steps × {sequences} sequences of {run.inputs.data.seq_len} "
+                f"on {world.size} × {world.device}, lr {config.learning_rate:g}, warm-up {run.warmup}"
+                + (f", budget {config.budget}" if state.controller else ""))
+        task = progress.add_task(Stage.DISTILL, total=run.steps, completed=state.step, loss=float("nan"), dense=1.0,
+                                 rate=0.0)
+        while state.step < run.steps:
+            row = train_step(run, state, stop)
+            if row is not None and config.eval_every:
+                row.update(evaluate_heldout(run, state) if _eval_due(run, state.step) else _NO_EVAL)
+            if row is not None:
+                progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
+                                rate=row["tokens"] / state.seconds)
+            if row is None or state.stop_requested:
+                save_checkpoint(run, state)
+                where = f"after step {state.step}" if row is not None else f"during step {state.step + 1}"
+                raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} {where} of {run.steps}; "
+                                  f"checkpoint (after step {state.step}) in {config.checkpoint_path}; continue with "
+                                  "--resume", stop.received or 15)
+            if config.save_every and state.step % config.save_every == 0 and state.step < run.steps:
+                save_checkpoint(run, state)
+
+
+def prepare(config: DistillConfig, world: distributed.World) -> tuple[Run, TrainState]:
+    """Everything up to the first step, for one process of `world`: the inputs (checked), the schedule,
+    the teacher, the student made trainable (`setup`, restoring --resume), and the background loader of
+    the coming batches (close `state.prefetch` when done). `run` calls it; so can a benchmark or a
+    notebook that then calls `train_step` itself."""
+    inputs = _open_inputs(config)
+    run_ = Run(config, world, inputs, *_schedule(config, world, inputs), teacher=None)
+    torch.manual_seed(config.seed)
+    run_.teacher = _load_teacher(run_)
+    state = setup(run_)
+    state.prefetch = _prefetcher(run_, state.step)
+    return run_, state
+
+
 def setup(run: Run) -> TrainState:
     """Load the student, make it trainable the method's way, build optimizer, schedule and controller, and
     restore a checkpoint with --resume."""
     config, world = run.config, run.world
-    student = load_model(run.inputs.student_ref, dtype=torch.float32, device=world.device, flag="--student")
+    # kd-full trains every weight, in float32; the LoRA methods keep the frozen base in --dtype (bf16 on CUDA)
+    dtype = torch.float32 if config.method == "kd-full" else run.frozen_dtype
+    student = load_model(run.inputs.student_ref, dtype=dtype, device=world.device, flag="--student")
     if run.teacher is not None:
         vocab, teacher_config = run.teacher.config.vocab_size, run.teacher.config
     else:
@@ -409,6 +456,8 @@ def setup(run: Run) -> TrainState:
                        ComputeMeter(config.method, costs, lora_macs))
     if config.resume:
         _resume(run, state)
+    if config.compile:
+        compile_layers(student)
     state.model = Objective(student, config)
     if world.distributed:
         state.model = torch.nn.parallel.DistributedDataParallel(
@@ -423,30 +472,36 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
 
     The loss is the mean over every predicted token of the step, on all ranks (docs/method.md §4), however
     the step is split into micro-batches and processes. A stop signal seen between micro-batches abandons
-    the step (None is returned; the state, random generators included, is as after the previous step)."""
+    the step (None is returned; the state, random generators included, is as after the previous step).
+
+    One collective and one device→host sync per step (with gradient accumulation under torchrun, one more
+    small collective between micro-batches, to stop together): the logged means, the gradient norm and
+    whether a stop signal reached any rank travel in one tensor, read once before the optimizer steps."""
     config, world = run.config, run.world
     began = time.perf_counter()
     rng = trainstate.local_rng_state()  # given back if the step is abandoned
     rho = list(state.controller.rho) if state.controller else None  # the ρ this step computes with
-    batches = [_micro_batch_rows(run, state.step, micro) for micro in range(config.grad_accum)]
-    tokens, predicted = distributed.sum_ints(world, [sum(len(r) for _, rows in batches for r in rows),
-                                                     sum(len(r) - 1 for _, rows in batches for r in rows)])
+    tokens, predicted = _step_tokens(run, state.step)
     normalizer = predicted / world.size  # DDP averages gradients over ranks
-    sums = torch.zeros(3, dtype=torch.float64)  # this rank's share of the step's loss, kl, ce
-    for micro, (index, rows) in enumerate(batches):
+    stats = torch.zeros(5, dtype=torch.float32, device=world.device)  # loss, kl, ce, grad norm, stop
+    for micro in range(config.grad_accum):
         if micro and stop is not None and distributed.any_true(world, stop.received is not None):
             state.optimizer.zero_grad(set_to_none=True)
             trainstate.set_local_rng_state(rng)
             return None
-        ids, mask, targets = _micro_batch(run, index, rows)
+        ids, mask, padded, targets = _micro_batch(run, state, micro)
         last = micro == config.grad_accum - 1
         with state.model.no_sync() if world.distributed and not last else contextlib.nullcontext():
             with run.autocast():
-                result = state.model(ids, mask, normalizer, **targets)
+                result = state.model(ids, mask, normalizer, padded, **targets)
             result.loss.backward()
-        sums += torch.stack([result.loss, result.kl, result.ce]).detach().to("cpu", torch.float64)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip))
-    if distributed.any_true(world, not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm))):
+        stats[:3] += torch.stack([result.loss.detach().float(), result.kl, result.ce])
+    stats[3] = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip).detach().float() * world.size
+    if stop is not None and stop.received is not None:
+        stats[4] = 1.0
+    loss, kl, ce, grad_norm, stops = (distributed.sum_tensor(world, stats) / world.size).tolist()
+    state.stop_requested = stops > 0
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same verdict on every rank
         state.optimizer.zero_grad(set_to_none=True)
         save_checkpoint(run, state)
         raise BltoolError(
@@ -462,7 +517,6 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
     target, actual, dropped = _advance_budget(state)
     seconds = time.perf_counter() - began
     state.seconds += seconds
-    loss, kl, ce = distributed.mean_floats(world, sums.tolist())
     state.step += 1
     state.log.append({
         "step": state.step, "tokens": state.meter.tokens, "loss": loss, "kl": kl, "ce": ce, "lr": lr,
@@ -472,24 +526,107 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
     return state.log[-1]
 
 
-def _micro_batch_rows(run: Run, step: int, micro: int) -> tuple[list[int], list]:
-    """The training-sequence indices of this rank's micro-batch and their token rows."""
+_NO_EVAL = {"eval_nll": None, "eval_ppl": None}
+
+
+def _eval_due(run: Run, step: int) -> bool:
+    return step % run.config.eval_every == 0 or step == run.steps
+
+
+def evaluate_heldout(run: Run, state: TrainState) -> dict:
+    """The student's mean NLL and perplexity on the held-out slice (--eval-tokens: the first tokens of the
+    held-out split, the same for every run on this data), dropout off; rank 0 scores, the others go on."""
+    if not run.world.main:
+        return dict(_NO_EVAL)
+    config, data = run.config, run.inputs.data
+    windows = [ids for ids, _ in heldout_windows(data, config.eval_tokens)]
+    if not windows:
+        raise UsageError(f"--eval-every: {data.path} has no held-out tokens to score")
+    total, count = 0.0, 0
+    state.student.eval()
+    try:
+        with torch.no_grad(), run.autocast():
+            for start in range(0, len(windows), config.batch_size):
+                ids, mask = collate(windows[start: start + config.batch_size], run.pad_id, run.world.device)
+                total += float(token_nll(state.student, ids, mask, chunk=config.chunk).double().sum())
+                count += int(mask[:, 1:].sum())
+    finally:
+        state.student.train()
+    return {"eval_nll": total / count, "eval_ppl": math.exp(total / count)}
+
+
+def _step_tokens(run: Run, step: int) -> tuple[int, int]:
+    """(tokens, predicted tokens) of optimizer step `step` over every rank and micro-batch, from the row
+    lengths (the data order is a pure function of the step: no collective needed)."""
     config, world, train = run.config, run.world, run.inputs.train
+    per_step = world.size * config.batch_size * config.grad_accum
+    lengths = [train.length(int(i)) for i in positions_to_indices(step * per_step, per_step, len(train), config.seed)]
+    return sum(lengths), sum(length - 1 for length in lengths)
+
+
+def _host_batch(run: Run, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """Micro-batch `key` = (step, micro) of this rank on the host: token ids and mask (B, T), whether any
+    row is padded, and with --teacher-logits the cached top-k (ids, logits, lse, tail)."""
+    config, world, train = run.config, run.world, run.inputs.train
+    step, micro = key
     index = [int(i) for i in micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
                                                  config.grad_accum, len(train), config.seed)]
-    return index, [train[i] for i in index]
+    rows = [train[i] for i in index]
+    ids, mask = collate(rows, run.pad_id, None)
+    padded = any(len(r) < ids.shape[1] for r in rows)
+    if run.inputs.cache is None:
+        return ids, mask, padded
+    return ids, mask, padded, *run.inputs.cache.batch(index, ids.shape[1], "cpu")
 
 
-def _micro_batch(run: Run, index: list[int], rows: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """A micro-batch's token ids and mask (B, T) and the teacher's side of the loss: the live teacher's
-    final hidden states and head, or the cached top-k logits."""
-    world, inputs = run.world, run.inputs
-    ids, mask = collate(rows, run.pad_id, world.device)
-    if inputs.cache is not None:
-        return ids, mask, {"topk": inputs.cache.batch(index, ids.shape[1], world.device)}
+def _prefetcher(run: Run, start: int) -> Prefetcher:
+    """The micro-batches of steps start.. built ahead in a background thread."""
+    keys = ((step, micro) for step in range(start, run.steps) for micro in range(run.config.grad_accum))
+    return Prefetcher(lambda key: _host_batch(run, key), keys, run.world.device)
+
+
+def _micro_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor, bool, dict]:
+    """A micro-batch's token ids and mask (B, T) on the device, whether it is padded, and the teacher's
+    side of the loss: the live teacher's final hidden states and head, or the cached top-k logits."""
+    key = (state.step, micro)
+    if state.prefetch is not None:
+        ids, mask, padded, *topk = state.prefetch.get(key)
+    else:
+        ids, mask, padded, *topk = (t.to(run.world.device) if isinstance(t, torch.Tensor) else t
+                                    for t in _host_batch(run, key))
+    if topk:
+        return ids, mask, padded, {"topk": tuple(topk)}
     with torch.no_grad(), run.autocast():
-        teacher_hidden = hidden_states(run.teacher, ids, mask)  # (B, T, d_T)
-    return ids, mask, {"teacher_hidden": teacher_hidden, "teacher_head": run.teacher.get_output_embeddings()}
+        teacher_hidden = hidden_states(run.teacher, ids, mask if padded else None)  # (B, T, d_T)
+    return ids, mask, padded, {"teacher_hidden": teacher_hidden,
+                               "teacher_head": run.teacher.get_output_embeddings()}
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """Regional compilation: `torch.compile` each decoder layer in place (the layers share one compiled
+    graph per set of skipped dense matmuls; the state dict keeps its names). Returns the number of layers.
+
+    A gated linear's only Python branch is its skip (ρ = 0), so a layer recompiles when one of its modules
+    stops computing its dense matmul, not as ρ moves: at most (adapted modules per layer + 1) variants per
+    layer. Dynamo's recompile limit is raised to that bound so no layer falls back to eager."""
+    import torch._dynamo
+
+    layers = _decoder_layers(model)
+    per_layer = max(sum(isinstance(m, GatedLoRALinear) for m in layer.modules()) for layer in layers)
+    settings = torch._dynamo.config
+    name = "recompile_limit" if hasattr(settings, "recompile_limit") else "cache_size_limit"
+    setattr(settings, name, max(getattr(settings, name), len(layers) * per_layer + 8))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise UsageError(f"--compile: no decoder layers found in {type(model).__name__}")
+    return layers
 
 
 def _advance_budget(state: TrainState) -> tuple[float, float, int]:
@@ -574,6 +711,22 @@ def _peak_memory_mib(device: str) -> dict:
     return peak
 
 
+def _with_float32_base(run: Run, state: TrainState) -> torch.nn.Module:
+    """The trained student to save. Its frozen base weights trained in --dtype (bf16 on CUDA) but never
+    changed: the saved student gets them from the --student checkpoint at full precision, with the
+    trained adapters and ρ."""
+    if all(m.base.weight.dtype == torch.float32 for _, m in state.adapted):
+        return state.student
+    model = load_model(run.inputs.student_ref, dtype=torch.float32, device="cpu", flag="--student")
+    with torch.no_grad():
+        for (_, new), (_, old) in zip(inject_lora(model, run.config.lora_spec()), state.adapted):
+            for name in ("lora_A", "lora_B", "gate_logits"):
+                if getattr(new, name) is not None:
+                    getattr(new, name).copy_(getattr(old, name))
+            new.set_rho(old._rho)
+    return model.eval()
+
+
 def save(run: Run, state: TrainState) -> None:
     """Write the distilled student with its log and manifest to --out (rank 0)."""
     config, inputs, world, meter, log = run.config, run.inputs, run.world, state.meter, state.log
@@ -587,11 +740,12 @@ def save(run: Run, state: TrainState) -> None:
     student, adapted, controller = state.student.eval(), state.adapted, state.controller
     with atomic_output(Path(config.out), config.overwrite) as tmp:
         if adapted:
-            save_adapted(tmp, student, inputs.tokenizer)
+            save_adapted(tmp, _with_float32_base(run, state), inputs.tokenizer)
         else:
             student.save_pretrained(tmp)
             inputs.tokenizer.save_pretrained(tmp)
-        write_arrow(tmp / "log.arrow", log)
+        keys = list(dict.fromkeys(k for row in log for k in row))  # eval columns may start mid-run (--resume)
+        write_arrow(tmp / "log.arrow", [{k: row.get(k) for k in keys} for row in log])
         write_manifest(
             tmp, Stage.DISTILL,
             config=config.record(),
@@ -609,6 +763,10 @@ def save(run: Run, state: TrainState) -> None:
                       "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                       "parameters": count_parameters(student)},
             compute=compute,
+            evaluation={"every": config.eval_every, "tokens": config.eval_tokens, "split": "heldout",
+                        "data": inputs.data.manifest["hash"],
+                        "rule": "the first --eval-tokens tokens of the held-out split, windows in file order"}
+            if config.eval_every else None,
             controller={"rho": list(controller.rho), "modules_dropped": sum(r == 0 for r in controller.rho)}
             if controller else None,
             tokenizer=inputs.data.tokenizer,

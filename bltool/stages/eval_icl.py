@@ -3,10 +3,16 @@
 Each task is asked `--n` queries under `--seeds` demonstration seeds with `--shots` demonstrations each
 (protocol and sampling in `bltool.icl`); a task's score for a seed is its exact-match accuracy, its score
 is the mean over seeds, and the composite is the macro average of the task scores (every task weighs
-the same, whatever its number of queries). Standard deviations are over seeds (sample, ddof = 1; none
-with one seed).
+the same, whatever its number of queries).
 
-Writes into `--out`: `result.json` (protocol, per-task accuracy per seed, mean, std, chance, composite),
+Uncertainty: `se` is the standard error of a score counting both which queries were drawn and which
+demonstrations (`bltool.icl.standard_error`; the composite's combines the tasks' as independent,
+√(Σ se²) / tasks). `seed_std` is only the spread over demonstration seeds (sample, ddof = 1; none with one
+seed): the seeds ask the same queries, so it says nothing about query sampling and understates the noise.
+Baselines: `chance` is the best constant answer's rate over the task's whole pool; `copy_chance`, for
+list tasks, is the rate of copying a random item of the prompt's list (1/k); `baseline` is the larger.
+
+Writes into `--out`: `result.json` (protocol, per-task accuracy per seed, mean, se, baselines, composite),
 `result.arrow` (one row per task × seed), `predictions.arrow` (one row per query: input, target, answer)
 and `manifest.json`.
 """
@@ -41,13 +47,15 @@ from bltool.icl import (
     build_queries,
     cap_new_tokens,
     chance,
+    copy_chance,
     greedy_answers,
     is_correct,
     min_eligible,
     newline_token_ids,
+    standard_error,
 )
 from bltool.models import check_vocab_fits, load_model, load_tokenizer, model_content_hash, resolve_model
-from bltool.probes import BUILTIN, Task, load_tasks, vocabulary
+from bltool.probes import BUILTIN, Task, composite_se, load_tasks, vocabulary
 
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
 
@@ -122,24 +130,32 @@ def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: 
             predictions += [{"task": q.task, "seed": q.seed, "query": q.index, "input": q.input, "target": q.target,
                              "answer": a, "correct": c} for q, a, c in zip(qs, answers, correct)]
             n = len(qs) // len(seeds)  # every seed asks the same queries
-            hits = [sum(c for q, c in zip(qs, correct) if q.seed == s) for s in seeds]
+            grid = [[c for q, c in zip(qs, correct) if q.seed == s] for s in seeds]  # [seed][query]
+            hits = [sum(row) for row in grid]
             accuracy = [h / n for h in hits]
+            constant, copy = chance(task), copy_chance(task)
             per_task[task.name] = {
                 "source": task.source,
                 "pool": len(task.pairs),
                 "n": n,
                 "max_new_tokens": cap,
-                "chance": chance(qs[:n]),
+                "chance": constant,
+                "copy_chance": copy,
+                "baseline": max(constant, copy or 0.0),
                 "correct": hits,
                 "accuracy": accuracy,
                 "mean": statistics.fmean(accuracy),
-                "std": _std(accuracy),
+                "se": standard_error(grid),
+                "seed_std": _std(accuracy),
             }
     seconds = watch.seconds
     per_seed = [statistics.fmean(t["accuracy"][s] for t in per_task.values()) for s in seeds]
+    tasks = per_task.values()
     result = {
-        "composite": {"mean": statistics.fmean(per_seed), "std": _std(per_seed), "per_seed": per_seed,
-                      "chance": statistics.fmean(t["chance"] for t in per_task.values())},
+        "composite": {"mean": statistics.fmean(per_seed), "se": composite_se([t["se"] for t in tasks]),
+                      "seed_std": _std(per_seed), "per_seed": per_seed,
+                      "chance": statistics.fmean(t["chance"] for t in tasks),
+                      "baseline": statistics.fmean(t["baseline"] for t in tasks)},
         "tasks": per_task,
         "protocol": {
             "shots": config.shots,
@@ -148,7 +164,12 @@ def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: 
             "prompt": PROMPT_FORMAT,
             "decoding": f"greedy, until a newline or the task's cap (longest target in tokens + {ANSWER_MARGIN})",
             "match": "case-sensitive exact match after stripping surrounding whitespace",
-            "composite": "macro average over tasks of the mean over seeds; std over seeds (ddof=1)",
+            "composite": "macro average over tasks of the mean over seeds",
+            "se": "standard error over queries of each query's mean correctness over seeds (ddof=1, / sqrt(n)); "
+                  "composite: sqrt(sum of task se^2) / tasks",
+            "seed_std": "sample std (ddof=1) over demonstration seeds, which share their queries",
+            "chance": "best constant answer's rate over the task's whole pool",
+            "copy_chance": "list tasks: rate of copying a uniformly random item of the prompt's list (mean 1/k)",
         },
         "queries": len(predictions),
         "seconds": round(seconds, 3),
@@ -158,24 +179,26 @@ def evaluate(model, tokenizer, planned: list[tuple[Task, list[Query]]], config: 
 
 
 def print_table(result: dict, title: str) -> None:
-    """Per-task accuracy per seed, mean ± std and chance, then the composite (on stderr)."""
+    """Per-task accuracy per seed, mean, standard error, seed spread and baselines, then the composite
+    (on stderr)."""
     seeds = result["protocol"]["seeds"]
     table = Table(title=title, title_justify="left")
     table.add_column("task", no_wrap=True)
     for s in seeds:
         table.add_column(f"seed {s}", justify="right")
-    for column in ("mean", "std", "chance"):
+    for column in ("mean", "se", "seed std", "chance", "copy"):
         table.add_column(column, justify="right")
 
     def fmt(value):
         return "-" if value is None else f"{value:.3f}"
 
     for name, t in result["tasks"].items():
-        table.add_row(name, *map(fmt, t["accuracy"]), fmt(t["mean"]), fmt(t["std"]), fmt(t["chance"]))
+        table.add_row(name, *map(fmt, t["accuracy"]), fmt(t["mean"]), fmt(t["se"]), fmt(t["seed_std"]),
+                      fmt(t["chance"]), fmt(t["copy_chance"]))
     c = result["composite"]
     table.add_section()
-    table.add_row("composite", *map(fmt, c["per_seed"]), fmt(c["mean"]), fmt(c["std"]), fmt(c["chance"]),
-                  style="bold")
+    table.add_row("composite", *map(fmt, c["per_seed"]), fmt(c["mean"]), fmt(c["se"]), fmt(c["seed_std"]),
+                  fmt(c["chance"]), f"baseline {fmt(c['baseline'])}", style="bold")
     ui.console.print(table)
 
 
@@ -210,7 +233,7 @@ def run(config: EvalIclConfig) -> Path:
                   dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
     rows = [{"model": config.model, "task": name, "source": t["source"], "seed": seed, "n": t["n"],
              "correct": t["correct"][i], "accuracy": t["accuracy"][i], "shots": config.shots, "chance": t["chance"],
-             "max_new_tokens": t["max_new_tokens"]}
+             "copy_chance": t["copy_chance"], "se": t["se"], "max_new_tokens": t["max_new_tokens"]}
             for name, t in result["tasks"].items() for i, seed in enumerate(result["protocol"]["seeds"])]
     with atomic_output(out, config.overwrite) as tmp:
         write_json(tmp / "result.json", result)
@@ -221,9 +244,15 @@ def run(config: EvalIclConfig) -> Path:
             Stage.EVAL_ICL,
             config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, *_probe_inputs(tasks)],
-            result={"composite": result["composite"]["mean"], "composite_std": result["composite"]["std"]},
+            result={"composite": result["composite"]["mean"], "composite_se": result["composite"]["se"],
+                    "composite_seed_std": result["composite"]["seed_std"],
+                    "chance": result["composite"]["chance"], "baseline": result["composite"]["baseline"],
+                    "tasks": {name: {"chance": t["chance"], "copy_chance": t["copy_chance"]}
+                              for name, t in result["tasks"].items()}},
         )
     print_table(result, f"eval-icl {config.model} ({config.shots}-shot, {len(result['protocol']['seeds'])} seeds)")
-    ui.info(f"{config.model}: ICL composite {result['composite']['mean']:.3f} over {len(tasks)} tasks "
+    se = result["composite"]["se"]
+    ui.info(f"{config.model}: ICL composite {result['composite']['mean']:.3f}"
+            f"{'' if se is None else f' ± {se:.3f} (se)'} over {len(tasks)} tasks "
             f"({result['queries']} queries in {result['seconds']:.0f} s on {device})")
     return out

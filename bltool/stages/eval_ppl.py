@@ -1,14 +1,14 @@
 """eval-ppl: held-out perplexity and bits-per-byte (docs/method.md §6).
 
-Protocol: the held-out split's packed windows (documents joined with EOS, non-overlapping windows of
-the data's sequence length), taken in file order until `--max-tokens` tokens; every token of a window
-except its first is predicted from the tokens before it in the same window.
+Protocol: the held-out split's packed windows (documents joined with the separator `prepare-data` chose,
+non-overlapping windows of the data's sequence length), taken in file order until `--max-tokens` tokens; every
+token of a window except its first is predicted from the tokens before it in the same window.
 
     ppl = exp(Σ NLL / tokens scored)
     bpb = Σ NLL / (ln 2 · UTF-8 bytes of the scored tokens)
 
 Perplexity depends on the tokenizer; bits-per-byte does not, so it compares models with different
-vocabularies. Every scored token counts in both sums, EOS included (EOS stands for 0 bytes, so the
+vocabularies. Every scored token counts in both sums, the separator included (it stands for 0 bytes, so the
 cost of predicting document boundaries is charged to the text's bytes).
 """
 
@@ -34,7 +34,7 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import token_nll
+from bltool.nll import heldout_windows, token_nll
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,6 @@ class EvalPplConfig:
         check_dtype(self.dtype)
         if self.chunk < 1:
             raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
-
-
-def budget_windows(data: PreparedData, max_tokens: int):
-    """Held-out windows in file order, the last one cut so the total is at most `max_tokens`."""
-    left = max_tokens
-    for ids, nbytes in data.iter_sequences("heldout"):
-        if left < 2:
-            return
-        if len(ids) > left:
-            ids, nbytes = ids[:left], nbytes[:left]
-        left -= len(ids)
-        yield ids, nbytes
 
 
 def _batches(windows, batch_size: int):
@@ -98,12 +86,12 @@ def _collate(batch, pad_id: int, device: str):
 def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> dict:
     """Σ NLL, tokens and bytes scored over the budgeted windows."""
     pad_id = int(data.tokenizer["eos_token_id"])
-    available = sum(len(ids) for ids, _ in budget_windows(data, config.max_tokens))
+    available = sum(len(ids) for ids, _ in heldout_windows(data, config.max_tokens))
     nll_sum, scored, scored_bytes, windows, window_tokens = 0.0, 0, 0, 0, 0
     watch = ui.Stopwatch()
     with ui.token_progress() as progress:
         task = progress.add_task(Stage.EVAL_PPL, total=available, tokens=0)
-        for batch in _batches(budget_windows(data, config.max_tokens), config.batch_size):
+        for batch in _batches(heldout_windows(data, config.max_tokens), config.batch_size):
             ids, mask, nbytes = _collate(batch, pad_id, device)
             nll = token_nll(model, ids, mask, chunk=config.chunk)  # (B, T-1) float32
             nll_sum += float(nll.double().sum())

@@ -19,6 +19,10 @@ from bltool.errors import UsageError
 from bltool.models import load_tokenizer, resolve_model, tokenizer_identity
 
 BATCH_CHARS = 4_000_000  # tokenize about this much text per call
+# Pretraining document separators, preferred (in this order) over the EOS when the vocabulary has one: an
+# instruct model's EOS is often its chat turn end (SmolLM2-Instruct's `<|im_end|>`), not what its
+# pretraining corpus was joined with (`<|endoftext|>`).
+PRETRAINING_SEPARATORS = ("<|endoftext|>",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class PrepareDataConfig:
     glob: str = "**/*.txt"  # which files of an input directory are documents
     text_field: str = "text"  # JSON Lines / Parquet / Arrow column holding the text
     id_field: str | None = "id"  # column holding a document id (hashed instead of the text when present)
+    doc_sep: str | None = None  # token string joining documents; None: <|endoftext|> if in the vocab, else EOS
     overwrite: bool = False  # replace an existing --out
 
     def __post_init__(self):
@@ -42,6 +47,29 @@ class PrepareDataConfig:
             raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not self.text_field:
             raise UsageError("--text-field must not be empty")
+        if self.doc_sep is not None and not self.doc_sep:
+            raise UsageError("--doc-sep must not be empty (leave it out for the default separator)")
+
+
+def document_separator(tokenizer, doc_sep: str | None, source: str = "") -> dict:
+    """The token that follows every document: `doc_sep` when given (a vocabulary entry such as
+    `<|endoftext|>`, or text that encodes to exactly one token), else the first of PRETRAINING_SEPARATORS
+    the vocabulary has, else the EOS. Returns {"token", "id", "chosen_by"} as the manifest records it."""
+    vocab = tokenizer.get_vocab()
+    if doc_sep is not None:
+        if doc_sep in vocab:
+            return {"token": doc_sep, "id": int(vocab[doc_sep]), "chosen_by": "--doc-sep"}
+        encoded = tokenizer(doc_sep, add_special_tokens=False)["input_ids"]
+        if len(encoded) == 1:
+            return {"token": doc_sep, "id": int(encoded[0]), "chosen_by": "--doc-sep"}
+        raise UsageError(f"--doc-sep {doc_sep!r} is not a single token of the tokenizer's vocabulary "
+                         f"(it encodes to {len(encoded)} tokens)")
+    for token in PRETRAINING_SEPARATORS:
+        if token in vocab:
+            return {"token": token, "id": int(vocab[token]), "chosen_by": "default: the pretraining separator"}
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--tokenizer: {source} has no EOS token to join documents with; name one with --doc-sep")
+    return {"token": tokenizer.eos_token, "id": int(tokenizer.eos_token_id), "chosen_by": "default: the EOS"}
 
 
 def _batches(docs, limit: int):
@@ -64,17 +92,16 @@ def run(config: PrepareDataConfig) -> Path:
     tokenizer = load_tokenizer(model, flag="--tokenizer")
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--tokenizer: {config.tokenizer} has no fast tokenizer (needed for batched tokenizing)")
-    if tokenizer.eos_token_id is None:
-        raise UsageError(f"--tokenizer: {config.tokenizer} has no EOS token to join documents with")
+    separator = document_separator(tokenizer, config.doc_sep, config.tokenizer)
     identity = {**tokenizer_identity(tokenizer), "source": config.tokenizer, "model": model.describe()}
-    eos = tokenizer.eos_token_id
+    sep = separator["id"]
     stats = {s: {"documents": 0, "tokens": 0, "sequences": 0, "text_bytes": 0} for s in SPLITS}
     watch = ui.Stopwatch()
 
     with atomic_output(Path(config.out), config.overwrite) as tmp:
         # held-out windows also carry per-token byte counts, for bits-per-byte
         writers = {s: SplitWriter(tmp / f"{s}.arrow", with_bytes=s == "heldout") for s in SPLITS}
-        packers = {s: Packer(config.seq_len, eos, with_bytes=s == "heldout") for s in SPLITS}
+        packers = {s: Packer(config.seq_len, sep, with_bytes=s == "heldout") for s in SPLITS}
         total = reader.total_bytes()
         tokens = 0
         with ui.byte_progress() as progress:
@@ -108,6 +135,7 @@ def run(config: PrepareDataConfig) -> Path:
             config=asdict(config),
             inputs=[r.as_dict() for r in reader.records],
             tokenizer=identity,
+            doc_sep=separator,
             split={"rule": SPLIT_RULE, "heldout_fraction": config.heldout,
                    "key": f"the {config.id_field!r} field when present, else the document's UTF-8 text"
                    if config.id_field else "the document's UTF-8 text"},
@@ -141,7 +169,7 @@ def _encode(docs: list[Document], tokenizer, packer: Packer, writer: SplitWriter
         else:
             windows = packer.add(ids)
         writer.write(windows)
-        count += len(ids) + 1  # + EOS
+        count += len(ids) + 1  # + the separator
         stats["documents"] += 1
         stats["text_bytes"] += nbytes
     stats["tokens"] += count

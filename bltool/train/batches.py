@@ -13,6 +13,8 @@ ever paged in.
 
 from __future__ import annotations
 
+import queue
+import threading
 from bisect import bisect_right
 from pathlib import Path
 
@@ -43,6 +45,12 @@ class PackedSequences:
 
     def __len__(self) -> int:
         return self._starts[-1]
+
+    def length(self, index: int) -> int:
+        """Tokens in row `index`, from the offsets alone (nothing is paged in)."""
+        b = bisect_right(self._starts, index) - 1
+        offsets = self._offsets[b]
+        return int(offsets[index - self._starts[b] + 1] - offsets[index - self._starts[b]])
 
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < len(self):
@@ -85,11 +93,62 @@ def micro_batch_indices(step: int, micro: int, rank: int, world: int, batch_size
 
 
 def collate(rows: list[np.ndarray], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad rows to one length: (B, T) int64 ids and (B, T) attention mask."""
+    """Right-pad rows to one length: (B, T) int64 ids and (B, T) attention mask, on `device` (on the host
+    for device None)."""
     length = max(len(r) for r in rows)
     ids = np.full((len(rows), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), length), dtype=np.int64)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
+    if device is None:
+        return torch.from_numpy(ids), torch.from_numpy(mask)
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+class Prefetcher:
+    """Builds the batches of the coming steps in a background thread while the current one trains.
+
+    `make(key)` returns a tuple of host tensors for one key (an optimizer step's micro-batch); `keys` is
+    the order they will be asked for. On a CUDA device the thread pins them, and `get` copies them with
+    non_blocking=True, so the copy overlaps the GPU's work. `get(key)` must ask for the keys in order;
+    `close()` stops the thread (also on errors: the thread is a daemon, and its exception is re-raised
+    by the `get` that needed its result)."""
+
+    def __init__(self, make, keys, device: str, depth: int = 2):
+        self._make, self._pin, self._device = make, str(device).startswith("cuda"), device
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(iter(keys),), daemon=True, name="bltool-prefetch")
+        self._thread.start()
+
+    def _work(self, keys) -> None:
+        for key in keys:
+            try:
+                item = self._make(key)
+                if self._pin:
+                    item = tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in item)
+                result = (key, item, None)
+            except BaseException as err:  # handed to the consumer, which raises it
+                result = (key, None, err)
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(result, timeout=0.1)
+                    break
+                except queue.Full:  # wait for the consumer
+                    continue
+            if self._stopped.is_set() or result[2] is not None:
+                return
+
+    def get(self, key):
+        """The item for `key`, on the device."""
+        got, item, err = self._queue.get()
+        if err is not None:
+            raise err
+        if got != key:
+            raise RuntimeError(f"prefetcher: asked for {key}, next is {got}")
+        return tuple(t.to(self._device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in item)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)

@@ -89,6 +89,13 @@ def mean_floats(world: World, values: list[float]) -> list[float]:
     return (tensor / world.size).tolist()
 
 
+def sum_tensor(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of `tensor` (on this rank's device), in one collective and without a host sync."""
+    if world.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def gather_tensors(world: World, tensor: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's `tensor` (same shape and dtype on all ranks), in rank order, on the CPU."""
     if not world.distributed:

@@ -1,4 +1,4 @@
-"""The distillation loss of docs/method.md §4, computed over sequence chunks.
+"""The distillation loss of docs/method.md §4, fused with the student's LM head.
 
 Over the non-padding next-token positions (position t predicts token t+1, right padding):
 
@@ -7,30 +7,36 @@ Over the non-padding next-token positions (position t predicts token t+1, right 
 KL is summed over the vocabulary and both terms are averaged per predicted token; the T² keeps the
 soft term's gradient on the scale of the hard term's as T grows (Hinton et al. 2015).
 
-Memory: as in `nll.token_nll`, the LM heads are applied `chunk` positions at a time to the final hidden
-states, so neither model's (B, T, V) float32 logits ever exist; one chunk's (B, c, V) do. With
-`checkpoint=True` (the default) each chunk's heads and loss run under activation checkpointing, so the
-backward pass also holds only the (B, T, d) hidden states plus one chunk's (B, c, V) intermediates
-(recomputed, teacher head included: one extra pass of both heads). With `checkpoint=False` the backward
-keeps three (B, c, V) float32 tensors per chunk (the student's two log-softmaxes and the teacher's
-probabilities), which grows with T like the unchunked loss. benchmarks/kd_loss_memory.py measures both.
+How it is computed (`kd_loss`, `kd_loss_topk`): one pass over the positions, `chunk` at a time, that
+applies the student's head to the final hidden states, the teacher's head (live form) under no_grad,
+computes the loss and, in the same pass, its gradient with respect to the logits in closed form,
+
+    ∂L/∂z_S = (α_kd · T / N) · (softmax(z_S/T) − p_T) + ((1 − α_kd) / N) · (softmax(z_S) − onehot(label)),
+
+and from it the gradients with respect to the hidden states (g · W) and, when the head trains, the head's
+weight (gᵀ · h) and bias. A small autograd Function hands those gradients back in the backward pass.
+So neither model's (B, T, V) logits ever exist, only one chunk's (B, c, V), and nothing is recomputed:
+each head runs once per position (an autograd graph through the heads would keep every chunk's (B, c, V)
+intermediates, and activation checkpointing would run both heads twice; for SmolLM2's 49k vocabulary the
+head is the most expensive matmul of a small student). This is the approach of Liger-Kernel's fused
+linear cross-entropy and distillation losses. Padding needs no host sync: padded positions get weight 0.
+
+The top-k form (a `teacher-logits` cache) has the same structure with the coarse-grained KL of
+`kd_loss_topk`; its gradient is derived there. `kd_loss_reference` and `kd_loss_topk_reference` are the
+plain autograd forms from full logits, for tests and comparisons.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from bltool.errors import UsageError
 
 IGNORE_INDEX = -100  # label of a position with no target (padding), as in F.cross_entropy
-
-Head = Callable[[torch.Tensor], torch.Tensor]  # (B, c, d) hidden → (B, c, V) logits, e.g. the LM head
 
 
 class KDLoss(NamedTuple):
@@ -61,141 +67,190 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _kl_ce_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                temperature: float) -> torch.Tensor:
-    """[Σ KL, Σ CE] over the positions whose label is not IGNORE_INDEX; logits (..., V), labels (...)."""
-    valid = labels != IGNORE_INDEX  # (...)
+# ---------------------------------------------------------------------------------------------------
+# The fused pass
+
+
+class _WithGradients(torch.autograd.Function):
+    """Returns `loss` (computed without a graph) and, in the backward, the gradients computed with it."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
+        return None, scaled[0], scaled[1], scaled[2], None, None, None
+
+
+class _Head(NamedTuple):
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None  # (V,)
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> _Head:
+        """The weight and bias of an LM head (a `get_output_embeddings()` linear layer)."""
+        if not isinstance(module, torch.nn.Linear):
+            raise TypeError(f"the fused KD loss needs a linear LM head, got {type(module).__name__}")
+        return cls(module.weight, module.bias)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return _fp32(F.linear(h, self.weight.detach(), None if self.bias is None else self.bias.detach()))
+
+
+def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int, temperature: float,
+           kd_weight: float, normalizer: float | None, chunk_terms, teacher: tuple[torch.Tensor, ...]) -> KDLoss:
+    """The chunked pass shared by both forms. `chunk_terms(z, *teacher_chunk)` gets one chunk's student
+    logits z (n, V) (float32 or wider; it may overwrite them) and the teacher's side for those positions,
+    and returns the per-position KL (n,) and its gradient with respect to z/T (n, V); the CE is done here.
+    Teacher tensors (B, T-1, ...) are sliced like the positions."""
+    w = _Head.of(head)
+    b, t = labels.shape
+    valid = labels != IGNORE_INDEX  # (B, T-1)
+    device, acc = hidden.device, torch.promote_types(hidden.dtype, torch.float32)
+    denominator = (valid.sum().clamp(min=1) if normalizer is None else
+                   torch.tensor(max(normalizer, 1e-12), device=device)).to(acc)
+    needs = (hidden.requires_grad, w.weight.requires_grad, w.bias is not None and w.bias.requires_grad)
+    want_grad = torch.is_grad_enabled() and any(needs)
+    grad_hidden = torch.zeros_like(hidden) if want_grad and needs[0] else None
+    grad_weight = torch.zeros(w.weight.shape, dtype=acc, device=device) if want_grad and needs[1] else None
+    grad_bias = torch.zeros(w.bias.shape, dtype=acc, device=device) if want_grad and needs[2] else None
+    kl_scale = kd_weight * temperature / denominator  # ∂L/∂(z/T) per unit of ∂KL/∂(z/T), times T for ∂z
+    ce_scale = (1.0 - kd_weight) / denominator
+    sums = torch.zeros(2, dtype=acc, device=device)  # Σ KL, Σ CE over the valid positions
     with torch.no_grad():
-        log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)  # (..., V)
-        p_t = log_p_t.exp()
-        neg_entropy_t = (p_t * log_p_t).sum(-1)  # (...) Σ_v p_T log p_T
-        del log_p_t
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)  # (..., V), saved for the backward
-    kl = neg_entropy_t - (p_t * log_p_s).sum(-1)  # (...) Σ_v p_T (log p_T − log p_S)
-    kl = torch.where(valid, kl, 0.0).sum()
-    ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="sum")
-    return torch.stack([kl, ce])
+        for start in range(0, t, chunk):
+            stop = min(start + chunk, t)
+            h = hidden[:, start:stop].detach().reshape(-1, hidden.shape[-1])  # (n, d)
+            y = labels[:, start:stop].reshape(-1, 1).clamp(min=0)  # (n, 1); padding reads token 0
+            ok = valid[:, start:stop].reshape(-1)  # (n,)
+            z = w.logits(h)  # (n, V)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1) at temperature 1, for the CE
+            ce = (lse - z.gather(-1, y)).squeeze(-1)
+            p_ce = (z - lse).exp_() if want_grad and kd_weight < 1 else None  # softmax(z)
+            kl, g = chunk_terms(z, *(x[:, start:stop].flatten(0, 1) for x in teacher))  # z is overwritten
+            sums += torch.stack([torch.where(ok, kl, 0.0).sum(), torch.where(ok, ce, 0.0).sum()]).to(acc)
+            if not want_grad:
+                continue
+            g = g.mul_(kl_scale.to(g.dtype))
+            if p_ce is not None:  # + (1 − α)/N · (softmax(z) − onehot)
+                g.add_(p_ce.mul_(ce_scale.to(g.dtype)))
+                g.scatter_add_(-1, y, (-ce_scale).to(g.dtype).expand(len(y), 1))
+            g.masked_fill_(~ok.unsqueeze(-1), 0.0)  # padding: no gradient (and no NaN from its garbage)
+            if grad_hidden is not None:
+                grad_hidden[:, start:stop] = (g.to(w.weight.dtype) @ w.weight).view(b, stop - start, -1)
+            if grad_weight is not None:
+                torch.addmm(grad_weight, g.t(), h.to(acc), out=grad_weight)
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+    kl_mean, ce_mean = sums / denominator
+    loss = kd_weight * temperature**2 * kl_mean + (1.0 - kd_weight) * ce_mean
+    if want_grad:
+        loss = _WithGradients.apply(
+            loss, hidden, w.weight, w.bias, grad_hidden,
+            None if grad_weight is None else grad_weight.to(w.weight.dtype),
+            None if grad_bias is None else grad_bias.to(w.bias.dtype))
+    return KDLoss(loss, kl_mean.detach().float(), ce_mean.detach().float())
 
 
-def _combine(sums: torch.Tensor, n_valid: torch.Tensor, temperature: float, kd_weight: float,
-             normalizer: float | None = None) -> KDLoss:
-    """Sums → the loss. Divided by this batch's predicted tokens, or by `normalizer`: a training step
-    passes the count over all of its micro-batches and processes, so that the gradients it accumulates
-    are those of the mean over the step's tokens (docs/method.md §4), however they are split."""
-    kl, ce = sums / (n_valid.clamp(min=1) if normalizer is None else max(normalizer, 1e-12))
-    loss = kd_weight * temperature**2 * kl + (1.0 - kd_weight) * ce
-    return KDLoss(loss, kl.detach().float(), ce.detach().float())
-
-
-def _chunked_sums(student_hidden: torch.Tensor, labels: torch.Tensor, chunk: int, checkpoint: bool,
-                  chunk_sums: Callable[..., torch.Tensor], *teacher: torch.Tensor) -> torch.Tensor:
-    """Σ over chunks of `chunk_sums(h_s, labels, *teacher)` ([Σ KL, Σ CE]), position chunks of `chunk`.
-
-    `teacher` tensors are sliced along dim 1 like the student's hidden states. With right padding the
-    tail is padding in every row, so the loop stops after the last column with a target (one host sync).
-    """
-    valid = labels != IGNORE_INDEX
-    span = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 0
-    # the zero term keeps the loss on the student's graph even for an all-padding batch
-    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
-    sums = student_hidden[:, :0].sum().to(dtype) * torch.zeros(2, dtype=dtype, device=student_hidden.device)
-    for start in range(0, span, chunk):
-        stop = min(start + chunk, span)
-        args = (student_hidden[:, start:stop], labels[:, start:stop], *(t[:, start:stop] for t in teacher))
-        if checkpoint and torch.is_grad_enabled():
-            # Saves only the inputs; the backward recomputes this chunk's logits, then frees them.
-            sums = sums + _checkpoint(chunk_sums, *args, use_reentrant=False)
-        else:
-            sums = sums + chunk_sums(*args)
-    return sums
-
-
-def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
-            input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
-            kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True,
+def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.nn.Module,
+            teacher_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            temperature: float = 3.0, kd_weight: float = 0.8, chunk: int = 256,
             normalizer: float | None = None) -> KDLoss:
-    """The §4 loss from both models' final hidden states (B, T, d_S) and (B, T, d_T), chunk by chunk.
+    """The §4 loss from both models' final hidden states (B, T, d_S) and (B, T, d_T) and their linear LM
+    heads (`get_output_embeddings()`), fused with the heads, `chunk` positions per row at a time.
 
-    Hidden states come from `nll.hidden_states`; the heads are the models' `get_output_embeddings()`.
-    Gradients reach the student's hidden states and head only: the teacher's side runs under no_grad.
-    `normalizer`: divide the sums by this instead of the batch's predicted-token count (see `_combine`).
+    Gradients reach the student's hidden states and head only. `normalizer`: divide the sums by this
+    instead of the batch's predicted-token count (a training step passes the count over all of its
+    micro-batches and processes, so that the gradients it accumulates are those of the mean over the
+    step's tokens, docs/method.md §4, however they are split).
+
+    Per position, with q = softmax(z_S/T) and p = softmax(z_T/T):
+    KL = Σ p log p − Σ p · z_S/T + lse(z_S/T), and ∂KL/∂(z_S/T) = q − p.
     """
     check_kd_args(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+    t_head = _Head.of(teacher_head)
 
-    def chunk_sums(h_s: torch.Tensor, y: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-        z_s = _fp32(student_head(h_s))  # (B, c, V) float32
-        with torch.no_grad():
-            z_t = _fp32(teacher_head(h_t))  # (B, c, V) float32, no graph
-        return _kl_ce_sums(z_s, z_t, y, temperature)  # (2,)
-
-    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, teacher_hidden.detach())
-    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight, normalizer)
-
-
-def _topk_kl_ce_sums(student_logits: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
-                     topk_logits: torch.Tensor, teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """[Σ KL, Σ CE] against a teacher known by its top-k logits (..., k), the log-sum-exp (...) of its
-    logits at `temperature` (both shifted by the same constant: only log p = logit / T − lse matters), and
-    the log of its mass beyond the top k (...): the KL between both distributions coarse-grained to
-    k + 1 outcomes (the teacher's k tokens, and one bucket for everything else)."""
-    valid = labels != IGNORE_INDEX
-    lowest = torch.finfo(student_logits.dtype).min
-    with torch.no_grad():
-        log_p = _fp32(topk_logits) / temperature - _fp32(teacher_lse).unsqueeze(-1)  # (..., k)
+    def chunk_terms(z: torch.Tensor, h_t: torch.Tensor):
+        log_p = t_head.logits(h_t).div_(temperature)  # (n, V) z_T / T
+        log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
         p = log_p.exp()
-        log_p_tail = _fp32(teacher_log_tail).clamp(min=lowest)  # (...) exact to float32 (the cache's)
-        p_tail = log_p_tail.exp()  # 0 when k = V
-    z = student_logits / temperature  # (..., V)
-    ids = topk_ids.long()
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (..., 1)
-    log_q = z.gather(-1, ids) - lse  # (..., k)
-    # the student's tail: a log-sum-exp over its logits with the teacher's top k masked out (exact, and
-    # with a gradient however little mass the student leaves there)
-    log_q_tail = (torch.logsumexp(z.scatter(-1, ids, lowest), dim=-1, keepdim=True) - lse).squeeze(-1)  # (...)
-    kl = (p * (log_p - log_q)).sum(-1) + p_tail * (log_p_tail - log_q_tail)
-    kl = torch.where(valid, kl, 0.0).sum()
-    ce = F.cross_entropy(student_logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
-                         reduction="sum")
-    return torch.stack([kl, ce])
+        neg_entropy = torch.linalg.vecdot(p, log_p)  # Σ p log p
+        del log_p
+        z = z.div_(temperature)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        kl = neg_entropy - torch.linalg.vecdot(p, z) + lse.squeeze(-1)
+        return kl, z.sub_(lse).exp_().sub_(p)  # q − p
+
+    return _fused(student_hidden, student_head, labels, chunk, temperature, kd_weight, normalizer, chunk_terms,
+                  (teacher_hidden[:, :-1].detach(),))
 
 
-def kd_loss_topk(student_hidden: torch.Tensor, student_head: Head, topk_ids: torch.Tensor,
+def kd_loss_topk(student_hidden: torch.Tensor, student_head: torch.nn.Module, topk_ids: torch.Tensor,
                  topk_logits: torch.Tensor, teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor,
                  input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
-                 kd_weight: float = 0.8, chunk: int = 256, checkpoint: bool = True,
-                 normalizer: float | None = None) -> KDLoss:
-    """The §4 loss with a cached teacher (`bltool teacher-logits`, `teacher_cache.teacher_topk`):
-    `topk_ids` / `topk_logits` (B, T-1, k) are the teacher's k largest logits at each predicting position,
-    `teacher_lse` (B, T-1) the log-sum-exp of all its logits divided by `temperature` (both may be shifted
-    by one constant per position), `teacher_log_tail` (B, T-1) the log of its probability mass beyond the
-    top k at `temperature` (the temperature the cache was made at).
+                 kd_weight: float = 0.8, chunk: int = 256, normalizer: float | None = None) -> KDLoss:
+    """The §4 loss with a cached teacher (`bltool teacher-logits`, `teacher_cache.teacher_topk`), fused
+    with the student's head like `kd_loss`: `topk_ids` / `topk_logits` (B, T-1, k) are the teacher's k
+    largest logits at each predicting position, `teacher_lse` (B, T-1) the log-sum-exp of all its logits
+    divided by `temperature` (both may be shifted by one constant per position), `teacher_log_tail`
+    (B, T-1) the log of its probability mass beyond the top k at `temperature` (the temperature the cache
+    was made at).
 
     How the tail is treated: the teacher's mass beyond its top k is one bucket. The KL term compares the
-    teacher's k probabilities and that bucket's total with the student's probabilities of the same k
-    tokens and the student's remaining mass, so the student is pushed to put the right total mass on
-    the tail but not told how to spread it. This is the exact KL between the two distributions
-    coarse-grained to k + 1 outcomes, a lower bound on the full KL that reaches it when k = V. The CE
-    term is unchanged (it needs no teacher).
+    teacher's k probabilities p_K and that bucket's total p_tail with the student's probabilities q_K of
+    the same k tokens and the student's remaining mass Q_tail, so the student is pushed to put the right
+    total mass on the tail but not told how to spread it. This is the exact KL between the two
+    distributions coarse-grained to k + 1 outcomes, a lower bound on the full KL that reaches it when
+    k = V. The CE term is unchanged (it needs no teacher). Its gradient with respect to z_S/T is q_j − p_j
+    for a top-k token j and q_j − p_tail · q_j / Q_tail for any other (the student's tail, rescaled to
+    the teacher's tail mass); q_j / Q_tail is computed as exp(z_j/T − lse over the tail), exact however
+    little mass the student leaves there.
     """
     check_kd_args(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
 
-    def chunk_sums(h_s: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor,
-                   lse: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        z_s = _fp32(student_head(h_s))  # (B, c, V) float32
-        return _topk_kl_ce_sums(z_s, y, ids, logits, lse, tail, temperature)  # (2,)
+    def chunk_terms(z: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, lse_t: torch.Tensor,
+                    log_tail: torch.Tensor):
+        ids = ids.long()
+        log_p = _fp32(logits) / temperature - _fp32(lse_t).unsqueeze(-1)  # (n, k)
+        p = log_p.exp()
+        log_p_tail = _fp32(log_tail)  # (n,) −inf at k = V
+        p_tail = log_p_tail.exp()
+        z = z.div_(temperature)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+        rest = z.scatter(-1, ids, float("-inf"))  # (n, V) the student's tail
+        lse_rest = torch.logsumexp(rest, dim=-1, keepdim=True)  # (n, 1) −inf at k = V
+        lse_rest = torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)
+        log_q = z.gather(-1, ids) - lse  # (n, k)
+        tail_term = torch.where(p_tail > 0, p_tail * (log_p_tail - (lse_rest - lse).squeeze(-1)), 0.0)
+        kl = torch.linalg.vecdot(p, log_p - log_q) + tail_term
+        g = z.sub_(lse).exp_()  # q
+        g.scatter_add_(-1, ids, -p)
+        g.sub_(rest.sub_(lse_rest).exp_().mul_(p_tail.unsqueeze(-1)))  # the tail's q_j / Q_tail · p_tail
+        return kl, g
 
-    sums = _chunked_sums(student_hidden, labels, chunk, checkpoint, chunk_sums, topk_ids, topk_logits, teacher_lse,
-                         teacher_log_tail)
-    return _combine(sums, (labels != IGNORE_INDEX).sum(), temperature, kd_weight, normalizer)
+    return _fused(student_hidden, student_head, labels, chunk, temperature, kd_weight, normalizer, chunk_terms,
+                  (topk_ids, topk_logits, teacher_lse, teacher_log_tail))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain autograd forms from full logits
+
+
+def _combine(kl: torch.Tensor, ce: torch.Tensor, n: torch.Tensor, temperature: float, kd_weight: float) -> KDLoss:
+    kl, ce = kl / n.clamp(min=1), ce / n.clamp(min=1)
+    return KDLoss(kd_weight * temperature**2 * kl + (1.0 - kd_weight) * ce, kl.detach().float(), ce.detach().float())
 
 
 def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
                       attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8) -> KDLoss:
-    """The same loss from full logits (B, T, V) of both models, unchunked: for tests and comparisons."""
+    """The same loss from full logits (B, T, V) of both models, unchunked, by autograd: for tests and
+    comparisons."""
     check_kd_args(temperature, kd_weight)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
     valid = labels != IGNORE_INDEX
@@ -205,4 +260,25 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     log_p_t = F.log_softmax(z_t / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="sum")
     ce = F.cross_entropy(z_s, labels[valid], reduction="sum")
-    return _combine(torch.stack([kl, ce]), valid.sum(), temperature, kd_weight)
+    return _combine(kl, ce, valid.sum(), temperature, kd_weight)
+
+
+def kd_loss_topk_reference(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torch.Tensor,
+                           teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor, temperature: float = 3.0,
+                           kd_weight: float = 0.8) -> KDLoss:
+    """`kd_loss_topk` from the student's full logits (B, T, V), unchunked, by autograd (tests)."""
+    check_kd_args(temperature, kd_weight)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+    valid = labels != IGNORE_INDEX
+    z = _fp32(student_logits[:, :-1][valid]) / temperature  # (N, V)
+    ids = topk_ids[valid].long()
+    log_p = _fp32(topk_logits[valid]) / temperature - _fp32(teacher_lse[valid]).unsqueeze(-1)
+    log_p_tail = _fp32(teacher_log_tail[valid])
+    lse = torch.logsumexp(z, dim=-1)
+    log_q = z.gather(-1, ids) - lse.unsqueeze(-1)
+    log_q_tail = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1) - lse
+    tail = torch.where(log_p_tail > float("-inf"), log_p_tail.exp() * (log_p_tail - log_q_tail), 0.0)
+    kl = (log_p.exp() * (log_p - log_q)).sum() + tail.sum()
+    ce = F.cross_entropy(z * temperature, labels[valid], reduction="sum")
+    return _combine(kl, ce, valid.sum(), temperature, kd_weight)

@@ -1,6 +1,9 @@
 """The teacher-logits cache: a teacher's top-k logits for the sequences a distillation run will read.
 
-`bltool teacher-logits` writes `topk.arrow`, an Arrow IPC stream with one row per training sequence:
+`bltool teacher-logits` writes Arrow IPC streams under `shards/`, one per completed part of each
+process's share (`part-B.arrow`, B its first batch), listed with their rows and positions in the
+manifest's `shards`; caches made before sharding hold one `topk.arrow`, read the same way. Each stream
+has one row per training sequence (every sequence in exactly one file):
 
     sequence     int64              index of the sequence in the data's train split
     topk_ids     list<int32>        (T-1)·k token ids, position-major: the k largest teacher logits at
@@ -19,14 +22,14 @@ runs at the temperature it was made with, and `distill` refuses another.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from bltool.artifacts import Stage, artifact_ref, read_manifest
-from bltool.data import list_array
+from bltool.artifacts import MANIFEST, Stage, artifact_ref, read_manifest
 from bltool.errors import ArtifactError
 
 FILE = "topk.arrow"
@@ -45,28 +48,64 @@ def teacher_topk(hidden: torch.Tensor, head, k: int, temperature: float, chunk: 
     (B, T-1, k) int32; their logits minus the position's largest (B, T-1, k), so ≤ 0; log-sum-exp of all
     logits / temperature minus largest / temperature (B, T-1); and the log of the probability mass
     beyond the top k at `temperature` (B, T-1), −inf when k = V. Subtracting the largest logit from
-    both keeps log p = logit / T − lse exact while putting the stored logits where float16 is precise."""
-    hidden = hidden[:, :-1]
-    ids, values, lse, tail = [], [], [], []
-    for start in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, start: start + chunk])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (B, c, V)
-        top = logits.topk(k, dim=-1)
-        largest = top.values[..., :1]  # (B, c, 1)
-        scaled = logits / temperature
-        all_lse = torch.logsumexp(scaled, dim=-1)  # (B, c)
-        ids.append(top.indices.to(torch.int32))
-        values.append(top.values - largest)
-        lse.append(all_lse - largest.squeeze(-1) / temperature)
-        tail.append(torch.logsumexp(scaled.scatter(-1, top.indices, float("-inf")), dim=-1) - all_lse)
-        del logits, scaled
-    return torch.cat(ids, 1), torch.cat(values, 1), torch.cat(lse, 1), torch.cat(tail, 1)
+    both keeps log p = logit / T − lse exact while putting the stored logits where float16 is precise.
+    `chunk` positions of every sequence at a time: (B, chunk, V) logits at most."""
+    b, t = hidden.shape[0], hidden.shape[1] - 1
+    rows = hidden[:, :-1].reshape(b * t, hidden.shape[-1])
+    out = teacher_topk_rows(rows, head, k, temperature, max(b, 1) * chunk)
+    return tuple(x.reshape(b, t, *x.shape[1:]) for x in out)
+
+
+@torch.no_grad()
+def teacher_topk_rows(rows: torch.Tensor, head, k: int, temperature: float, chunk: int):
+    """`teacher_topk` for (N, d) hidden states, one per predicting position: (N, k) ids, (N, k) logits
+    minus the largest, (N,) lse and (N,) tail, `chunk` rows (an (chunk, V) block of logits) at a time.
+
+    Each block is worked in place (no scaled or masked copies of it): z ← exp((z − max) / T), the top k
+    zeroed, then one sum gives the tail's mass directly, summed over the tail's own terms (so exact to
+    the working precision even when the top k hold nearly all the mass, unlike 1 − Σ top); the top k's
+    terms, recomputed from their logits, complete the sum, in float64, to the log-sum-exp."""
+    n = rows.shape[0]
+    work = torch.promote_types(head.weight.dtype if hasattr(head, "weight") else rows.dtype, torch.float32)
+    ids = torch.empty(n, k, dtype=torch.int32, device=rows.device)
+    values = torch.empty(n, k, dtype=work, device=rows.device)
+    lse = torch.empty(n, dtype=work, device=rows.device)
+    tail = torch.empty(n, dtype=work, device=rows.device)
+    wide = torch.promote_types(work, torch.float64) if rows.device.type != "mps" else work
+    inv = 1.0 / temperature
+    for start in range(0, n, max(chunk, 1)):
+        block = rows[start: start + chunk]
+        z = head(block)
+        if z.dtype != work:
+            z = z.to(work)
+        elif z.untyped_storage().data_ptr() == block.untyped_storage().data_ptr():
+            z = z.clone()  # a head that hands back its input: never write into the caller's tensor
+        top = z.topk(k, dim=-1)
+        shifted = top.values - top.values[:, :1]  # (c, k), ≤ 0
+        z.sub_(top.values[:, :1]).mul_(inv).exp_()  # exp((z − max) / T) ∈ (0, 1]
+        z.scatter_(-1, top.indices, 0.0)
+        tail_sum = z.sum(-1).to(wide)  # the mass beyond the top k, relative to the largest term
+        total = tail_sum + (shifted * inv).exp().to(wide).sum(-1)
+        log_total = total.log()
+        log_tail = tail_sum.log() - log_total  # −inf where the tail is empty (k = V)
+        if k < z.shape[-1] and bool((tail_sum == 0).any()):  # every tail term underflowed: log domain
+            lost = (tail_sum == 0).nonzero().squeeze(-1)
+            scaled = head(block[lost]).to(work) * inv
+            masked = scaled.scatter(-1, top.indices[lost], float("-inf"))
+            log_tail[lost] = (torch.logsumexp(masked, -1) - torch.logsumexp(scaled, -1)).to(wide)
+        ids[start: start + chunk] = top.indices
+        values[start: start + chunk] = shifted
+        lse[start: start + chunk] = log_total
+        tail[start: start + chunk] = log_tail
+        del z, top
+    return ids, values, lse, tail
 
 
 class CacheWriter:
-    """Streams rows into `topk.arrow`."""
+    """Streams rows into one Arrow stream file of the cache (a shard's part, or the whole `topk.arrow`)."""
 
     def __init__(self, path: Path):
+        self.path = Path(path)
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
         self.rows = 0
@@ -75,73 +114,125 @@ class CacheWriter:
 
     def write(self, sequences: list[int], ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
               tail: torch.Tensor, lengths: list[int]) -> None:
-        """One batch of `teacher_topk`'s outputs: `lengths[i]` real tokens in row i (its predicting
-        positions are lengths[i] − 1)."""
-        n = [length - 1 for length in lengths]
-        ids_np, logits_np = ids.cpu().numpy(), logits.float().cpu().numpy()
-        lse_np, tail_np = lse.float().cpu().numpy(), tail.float().cpu().numpy()
-        tails = [tail_np[i, : n[i]] for i in range(len(n))]
+        """One batch of `teacher_topk`'s outputs, (B, T-1, …): `lengths[i]` real tokens in row i (its
+        predicting positions are lengths[i] − 1)."""
+        keep = torch.zeros(ids.shape[:2], dtype=torch.bool)
+        for i, length in enumerate(lengths):
+            keep[i, : length - 1] = True
+        keep = keep.to(ids.device)
+        self.write_rows(sequences, ids[keep], logits[keep], lse[keep], tail[keep], lengths)
+
+    def write_rows(self, sequences: list[int], ids: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
+                   tail: torch.Tensor, lengths: list[int]) -> None:
+        """One batch of `teacher_topk_rows`'s outputs for the predicting positions of the sequences, row
+        after row ((Σ lengths[i] − 1, …)): built as Arrow arrays from whole buffers, no per-row copies."""
+        n = np.asarray([length - 1 for length in lengths], dtype=np.int64)
+        k = ids.shape[-1] if ids.ndim > 1 else 0
+        ids_np = ids.to("cpu", torch.int32).numpy().reshape(-1)
+        logits_np = logits.to("cpu", torch.float16).numpy().reshape(-1)
+        lse_np, tail_np = lse.to("cpu", torch.float32).numpy(), tail.to("cpu", torch.float32).numpy()
+        if len(lse_np) != int(n.sum()):
+            raise ValueError(f"{len(lse_np)} positions for sequences with {int(n.sum())} predicting positions")
+        offsets = np.concatenate(([0], np.cumsum(n))).astype(np.int32)
+
+        def lists(values: np.ndarray, per: int) -> pa.ListArray:
+            return pa.ListArray.from_arrays(pa.array(offsets * per), pa.array(values))
+
         batch = pa.RecordBatch.from_arrays([
             pa.array(np.asarray(sequences, dtype=np.int64)),
-            list_array([ids_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.int32),
-            list_array([logits_np[i, : n[i]].reshape(-1) for i in range(len(n))], np.float16),
-            list_array([lse_np[i, : n[i]] for i in range(len(n))], np.float32),
-            list_array(tails, np.float32),
+            lists(ids_np, k), lists(logits_np, k), lists(lse_np, 1), lists(tail_np, 1),
         ], schema=SCHEMA)
         self._writer.write_batch(batch)
         self.rows += len(sequences)
-        self.positions += sum(n)
-        self.tail_mass += float(sum(np.exp(t.astype(np.float64)).sum() for t in tails))
+        self.positions += int(n.sum())
+        self.tail_mass += float(np.exp(tail_np.astype(np.float64)).sum())
 
     @property
     def mean_tail_mass(self) -> float | None:
         """The teacher's mean probability mass beyond its top k, over the written positions."""
         return self.tail_mass / self.positions if self.positions else None
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Finish the stream; with `sync`, make it durable (fsync) before returning."""
         self._writer.close()
         self._sink.close()
+        if sync:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def cache_files(path: Path, manifest: dict) -> list[tuple[str, int | None]]:
+    """The Arrow files of a finished cache and the rows each holds: the shards its manifest lists, or
+    the one `topk.arrow` of a cache made before sharding (rows not recorded)."""
+    shards = manifest.get("shards")
+    if shards is None:
+        return [(FILE, None)]
+    return [(str(s["file"]), int(s["rows"])) for s in shards]
 
 
 class TeacherCache:
-    """Random access, by sequence index, to a `teacher-logits` artifact (memory-mapped)."""
+    """Random access, by sequence index, to a `teacher-logits` artifact (memory-mapped): one file per
+    part of each rank's shard, or the single `topk.arrow` of an older cache; the same either way."""
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
         self.k = int(manifest["config"]["top_k"])
         self.temperature = float(manifest["config"]["temperature"])
-        file = self.path / FILE
+        self._columns = []
+        self._sources = []
+        where: dict[int, tuple[int, int]] = {}
+        for name, rows in cache_files(self.path, manifest):
+            batches = self._read(self.path / name)
+            if rows is not None and sum(b.num_rows for b in batches) != rows:
+                raise ArtifactError(f"--teacher-logits: {self.path / name} holds "
+                                    f"{sum(b.num_rows for b in batches)} rows, its manifest says {rows}")
+            for batch in batches:
+                b = len(self._columns)
+                cols = {}
+                for column in ("topk_ids", "topk_logits", "lse", "tail"):
+                    lists = batch.column(column)
+                    cols[column] = (lists.values.to_numpy(zero_copy_only=False),
+                                    lists.offsets.to_numpy(zero_copy_only=False))
+                self._columns.append(cols)
+                for row, sequence in enumerate(batch.column("sequence").to_numpy()):
+                    if int(sequence) in where:
+                        raise ArtifactError(f"--teacher-logits: {self.path} holds train sequence {sequence} twice")
+                    where[int(sequence)] = (b, row)
+        self._where = where
+
+    def _read(self, file: Path) -> list[pa.RecordBatch]:
         try:
-            self._source = pa.memory_map(str(file))
-            reader = pa.ipc.open_stream(self._source)
+            source = pa.memory_map(str(file))
+            self._sources.append(source)
+            reader = pa.ipc.open_stream(source)
             if "tail" not in reader.schema.names:
                 raise ArtifactError(f"--teacher-logits: {file} was made by an earlier bltool (no float32 tail "
                                     "mass); make the cache again with `bltool teacher-logits`")
-            batches = list(reader)
+            return list(reader)
         except (OSError, pa.ArrowInvalid) as err:
             raise ArtifactError(f"--teacher-logits: {file} is not a readable Arrow stream ({err})") from None
-        self._columns = []
-        where: dict[int, tuple[int, int]] = {}
-        for b, batch in enumerate(batches):
-            cols = {}
-            for name in ("topk_ids", "topk_logits", "lse", "tail"):
-                lists = batch.column(name)
-                cols[name] = (lists.values.to_numpy(zero_copy_only=False), lists.offsets.to_numpy(zero_copy_only=False))
-            self._columns.append(cols)
-            for row, sequence in enumerate(batch.column("sequence").to_numpy()):
-                where[int(sequence)] = (b, row)
-        self._where = where
 
     @classmethod
     def open(cls, path: Path, flag: str = "--teacher-logits") -> TeacherCache:
-        return cls(Path(path), read_manifest(Path(path), (Stage.TEACHER_LOGITS,), flag))
+        path = Path(path)
+        check_finished(path, flag)
+        return cls(path, read_manifest(path, (Stage.TEACHER_LOGITS,), flag))
 
     def ref(self) -> dict:
         return artifact_ref(self.path, self.manifest, Stage.TEACHER_LOGITS)
 
     def __contains__(self, sequence: int) -> bool:
         return int(sequence) in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def sequences(self) -> list[int]:
+        return sorted(self._where)
 
     def _row(self, name: str, b: int, row: int) -> np.ndarray:
         values, offsets = self._columns[b][name]
@@ -168,3 +259,31 @@ class TeacherCache:
             ids[i, :positions] = self._row("topk_ids", b, row).reshape(positions, k)
             logits[i, :positions] = self._row("topk_logits", b, row).reshape(positions, k)
         return tuple(torch.from_numpy(a).to(device) for a in (ids, logits, lse, tail))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unfinished runs: `teacher-logits` builds its output in OUT.partial, part by part, and renames the
+# finished cache into OUT; a killed run leaves OUT.partial for `teacher-logits --resume`.
+
+PARTIAL_SUFFIX = ".partial"
+RUN_FILE = "run.json"  # in OUT.partial: the settings of the run that is building it
+
+
+def partial_path(out: Path) -> Path:
+    """Where a `teacher-logits` run builds `out` until it is finished."""
+    out = Path(out)
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def check_finished(path: Path, flag: str = "--teacher-logits") -> None:
+    """Refuse, in one line, an unfinished `teacher-logits` run (its OUT.partial, or an OUT that only
+    has one) before anything reads it as a cache."""
+    path = Path(path)
+    if (path / RUN_FILE).is_file() and not (path / MANIFEST).is_file():
+        out = path.with_name(path.name[: -len(PARTIAL_SUFFIX)]) if path.name.endswith(PARTIAL_SUFFIX) else path
+        raise ArtifactError(f"{flag}: {path} is an unfinished `bltool teacher-logits` run (no {MANIFEST}); "
+                            f"finish it with `bltool teacher-logits --resume --out {out}` and the same flags")
+    if not path.exists() and (partial_path(path) / RUN_FILE).is_file():
+        raise ArtifactError(f"{flag}: {path} does not exist yet: {partial_path(path)} holds its unfinished "
+                            f"`bltool teacher-logits` run; finish it with `bltool teacher-logits --resume --out "
+                            f"{path}` and the same flags")

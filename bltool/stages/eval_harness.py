@@ -1,0 +1,147 @@
+"""eval-harness: EleutherAI's lm-evaluation-harness on any model bltool names (an optional extra).
+
+The model is loaded the way every bltool stage loads it (`bltool.models.load_model`: checkpoints, `.gguf`
+files, aliases, built, distilled and compressed students, compressed modules kept compressed) and handed
+to lm_eval's Hugging Face wrapper as an instance, `HFLM(pretrained=model, tokenizer=tokenizer)`, so the
+harness measures exactly the model bltool would serve. Tasks are the harness's own (fetched from the Hub
+on first use, so they need network) or local task YAMLs under `--include-path`.
+
+Writes into `--out`: `results.json` (lm_eval's results, per task metrics and their stderr, the task
+configs and versions; no per-sample logs) and `manifest.json` (config, the model's content hash, the task
+files under --include-path by SHA-256, lm_eval's version, and the headline metrics).
+
+Install with `pip install 'bltool[harness]'` (lm-eval >= 0.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bltool import ui
+from bltool.artifacts import Stage, atomic_output, check_output_dir, sha256_file, write_json, write_manifest
+from bltool.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.errors import UsageError
+from bltool.models import check_vocab_fits, load_model, load_tokenizer, model_content_hash, resolve_model
+
+INSTALL = "pip install 'bltool[harness]'"
+
+
+@dataclass(frozen=True)
+class EvalHarnessConfig:
+    model: str  # model path, .gguf or alias
+    tasks: tuple[str, ...]  # lm_eval task (or group) names
+    out: str | None = None  # output directory (default: harness/<model name>)
+    num_fewshot: int | None = None  # None: each task's own default
+    limit: float | None = None  # examples per task (an integer count, or a fraction below 1); None: all
+    batch_size: int = 8  # requests per forward pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    include_path: str | None = None  # a directory of local task YAMLs
+    overwrite: bool = False  # replace an existing --out
+
+    def __post_init__(self):
+        if not self.tasks or any(not t for t in self.tasks):
+            raise UsageError("--tasks needs at least one task name (comma-separated)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise UsageError(f"--num-fewshot must be at least 0, got {self.num_fewshot}")
+        if self.limit is not None and (self.limit <= 0 or (self.limit >= 1 and self.limit != int(self.limit))):
+            raise UsageError(f"--limit must be a whole number of examples or a fraction in (0, 1), got {self.limit}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise UsageError(f"--include-path: {self.include_path} is not a directory")
+        check_dtype(self.dtype)
+
+
+def import_lm_eval():
+    """lm_eval's evaluator, task manager and HF wrapper, or a one-line usage error saying how to install them."""
+    try:
+        import lm_eval
+        from lm_eval import evaluator
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise UsageError(f"eval-harness needs lm-evaluation-harness, which is not installed ({err.name or err}): "
+                         f"{INSTALL}") from None
+    return lm_eval, evaluator, TaskManager, HFLM
+
+
+def _limit(limit: float | None) -> float | int | None:
+    return int(limit) if limit is not None and limit >= 1 else limit
+
+
+def _plain(value):
+    """lm_eval's results as JSON: NaN (a stderr of one example) as null, other non-JSON values as text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _task_files(include_path: str | None) -> list[dict]:
+    if include_path is None:
+        return []
+    root = Path(include_path)
+    return [{"role": "tasks", "path": str(p.absolute()), "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".yaml", ".yml", ".py")]
+
+
+def headline(results: dict) -> dict[str, dict[str, float | None]]:
+    """Per task, its metrics without the stderr entries: {task: {"acc,none": 0.5, ...}}."""
+    out = {}
+    for task, metrics in results.get("results", {}).items():
+        out[task] = {k: v for k, v in metrics.items()
+                     if "_stderr" not in k and k != "alias" and isinstance(v, (int, float))}
+    return out
+
+
+def run(config: EvalHarnessConfig) -> Path:
+    lm_eval, evaluator, TaskManager, HFLM = import_lm_eval()
+    ref = resolve_model(config.model, flag="MODEL")
+    out = Path(config.out) if config.out else Path("harness") / ref.label
+    check_output_dir(out, config.overwrite)
+    manager = TaskManager(include_path=config.include_path) if config.include_path else TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [t for t in config.tasks if t not in known]
+    if unknown:
+        where = f"lm_eval's tasks or {config.include_path}" if config.include_path else "lm_eval's tasks"
+        raise UsageError(f"--tasks: unknown task {unknown[0]!r} (not among {where}; `lm-eval ls tasks` lists them)")
+    tokenizer = load_tokenizer(ref)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model = load_model(ref, dtype=dtype, device=device)
+    check_vocab_fits(model.config, tokenizer, "MODEL")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size, device=device)
+    ui.info(f"eval-harness: {', '.join(config.tasks)} on {config.model} ({device} {str(dtype).replace('torch.', '')})")
+    watch = ui.Stopwatch()
+    results = evaluator.simple_evaluate(
+        model=lm, tasks=list(config.tasks), num_fewshot=config.num_fewshot, limit=_limit(config.limit),
+        task_manager=manager, log_samples=False, batch_size=config.batch_size, device=device,
+    )
+    seconds = watch.seconds
+    if results is None:  # lm_eval returns None on ranks other than 0; bltool runs one process
+        raise UsageError("eval-harness: lm_eval returned no results")
+    results = _plain({k: v for k, v in results.items() if k not in ("samples", "model")})
+    results.update(bltool={"model": config.model, "model_path": str(ref.path), "device": device,
+                           "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3)})
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "results.json", results)
+        write_manifest(
+            tmp,
+            Stage.EVAL_HARNESS,
+            config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},
+                    *_task_files(config.include_path)],
+            lm_eval={"version": getattr(lm_eval, "__version__", None)},
+            result=headline(results),
+        )
+    for task, metrics in headline(results).items():
+        ui.info(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return out

@@ -1,0 +1,242 @@
+"""teacher-logits: sharded by rank under torchrun (2 gloo processes store exactly the rows 1 process does),
+resumable (a run stopped by SIGTERM or killed outright continues with --resume and ends with the rows of an
+uninterrupted run; --resume with other settings is refused; distill refuses the unfinished run), old
+single-file caches still read, and the in-place top-k statistics against a float64 reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_refused, save_tiny_model, write_corpus
+from typer.testing import CliRunner
+
+from bltool.artifacts import read_manifest, write_manifest
+from bltool.cli import app
+from bltool.stages import teacher_logits as stage
+from bltool.stages.prepare_data import PrepareDataConfig
+from bltool.stages.prepare_data import run as prepare_data
+from bltool.train.teacher_cache import FILE, TeacherCache, teacher_topk, teacher_topk_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 32
+TOKENS = str(9 * SEQ)  # 9 sequences: 5 batches of 2, an uneven split over 2 ranks
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("teacher-logits")
+    teacher = save_tiny_model(root / "teacher", tokenizer, "llama", layers=2, tied=True, seed=5)
+    corpus = write_corpus(root / "corpus", n_docs=40, seed=2)
+    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(root / "data"),
+                                          heldout=0.2, seq_len=SEQ))
+    return {"teacher": teacher, "data": data, "root": root}
+
+
+def args(setting, out, *extra) -> list[str]:
+    return ["teacher-logits", "--teacher", str(setting["teacher"]), "--data", str(setting["data"]), "--out",
+            str(out), "--tokens", TOKENS, "--top-k", "5", "--batch-size", "2", "--device", "cpu", *extra]
+
+
+def invoke(setting, out, *extra):
+    return CliRunner().invoke(app, args(setting, out, *extra))
+
+
+def rows(path: Path) -> dict[int, tuple[torch.Tensor, ...]]:
+    cache = TeacherCache.open(path)
+    return {s: cache.batch([s], SEQ, "cpu") for s in cache.sequences()}
+
+
+def assert_same_rows(a: Path, b: Path) -> None:
+    ra, rb = rows(a), rows(b)
+    assert ra.keys() == rb.keys() and len(ra) == read_manifest(a)["coverage"]["sequences"]
+    for sequence in ra:
+        for x, y in zip(ra[sequence], rb[sequence]):
+            assert torch.equal(x, y), sequence
+
+
+@pytest.fixture(scope="module")
+def whole(setting):
+    """An uninterrupted single-process run, one part per batch."""
+    out = setting["root"] / "whole"
+    result = invoke(setting, out, "--save-seconds", "0")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def _cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_manifest_records_the_shards_and_the_output_is_whole(setting, whole):
+    manifest = read_manifest(whole, ("teacher-logits",))
+    shards = manifest["shards"]
+    assert len(shards) == 5 and sum(s["rows"] for s in shards) == manifest["coverage"]["sequences"] == 9
+    assert sorted(tuple(p) for s in shards for p in s["positions"]) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
+    assert all((whole / s["file"]).is_file() for s in shards) and set(manifest["files"]) == {s["file"] for s in shards}
+    assert not stage.partial_path(whole).exists()
+    assert manifest["tail"]["mean_mass"] > 0 and manifest["timing"]["tokens"] == manifest["coverage"]["tokens"]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_store_the_rows_of_one_process(setting, whole, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run([sys.executable, "-m", "bltool", *args(setting, one)], capture_output=True, text=True,
+                            env=_cli_env(), timeout=300)
+    assert single.returncode == 0, single.stderr
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            str(29500 + (os.getpid() + 7) % 1000), "-m", "bltool", *args(setting, two)],
+                           capture_output=True, text=True, env=_cli_env(), timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    assert ranks.stdout.strip() == str(two)  # only rank 0 prints the path
+    manifest = read_manifest(two)
+    assert {s["rank"] for s in manifest["shards"]} == {0, 1} and manifest["timing"]["processes"] == 2
+    assert sum(s["rows"] for s in manifest["shards"]) == 9
+    assert_same_rows(one, two)
+    assert_same_rows(one, whole)  # and one part per batch or one part per rank: the same rows
+
+
+def _stop_at(monkeypatch, call: int) -> None:
+    """SIGTERM to this process during the `call`-th teacher forward pass (as a scheduler would send it)."""
+    calls = []
+    forward = stage.hidden_states
+
+    def stopping(*a, **kw):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(stage, "hidden_states", stopping)
+
+
+def test_stopped_run_resumes_to_the_rows_of_an_uninterrupted_one(setting, whole, monkeypatch, tmp_path):
+    out = tmp_path / "cache"
+    partial = stage.partial_path(out)
+    _stop_at(monkeypatch, 3)
+    stopped = invoke(setting, out, "--save-seconds", "1000")  # the stop completes the part in progress
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.stderr
+    assert "stopped by SIGTERM" in stopped.stderr and "--resume" in stopped.stderr
+    assert not out.exists() and not (partial / "manifest.json").exists()
+    done = [json.loads(p.read_text()) for p in (partial / "shards").glob("part-*.json")]
+    assert [d["positions"] for d in done] == [[[0, 6]]]  # three batches, complete
+    monkeypatch.undo()
+
+    # the unfinished run is never taken for a cache
+    student = setting["root"] / "student"
+    if not student.exists():
+        assert CliRunner().invoke(app, ["build-student", "--teacher", str(setting["teacher"]), "--layers", "1",
+                                        "--out", str(student)]).exit_code == 0
+    for given in (partial, out):
+        refused = CliRunner().invoke(app, ["distill", "--student", str(student), "--data", str(setting["data"]),
+                                           "--teacher-logits", str(given), "--out", str(tmp_path / "d"),
+                                           "--method", "kd-lora", "--tokens", str(2 * SEQ), "--batch-size", "2"])
+        assert_refused(refused, "--teacher-logits", "unfinished", "--resume")
+    # starting over needs --overwrite; resuming needs the same settings
+    assert_refused(invoke(setting, out), "--resume", "--overwrite", "unfinished")
+    assert_refused(invoke(setting, out, "--resume", "--top-k", "6"), "--resume", "--top-k (5 there, 6 here)")
+
+    resumed = invoke(setting, out, "--resume", "--save-seconds", "0")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert not partial.exists()
+    manifest = read_manifest(out)
+    assert manifest["timing"]["resumed"] and manifest["timing"]["tokens"] == 3 * SEQ  # batches 3 and 4 only
+    assert_same_rows(whole, out)
+    assert_refused(invoke(setting, out, "--resume"), "--resume", "finished")
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_completed_parts(setting, whole, tmp_path):
+    """SIGKILL (no handler runs): the part being written is dropped, the completed ones are kept."""
+    out = tmp_path / "killed"
+    shards = stage.partial_path(out) / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "bltool", *args(setting, out, "--save-seconds", "0")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_cli_env())
+    deadline = time.monotonic() + 120
+    while not list(shards.glob("part-*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    if out.exists():  # finished before the kill landed: nothing to resume, and nothing to check here
+        pytest.skip("the run finished before it could be killed")
+    kept = len(list(shards.glob("part-*.json")))
+    assert kept >= 1 and not out.exists()
+    resumed = invoke(setting, out, "--resume", "--save-seconds", "0")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert read_manifest(out)["timing"]["tokens"] < read_manifest(out)["coverage"]["tokens"]
+    assert_same_rows(whole, out)
+
+
+def test_a_failure_keeps_the_completed_batches(setting, whole, monkeypatch, tmp_path):
+    out = tmp_path / "failed"
+    forward, calls = stage.hidden_states, []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory, say")
+        return forward(*a, **kw)
+
+    monkeypatch.setattr(stage, "hidden_states", failing)
+    failed = invoke(setting, out, "--save-seconds", "1000")
+    assert failed.exit_code == 1 and "out of memory, say" in failed.stderr
+    monkeypatch.undo()
+    resumed = invoke(setting, out, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert read_manifest(out)["timing"]["tokens"] == 7 * SEQ  # the first batch was kept
+    assert_same_rows(whole, out)
+
+
+def test_a_single_file_cache_from_before_sharding_still_reads(whole, tmp_path):
+    import pyarrow as pa
+
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = read_manifest(whole)
+    tables = [pa.ipc.open_stream(pa.memory_map(str(whole / s["file"]))).read_all() for s in manifest["shards"]]
+    table = pa.concat_tables(tables)
+    with pa.OSFile(str(old / FILE), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    sections = {k: v for k, v in manifest.items() if k in ("teacher", "coverage", "tail", "tokenizer")}
+    write_manifest(old, "teacher-logits", manifest["config"], manifest["inputs"], **sections)
+    assert_same_rows(whole, old)
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0])
+def test_topk_statistics_match_float64_when_the_top_k_hold_nearly_all_mass(t):
+    """The tail's mass is summed over its own terms, so it stays exact to float32 where 1 − Σ top-k has no
+    precision left (tails of 1e-3 … 1e-9); where every tail term underflows it is still finite."""
+    g = torch.Generator().manual_seed(1)
+    n, v, k, d = 12, 300, 8, 300
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    z[:, :k] += torch.linspace(10.0, 25.0, n, dtype=torch.float64)[:, None] * t  # ever more peaked rows
+    z[-1, k:] -= 200.0 * t  # every tail term underflows float32
+    head = torch.nn.Linear(d, v, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(v, d))
+    ids, values, lse, tail = teacher_topk_rows(z.float(), head, k, t, chunk=5)
+    z32 = z.float().double()  # what the head computes, exactly
+    top = z32.topk(k, -1)
+    want_lse = torch.logsumexp(z32 / t, -1) - top.values[:, 0] / t
+    want_tail = torch.logsumexp((z32 / t).scatter(-1, top.indices, float("-inf")), -1) - torch.logsumexp(z32 / t, -1)
+    assert torch.equal(ids.long(), top.indices)
+    assert torch.allclose(values.double(), top.values - top.values[:, :1], atol=1e-5)
+    assert torch.allclose(lse.double(), want_lse, rtol=1e-6, atol=1e-6)
+    assert float(want_tail[:-1].exp().max()) < 1e-2  # the top k hold nearly all the mass
+    assert torch.allclose(tail[:-1].double().exp(), want_tail[:-1].exp(), rtol=1e-5, atol=0)
+    assert torch.isfinite(tail[-1]) and float(tail[-1]) == pytest.approx(float(want_tail[-1]), rel=1e-5)
+    # and the (B, T, d) form is the same computation
+    batched = teacher_topk(torch.cat([z.float(), z.float()[:1]])[None], head, k, t, chunk=3)
+    assert all(torch.equal(a[0], b) for a, b in zip(batched, (ids, values, lse, tail)))
+
+
+def test_bad_input(setting, tmp_path):
+    assert_refused(invoke(setting, tmp_path / "x", "--resume"), "--resume", "no unfinished")
+    assert_refused(invoke(setting, tmp_path / "x", "--save-seconds", "-1"), "--save-seconds")

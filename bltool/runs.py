@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage, read_manifest
 from bltool.errors import UsageError
+from bltool.probes import composite_se, standard_error
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
@@ -214,7 +215,6 @@ def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]
 def icl_se_from_predictions(path: Path) -> float | None:
     """The composite's standard error of an eval-icl run written before result.json recorded one,
     recomputed from its predictions.arrow (one row per task, seed and query) as eval-icl computes it now."""
-    from bltool.probes import composite_se, standard_error
 
     file = path / "predictions.arrow"
     if not file.is_file():

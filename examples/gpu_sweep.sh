@@ -32,7 +32,7 @@ EXTRA=${EXTRA:-}                    # more distill flags for every run, e.g. "--
 
 # The probe: kd-lora (the slowest LoRA run: its dense matmuls never stop) from a small cache, as the
 # sweep's runs read theirs, on the same data, student, batch and flags.
-probe=$RUNS/probe
+probe=${PROBE_DIR:-$RUNS-probe}   # outside RUNS: the report reads everything under RUNS
 data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
   --seq-len "$SEQ_LEN" --out "$probe/data" --overwrite)
 student=$(bltool build-student --teacher "$TEACHER" --mode mixed --layers "$LAYERS" --out "$probe/student" \

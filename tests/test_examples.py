@@ -69,8 +69,8 @@ def test_gpu_sweep_smoke_mode_measures_then_sweeps_from_one_cache_with_learning_
     runs = root / "gpu-sweep"
     result = run_script("gpu_sweep.sh", {**env, "RUNS": str(runs), "SMOKE": "1", "EVALS": "3", "EVAL_TOKENS": "64",
                                          "TOKENS": "", "BASELINES": "1"})
-    probe = json.loads((runs / "probe" / "distilled" / "manifest.json").read_text())
-    tokens = json.loads((runs / "kd-lora" / "distilled" / "manifest.json").read_text())["training"]["tokens_seen"]
+    probe = json.loads((root / "gpu-sweep-probe" / "distilled" / "manifest.json").read_text())
+    tokens = json.loads((runs / "kd-lora" / "distilled" / "manifest.json").read_text())["config"]["tokens"]
     step = 2 * 32
     expected = max(int(probe["training"]["tokens_per_s"] * 4), 512) // step * step  # SECONDS_PER_RUN=4 in smoke
     assert tokens == expected

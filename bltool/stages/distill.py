@@ -339,13 +339,7 @@ class TrainState:
 
 def run(config: DistillConfig) -> Path | None:
     """Train; return the output path on rank 0 (None on other ranks)."""
-    world = distributed.setup(config.device)
-    if not world.main:
-        ui.console.quiet = True
-    try:
-        return _run(config, world)
-    finally:
-        distributed.teardown(world)
+    return distributed.run_ranked(config.device, lambda world: _run(config, world))
 
 
 def _run(config: DistillConfig, world: distributed.World) -> Path | None:

@@ -102,13 +102,7 @@ def covered_sequences(tokens: int, seq_len: int, n: int, seed: int) -> np.ndarra
 
 def run(config: TeacherLogitsConfig) -> Path | None:
     """Write the cache; return its path on rank 0 (None on the other ranks of a `torchrun` job)."""
-    world = distributed.setup(config.device)
-    if not world.main:
-        ui.console.quiet = True
-    try:
-        return _run(config, world)
-    finally:
-        distributed.teardown(world)
+    return distributed.run_ranked(config.device, lambda world: _run(config, world))
 
 
 def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bltool import ui
 from bltool.errors import UsageError
 
 
@@ -55,6 +56,18 @@ def setup(device_flag: str) -> World:
     if size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return World(rank, size, local, device)
+
+
+def run_ranked(device_flag: str, body):
+    """`body(world)` in this process's world (a torchrun rank, or a single process), with the console
+    quiet off rank 0 and the process group torn down after, whatever happens."""
+    world = setup(device_flag)
+    if not world.main:
+        ui.console.quiet = True
+    try:
+        return body(world)
+    finally:
+        teardown(world)
 
 
 def teardown(world: World) -> None:

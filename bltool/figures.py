@@ -46,6 +46,13 @@ def _run_label(row: Row) -> str:
     return f"{row.name} ({_label(row)})"
 
 
+def _teacher_line(ax, rows: list[Row], label: str) -> None:
+    """The teacher's held-out perplexity as a dashed horizontal line, where a teacher row has one."""
+    for row in rows:
+        if row.method == "teacher" and row.values.get("perplexity"):
+            ax.axhline(row.values["perplexity"], color="black", linestyle="--", linewidth=1, label=label)
+
+
 def frontier_figure(rows: list[Row]):
     """The frontier's (figure, axes): each run one point, named only in the legend, drawn with its
     method's colour and a marker of its own within that method, so no label can sit beside another
@@ -66,9 +73,7 @@ def frontier_figure(rows: list[Row]):
             front.append((cost, ppl))
     if len(front) > 1:
         ax.plot(*zip(*front), color="tab:blue", alpha=0.4, zorder=2, label="frontier")
-    for row in rows:
-        if row.method == "teacher" and row.values.get("perplexity"):
-            ax.axhline(row.values["perplexity"], color="black", linestyle="--", linewidth=1, label="teacher")
+    _teacher_line(ax, rows, "teacher")
     ax.set_yscale("log")
     ax.set_xlabel("inference cost of adapted modules (compressed MACs / dense MACs)")
     ax.set_ylabel("held-out perplexity")
@@ -156,10 +161,7 @@ def learning_curves_figure(rows: list[Row]):
         ax.plot(*zip(*points), color=COLORS.get(row.method, "tab:green"), marker=MARKERS[k % len(MARKERS)],
                 markersize=4, label=_run_label(row))
         plotted += 1
-    for row in rows:
-        if row.method == "teacher" and row.values.get("perplexity"):
-            ax.axhline(row.values["perplexity"], color="black", linestyle="--", linewidth=1,
-                       label="teacher (eval-ppl)")
+    _teacher_line(ax, rows, "teacher (eval-ppl)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")

@@ -91,7 +91,17 @@ CONFIGS: dict[str, dict] = {
     "bl-0.0": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.0,
                "what": "bltool budgeted-lora F = 0 (ρ at F), live teacher"},
     "kd-full": {"kind": "bltool", "method": "kd-full", "what": "bltool kd-full, live teacher"},
+    # bltool's options for speed and memory (not the defaults)
+    "kd-lora-ckpt": {"kind": "bltool", "method": "kd-lora", "activation_checkpointing": True,
+                     "what": "bltool kd-lora --activation-checkpointing, live teacher"},
+    "kd-lora-cache-ckpt": {"kind": "bltool", "method": "kd-lora", "cache": True, "activation_checkpointing": True,
+                           "what": "bltool kd-lora --activation-checkpointing, top-64 cache"},
+    "kd-lora-compile": {"kind": "bltool", "method": "kd-lora", "compile": True,
+                        "what": "bltool kd-lora --compile (student and teacher layers), live teacher"},
+    "bl-0.0-compile": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.0, "compile": True,
+                       "what": "bltool budgeted-lora F = 0 --compile (ρ at F), live teacher"},
 }
+DEFAULT_CONFIGS = ("peft-lora", "full-ft", "kd-lora", "kd-lora-cache", "bl-0.4", "bl-0.0", "kd-full")
 # bf16 dense peak TFLOP/s by device name, for MFU when --peak-tflops is not given (vendor figures)
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
 FLOPS_FORMULA = ("FLOPs/token = 2*M_teacher + 4*M_student + 2*M_trainable; M = matmul MACs/token: the 7 "
@@ -322,7 +332,8 @@ def bltool_worker(spec: dict) -> dict:
           "batch_size": spec["batch"], "temperature": spec["temperature"], "kd_weight": spec["kd_weight"],
           "rank": spec["rank"], "lora_alpha": spec["lora_alpha"], "lora_dropout": spec["lora_dropout"],
           "teacher_logits": spec["cache"] if cfg.get("cache") else None, "seed": spec["seed"], "save_every": 0,
-          "device": device, "overwrite": True}
+          "device": device, "overwrite": True, "compile": bool(cfg.get("compile")),
+          "activation_checkpointing": bool(cfg.get("activation_checkpointing"))}
     fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
     if "dtype" in fields:  # `distill --dtype`, where this bltool has it
         kw["dtype"] = spec["dtype"]
@@ -637,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--glob", default="**/*.rst.txt")
     parser.add_argument("--work", default="runs/bench-distill", help="where prepared inputs are kept")
     parser.add_argument("--settings", default="2x512,8x1024", help="BATCHxSEQ_LEN,... (default 2x512,8x1024)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"rows to run (default all: {','.join(CONFIGS)})")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"rows to run (default: {','.join(DEFAULT_CONFIGS)}; all: {','.join(CONFIGS)})")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per worker")
     parser.add_argument("--repeats", type=int, default=3, help="workers per row and setting, interleaved")
@@ -670,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         args.teacher, args.corpus = build_smoke(Path(args.work))
         args.glob, args.student_layers = "**/*.txt", 2
         for key, value in {"settings": "2x32", "warmup": 1, "steps": 2, "repeats": 1, "rank": 8,
-                           "lora_alpha": 16.0, "threads": 1}.items():
+                           "lora_alpha": 16.0, "threads": 1, "configs": ",".join(CONFIGS)}.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]

@@ -312,8 +312,11 @@ def distill(
     dtype: Annotated[str, typer.Option(help="Frozen weights (teacher; the student's base under LoRA): auto "
                                             "(bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16. "
                                             "Trained parameters stay float32.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each decoder layer of the student.")]
-    = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each decoder layer of the student and "
+                                                            "of the live teacher.")] = False,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        "--activation-checkpointing", help="Recompute each student layer in the backward instead of keeping its "
+                                           "activations: less memory, one more student forward.")] = False,
     eval_every: Annotated[int, typer.Option(help="Score the held-out slice every N steps and at the end, into "
                                                  "log.arrow (0: never).")] = 0,
     eval_tokens: Annotated[str, typer.Option(help="The held-out slice: its first N tokens, e.g. 4k.")] = "4096",
@@ -330,7 +333,8 @@ def distill(
         decay_end=decay_end, rho_ema=rho_ema, tau_drop=tau_drop, warmup=warmup, warmup_cap=warmup_cap,
         grad_clip=grad_clip, seed=seed, save_every=save_every, checkpoint_dir=checkpoint_dir, resume=resume,
         teacher_logits=teacher_logits, chunk=chunk, device=device, dtype=dtype, compile=compile,
-        eval_every=eval_every, eval_tokens=parse_count(eval_tokens, "--eval-tokens"), overwrite=overwrite,
+        activation_checkpointing=activation_checkpointing, eval_every=eval_every,
+        eval_tokens=parse_count(eval_tokens, "--eval-tokens"), overwrite=overwrite,
     )
     path = run(config)
     if path is not None:  # rank 0 of a torchrun job, or a single process
@@ -356,6 +360,8 @@ def teacher_logits(
     = False,
     dtype: Dtype = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile each decoder layer of the teacher "
+                                                            "(pays off on long runs).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out, and start over an unfinished run.")]
     = False,
 ):
@@ -366,8 +372,8 @@ def teacher_logits(
 
     config = TeacherLogitsConfig(teacher=teacher, data=data, out=out, tokens=parse_count(tokens, "--tokens"),
                                  seed=seed, top_k=top_k, temperature=temperature, batch_size=batch_size,
-                                 chunk=chunk, dtype=dtype, device=device, overwrite=overwrite, resume=resume,
-                                 save_seconds=save_seconds)
+                                 chunk=chunk, dtype=dtype, device=device, compile=compile, overwrite=overwrite,
+                                 resume=resume, save_seconds=save_seconds)
     path = run(config)
     if path is not None:  # rank 0 of a torchrun job, or a single process
         _emit(path)

@@ -1,5 +1,6 @@
-"""`distill --compile`: regional torch.compile (inductor) of the student's decoder layers. The gated linear
-recompiles when a module stops its dense matmul, not as ρ moves, and compiled equals eager."""
+"""`distill --compile` and `teacher-logits --compile`: regional torch.compile (inductor) of the decoder layers
+(the student's and the live teacher's). The gated linear recompiles when a module stops its dense matmul,
+not as ρ moves, and compiled equals eager."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import save_tiny_model, tiny_config, write_corpus
 
+from bltool.compiling import compile_layers
 from bltool.lora import LoRASpec, inject_lora
-from bltool.stages.distill import compile_layers
+from bltool.stages import distill
+from bltool.stages.build_student import BuildStudentConfig
+from bltool.stages.build_student import run as build_student
+from bltool.stages.prepare_data import PrepareDataConfig
+from bltool.stages.prepare_data import run as prepare_data
+from bltool.stages.teacher_logits import TeacherLogitsConfig
+from bltool.stages.teacher_logits import run as teacher_logits
+from bltool.train import distributed
 from bltool.train.budget import BudgetConfig, BudgetController
+from bltool.train.teacher_cache import TeacherCache
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +68,48 @@ def test_compiled_layers_recompile_per_skip_not_per_rho_and_equal_eager():
     graphs = counters["stats"]["unique_graphs"]
     # ... but each layer only recompiles when one of its 2 modules stops its dense matmul: ≤ 2 × (2 + 1)
     assert 1 <= graphs <= 6, graphs
+
+
+def test_teacher_logits_compile_stores_the_eager_rows(tmp_path, tokenizer):
+    """`teacher-logits --compile`: the teacher's layers are compiled and the cache holds the eager run's top-k
+    (the same ids, logits within float tolerance)."""
+
+
+    torch._dynamo.reset()
+    teacher = save_tiny_model(tmp_path / "teacher", tokenizer, "llama", layers=2, tied=True, seed=5)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=30, seed=2)
+    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(tmp_path / "data"),
+                                          heldout=0.2, seq_len=32))
+    caches = {}
+    for compiled in (False, True):
+        caches[compiled] = TeacherCache.open(teacher_logits(TeacherLogitsConfig(
+            teacher=str(teacher), data=str(data), out=str(tmp_path / f"cache-{compiled}"), tokens=6 * 32, top_k=5,
+            batch_size=2, device="cpu", compile=compiled)))
+    from torch._dynamo.utils import counters
+
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
+    eager, compiled = caches[False], caches[True]
+    assert eager.sequences() == compiled.sequences()
+    for s in eager.sequences():
+        e, c = eager.batch([s], 32, "cpu"), compiled.batch([s], 32, "cpu")
+        for x, y in zip(e, c):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
+
+
+def test_distill_compile_compiles_the_live_teacher_too(tmp_path, tokenizer):
+
+
+    teacher = save_tiny_model(tmp_path / "teacher", tokenizer, "llama", layers=3, tied=True, seed=5)
+    corpus = write_corpus(tmp_path / "corpus", n_docs=30, seed=2)
+    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(tmp_path / "data"),
+                                          heldout=0.2, seq_len=32))
+    student = build_student(BuildStudentConfig(teacher=str(teacher), out=str(tmp_path / "student"), layers=2))
+    for compiled in (False, True):
+        config = distill.DistillConfig(student=str(student), data=str(data), out=str(tmp_path / f"o{compiled}"),
+                                       teacher=str(teacher), method="kd-lora", tokens=64, batch_size=2, rank=4,
+                                       compile=compiled)
+        run_, state = distill.prepare(config, distributed.setup("cpu"))
+        state.prefetch.close()
+        for model in (run_.teacher, state.student):
+            layers = model.get_decoder().layers
+            assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)

@@ -643,3 +643,35 @@ def test_eval_every_logs_the_held_out_perplexity_of_the_student_as_it_is(setting
 def test_eval_flags_are_checked(setting, tmp_path):
     assert_refused(invoke(setting, tmp_path / "x", "--method", "kd-lora", "--eval-every", "-1"), "--eval-every")
     assert_refused(invoke(setting, tmp_path / "y", "--method", "kd-lora", "--eval-tokens", "1"), "--eval-tokens")
+
+
+def test_activation_checkpointing_trains_the_same_student(setting, tmp_path):
+    """--activation-checkpointing recomputes the layers in the backward; with dropout on, the run's losses
+    and trained weights equal the plain run's (the recomputation draws the same masks)."""
+    outs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--activation-checkpointing"])):
+        outs[name] = tmp_path / name
+        result = invoke(setting, outs[name], "--method", "budgeted-lora", "--budget", "0.4", "--tokens",
+                        str(6 * 64), "--lora-dropout", "0.2", *extra, *SMALL)
+        assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(outs["checkpointed"], ("distill",))
+    assert manifest["config"]["activation_checkpointing"] is True
+    plain, checkpointed = read_log(outs["plain"]), read_log(outs["checkpointed"])
+    assert [r["loss"] for r in checkpointed] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    a = load_file(str(outs["plain"] / "model.safetensors"))
+    b = load_file(str(outs["checkpointed"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_activation_checkpointing_is_applied_to_the_student_only(setting, tmp_path):
+    from bltool.train import distributed
+
+    config = DistillConfig(student=str(setting["student"]), data=str(setting["data"]), out=str(tmp_path / "o"),
+                           teacher=str(setting["teacher"]), method="kd-lora", tokens=64, batch_size=2, rank=4,
+                           activation_checkpointing=True)
+    run_, state = distill_stage.prepare(config, distributed.setup("cpu"))
+    state.prefetch.close()
+    assert state.student.is_gradient_checkpointing
+    assert not run_.teacher.is_gradient_checkpointing  # the teacher has no backward

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "distill_throughput.py"
-ROWS = ("peft-lora", "full-ft", "kd-lora", "kd-lora-cache", "bl-0.4", "bl-0.0", "kd-full")
+ROWS = ("peft-lora", "full-ft", "kd-lora", "kd-lora-cache", "bl-0.4", "bl-0.0", "kd-full", "kd-lora-ckpt",
+        "kd-lora-cache-ckpt", "kd-lora-compile", "bl-0.0-compile")
 PEER = "peft-lora"
 
 
@@ -52,10 +53,11 @@ def test_smoke_reports_every_row(tmp_path):
 
     # Before the first update the LoRA factors B are 0, so every live-teacher row at ρ = 1 computes the same
     # §4 loss: the peer's plain loss agrees with bltool's chunked one.
-    first = {name: rows[name]["first_loss"] for name in ("peft-lora", "full-ft", "kd-lora", "kd-full")}
+    first = {name: rows[name]["first_loss"] for name in ("peft-lora", "full-ft", "kd-lora", "kd-full", "kd-lora-ckpt",
+                                                          "kd-lora-compile")}
     assert max(first.values()) - min(first.values()) < 1e-4, first
     # the budgeted rows were timed at their final budget
-    for name, budget in (("bl-0.4", 0.4), ("bl-0.0", 0.0)):
+    for name, budget in (("bl-0.4", 0.4), ("bl-0.0", 0.0), ("bl-0.0-compile", 0.0)):
         assert rows[name]["target_fraction"] == budget
         assert rows[name]["actual_fraction"] == pytest.approx(budget, abs=1e-6)
         assert rows[name]["actual_fraction_after"] == pytest.approx(budget, abs=1e-6)

@@ -39,6 +39,7 @@ from bltool.artifacts import (
     write_arrow,
     write_manifest,
 )
+from bltool.compiling import checkpoint_layers, compile_layers
 from bltool.data import PreparedData
 from bltool.devices import check_dtype, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
@@ -65,7 +66,7 @@ METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 DEFAULT_LR = {"kd-full": 1e-4, "kd-lora": 3e-4, "budgeted-lora": 3e-4}
 # Fields that may differ between a run and its resumption (they do not change what is computed).
 RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "device", "compile", "eval_every",
-               "eval_tokens")
+               "eval_tokens", "activation_checkpointing")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class DistillConfig:
     chunk: int = 256  # positions per LM-head chunk in the loss (bounds logits memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # frozen weights (teacher; the student's base for LoRA methods): auto = bf16 on CUDA
-    compile: bool = False  # torch.compile each decoder layer of the student (regional compilation)
+    compile: bool = False  # torch.compile each decoder layer of the student and the live teacher (regional)
+    activation_checkpointing: bool = False  # recompute each student layer in the backward (less memory)
     eval_every: int = 0  # score the held-out slice every N steps and at the end (0: never)
     eval_tokens: int = 4096  # the held-out slice: the first N tokens of the held-out split
     overwrite: bool = False  # replace an existing --out and checkpoint
@@ -282,7 +284,10 @@ def _load_teacher(run) -> torch.nn.Module | None:
     if run.inputs.cache is not None:
         return None
     teacher = load_model(run.inputs.teacher_ref, dtype=run.frozen_dtype, device=run.world.device, flag="--teacher")
-    return teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval()
+    if run.config.compile:  # the live teacher's forward is most of a step: compile its layers too
+        compile_layers(teacher)
+    return teacher
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,6 +455,8 @@ def setup(run: Run) -> TrainState:
                        ComputeMeter(config.method, costs, lora_macs))
     if config.resume:
         _resume(run, state)
+    if config.activation_checkpointing:
+        checkpoint_layers(student)
     if config.compile:
         compile_layers(student)
     state.model = Objective(student, config)
@@ -594,33 +601,6 @@ def _micro_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor,
         teacher_hidden = hidden_states(run.teacher, ids, mask if padded else None)  # (B, T, d_T)
     return ids, mask, padded, {"teacher_hidden": teacher_hidden,
                                "teacher_head": run.teacher.get_output_embeddings()}
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """Regional compilation: `torch.compile` each decoder layer in place (the layers share one compiled
-    graph per set of skipped dense matmuls; the state dict keeps its names). Returns the number of layers.
-
-    A gated linear's only Python branch is its skip (ρ = 0), so a layer recompiles when one of its modules
-    stops computing its dense matmul, not as ρ moves: at most (adapted modules per layer + 1) variants per
-    layer. Dynamo's recompile limit is raised to that bound so no layer falls back to eager."""
-    import torch._dynamo
-
-    layers = _decoder_layers(model)
-    per_layer = max(sum(isinstance(m, GatedLoRALinear) for m in layer.modules()) for layer in layers)
-    settings = torch._dynamo.config
-    name = "recompile_limit" if hasattr(settings, "recompile_limit") else "cache_size_limit"
-    setattr(settings, name, max(getattr(settings, name), len(layers) * per_layer + 8))
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise UsageError(f"--compile: no decoder layers found in {type(model).__name__}")
-    return layers
 
 
 def _advance_budget(state: TrainState) -> tuple[float, float, int]:

@@ -47,6 +47,7 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.compiling import compile_layers
 from bltool.data import PreparedData
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
@@ -60,7 +61,7 @@ from bltool.train.teacher_cache import RUN_FILE, CacheWriter, partial_path, teac
 
 SHARDS = "shards"  # the part files, in OUT.partial while the run works and in OUT when it is finished
 # Fields that may differ between a run and its resumption (they do not change what is stored).
-RESUME_FREE = ("out", "resume", "overwrite", "save_seconds", "device")
+RESUME_FREE = ("out", "resume", "overwrite", "save_seconds", "device", "compile")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class TeacherLogitsConfig:
     chunk: int = 256  # positions of each sequence per LM-head chunk: (batch, chunk, V) logits at a time
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    compile: bool = False  # torch.compile each decoder layer of the teacher (regional compilation)
     overwrite: bool = False  # replace an existing --out (and an unfinished run of it)
     resume: bool = False  # continue the unfinished run in OUT.partial
     save_seconds: float = 300.0  # complete a part (resumable progress) at least this often; 0: every batch
@@ -129,6 +131,8 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
     teacher = load_model(ref, dtype=resolve_dtype(config.dtype, device), device=device, flag="--teacher")
     if config.top_k > teacher.config.vocab_size:
         raise UsageError(f"--top-k {config.top_k} is larger than the vocabulary ({teacher.config.vocab_size})")
+    if config.compile:
+        compile_layers(teacher)
 
     if world.main:
         if config.resume:

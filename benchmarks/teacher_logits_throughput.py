@@ -2,7 +2,8 @@
 of running the teacher, side by side in one run.
 
 Variants:
-  eager           float32, eager (the CPU default)
+  eager-mkl       float32, eager, every linear through `F.linear` (MKL on x86): BLTOOL_ONEDNN=0
+  eager           float32, eager (the CPU default: the teacher's linears through oneDNN, bltool.kernels)
   compile         float32, `--compile` (regional torch.compile of the teacher's decoder layers)
   bf16            `--dtype bfloat16`, eager
   bf16-compile    `--dtype bfloat16 --compile`
@@ -27,14 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-VARIANTS = {"eager": ("float32", False), "compile": ("float32", True), "bf16": ("bfloat16", False),
-            "bf16-compile": ("bfloat16", True)}
+VARIANTS = {"eager-mkl": ("float32", False), "eager": ("float32", False), "compile": ("float32", True),
+            "bf16": ("bfloat16", False), "bf16-compile": ("bfloat16", True)}
 
 
 def worker(spec: dict) -> dict:
@@ -42,6 +44,7 @@ def worker(spec: dict) -> dict:
 
     from bltool.compiling import compile_layers
     from bltool.data import PreparedData
+    from bltool.kernels import use_onednn
     from bltool.models import load_model, resolve_model
     from bltool.nll import hidden_states
     from bltool.train.batches import PackedSequences, collate
@@ -55,6 +58,7 @@ def worker(spec: dict) -> dict:
     pad_id = int(data.tokenizer["eos_token_id"])
     teacher = load_model(resolve_model(spec["teacher"]), dtype=getattr(torch, dtype), device="cpu")
     teacher.requires_grad_(False).eval()
+    use_onednn(teacher)  # as the stage does (a no-op under BLTOOL_ONEDNN=0)
     if compiled:
         compile_layers(teacher)
     head = teacher.get_output_embeddings()
@@ -75,8 +79,9 @@ def worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict) -> dict:
+    env = {**os.environ, **({"BLTOOL_ONEDNN": "0"} if spec["variant"] == "eager-mkl" else {})}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=1800, env=env)
     if proc.returncode != 0:
         return {"variant": spec["variant"], "round": spec["round"], "error": proc.stderr[-3000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,8 +128,9 @@ def summarise(results: list[dict]) -> dict:
                          "first_batch_s": statistics.median(r["first_batch_s"] for r in runs)}
     for variant, row in rows.items():
         dtype, compiled = VARIANTS[variant]
-        if "eager" in rows:
-            row["vs_eager"] = row["tokens_per_s"] / rows["eager"]["tokens_per_s"]
+        for ref in ("eager", "eager-mkl"):
+            if ref in rows:
+                row[f"vs_{ref}"] = row["tokens_per_s"] / rows[ref]["tokens_per_s"]
         base = "eager" if dtype == "float32" else "bf16"
         if compiled and base in rows:
             saving = rows[base]["median_batch_s"] - row["median_batch_s"]  # per batch, steady state
@@ -179,16 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"rows": rows, "workers": results, "batch": args.batch, "rounds": args.rounds,
                                "batches": args.batches, "data": data, "teacher": args.teacher}, indent=2) + "\n",
                    encoding="utf-8")
-    print("| variant | tokens/s | ÷ eager | first batch s | break-even tokens |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | tokens/s | ÷ eager | ÷ eager-mkl | first batch s | break-even tokens |")
+    print("|---|---:|---:|---:|---:|---:|")
     for variant in variants:
         if variant not in rows:
-            print(f"| {variant} | FAILED | | | |")
+            print(f"| {variant} | FAILED | | | | |")
             continue
         row = rows[variant]
         be = row.get("break_even_tokens")
         print(f"| {variant} | {row['tokens_per_s']:.1f} | {row.get('vs_eager', float('nan')):.2f}× | "
-              f"{row['first_batch_s']:.1f} | {'' if be is None else f'{be:,.0f}'} |")
+              f"{row.get('vs_eager-mkl', float('nan')):.2f}× | {row['first_batch_s']:.1f} | "
+              f"{'' if be is None else f'{be:,.0f}'} |")
     return 0 if len(rows) == len(variants) else 1
 
 

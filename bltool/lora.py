@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bltool.errors import UsageError
+from bltool.kernels import frozen_linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -88,7 +89,8 @@ class GatedLoRALinear(nn.Module):
         out = self.lora(x)
         if not self._dense:
             return out  # ρ = 0: the dense weight is not touched
-        return torch.addcmul(out, self.base(x), self.rho.to(x.dtype))  # lora + ρ · W x, one fused op
+        dense = frozen_linear(x, self.base.weight, self.base.bias)  # W x (oneDNN on the CPU: bltool.kernels)
+        return torch.addcmul(out, dense, self.rho.to(x.dtype))  # lora + ρ · W x, one fused op
 
     # -- accounting -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""benchmarks/teacher_logits_throughput.py --smoke: every variant (eager, --compile, bfloat16, both) runs the
+"""benchmarks/teacher_logits_throughput.py --smoke: every variant (MKL, oneDNN, --compile, bfloat16, both) runs the
 stage's batch computation in its own process and reaches the table (tiny random teacher)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "teacher_logits_throughput.py"
-VARIANTS = ("eager", "compile", "bf16", "bf16-compile")
+VARIANTS = ("eager-mkl", "eager", "compile", "bf16", "bf16-compile")
 
 
 @pytest.mark.slow

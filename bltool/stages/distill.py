@@ -43,6 +43,7 @@ from bltool.compiling import checkpoint_layers, compile_layers
 from bltool.data import PreparedData
 from bltool.devices import check_dtype, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
+from bltool.kernels import use_onednn
 from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
 from bltool.models import (
     artifact_manifest,
@@ -285,6 +286,7 @@ def _load_teacher(run) -> torch.nn.Module | None:
         return None
     teacher = load_model(run.inputs.teacher_ref, dtype=run.frozen_dtype, device=run.world.device, flag="--teacher")
     teacher.requires_grad_(False).eval()
+    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.kernels)
     if run.config.compile:  # the live teacher's forward is most of a step: compile its layers too
         compile_layers(teacher)
     return teacher

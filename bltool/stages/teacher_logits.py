@@ -51,6 +51,7 @@ from bltool.compiling import compile_layers
 from bltool.data import PreparedData
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
+from bltool.kernels import use_onednn
 from bltool.models import load_model, load_tokenizer, model_content_hash, resolve_model, tokenizer_identity
 from bltool.nll import hidden_states
 from bltool.train import distributed
@@ -131,6 +132,7 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
     teacher = load_model(ref, dtype=resolve_dtype(config.dtype, device), device=device, flag="--teacher")
     if config.top_k > teacher.config.vocab_size:
         raise UsageError(f"--top-k {config.top_k} is larger than the vocabulary ({teacher.config.vocab_size})")
+    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.kernels)
     if config.compile:
         compile_layers(teacher)
 

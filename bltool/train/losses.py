@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bltool.errors import UsageError
+from bltool.kernels import linear
 
 IGNORE_INDEX = -100  # label of a position with no target (padding), as in F.cross_entropy
 
@@ -98,7 +99,7 @@ class _Head(NamedTuple):
         return cls(module.weight, module.bias)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return _fp32(F.linear(h, self.weight.detach(), None if self.bias is None else self.bias.detach()))
+        return _fp32(linear(h, self.weight.detach(), None if self.bias is None else self.bias.detach()))
 
 
 def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int, temperature: float,
@@ -141,7 +142,9 @@ def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ch
                 g.scatter_add_(-1, y, (-ce_scale).to(g.dtype).expand(len(y), 1))
             g.masked_fill_(~ok.unsqueeze(-1), 0.0)  # padding: no gradient (and no NaN from its garbage)
             if grad_hidden is not None:
-                grad_hidden[:, start:stop] = (g.to(w.weight.dtype) @ w.weight).view(b, stop - start, -1)
+                # g · W, as a linear with W as a (d, V) view (oneDNN on the CPU; bltool.kernels)
+                grad_hidden[:, start:stop] = linear(g.to(w.weight.dtype), w.weight.detach().t()).view(
+                    b, stop - start, -1)
             if grad_weight is not None:
                 torch.addmm(grad_weight, g.t(), h.to(acc), out=grad_weight)
             if grad_bias is not None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The capacity table of docs/capacity.md: teacher, dense student and compressed students on one
-# synthetic trace, with b̄, P and D measured on this machine by `bench --serving`, and the simulator's
+# synthetic trace, with b̄, P and D measured on this machine by `bench-serving`, and the simulator's
 # check (--validate).
 #
 #   benchmarks/capacity_demo.sh [COMPRESSED_STUDENT ...]
@@ -28,7 +28,7 @@ trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[
 serve() {  # MODEL OUT
   local settings=(--chunk "$CHUNK" --concurrency "$CONCURRENCY" --prompt-len 256 --output-len 60
                   --repeats "$REPEATS" --out "$2" --overwrite)
-  bltool bench "$1" --serving "${settings[@]}"
+  bltool bench-serving "$1" "${settings[@]}"
 }
 
 measured=()

@@ -383,7 +383,7 @@ def teacher_logits(
 @stage_command
 def capacity(
     models: Annotated[list[str], typer.Argument(
-        help="Models (checkpoint directory, .gguf or alias) or `bench --serving` output directories (which "
+        help="Models (checkpoint directory, .gguf or alias) or `bench-serving` output directories (which "
              "supply the measured b̄, P and D).", show_default=False)],
     gpu_mem: Annotated[str, typer.Option(help="Accelerator memory per worker: 80GiB, 80GB or bytes.",
                                          show_default=False)],
@@ -406,7 +406,7 @@ def capacity(
                                                show_default=False)] = None,
     target_util: Annotated[float, typer.Option(help="Utilisation u each GPU is planned at.")] = 0.8,
     iteration_time: Annotated[float | None, typer.Option(
-        help="b̄ in seconds for models given without a `bench --serving` measurement.", show_default=False)] = None,
+        help="b̄ in seconds for models given without a `bench-serving` measurement.", show_default=False)] = None,
     iteration_stat: Annotated[str, typer.Option(help="Measured b̄: median (docs/method.md §8) or mean iteration time.")]
     = "median",
     prefill_tps: Annotated[float | None, typer.Option(help="Prefill tokens/s P for models without a measurement.",
@@ -487,30 +487,26 @@ def bench(
     modules: Annotated[bool, typer.Option(help="Time every adapted module, dense vs compressed.")] = True,
     end_to_end: Annotated[bool, typer.Option(help="Time prefill and decode tokens/s end to end.")] = True,
     serving: Annotated[bool, typer.Option(
-        "--serving", help="Instead: measure continuous batching at saturation (b̄, prefill and decode tokens/s) "
-                          "for `bltool capacity`.")] = False,
-    chunk: Annotated[int, typer.Option(help="--serving: prefill tokens per iteration (ŝ).")] = 256,
-    concurrency: Annotated[int, typer.Option(help="--serving: sequences the KV cache holds at its peak.")] = 8,
-    prompt_len: Annotated[int, typer.Option(help="--serving: prompt tokens per request.")] = 256,
-    output_len: Annotated[int, typer.Option(help="--serving: generated tokens per request.")] = 64,
-    requests: Annotated[int, typer.Option(help="--serving: requests in the saturated run (0: 4 × concurrency).")]
-    = 0,
-    page_size: Annotated[int, typer.Option(help="--serving: KV cache page size in tokens.")] = 16,
-    seed: Annotated[int, typer.Option(help="--serving: seed of the random prompts.")] = 0,
+        "--serving", help="Deprecated alias of `bltool bench-serving` (its options: chunk, concurrency, "
+                          "prompt-len, output-len, requests, page-size, seed; --out required).")] = False,
+    chunk: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 256,
+    concurrency: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 8,
+    prompt_len: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 256,
+    output_len: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 64,
+    requests: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
+    page_size: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 16,
+    seed: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
     overwrite: Overwrite = False,
 ):
-    """Measured speedup of a compressed student against its dense baseline, next to the MAC bound; with
-    --serving, the serving measurements (b̄, P, D) that `bltool capacity` reads."""
+    """Measured speedup of a compressed student against its dense baseline, per module and end to end,
+    next to the MAC bound. (The serving measurements for `capacity` are `bltool bench-serving`.)"""
     if serving:
-        from bltool.stages.bench_serving import BenchServingConfig, run
-
+        ui.warn("`bench --serving` is deprecated and will be removed in the next release: use "
+                "`bltool bench-serving MODEL --out DIR`")
         if out is None:
-            raise UsageError("--out is required with --serving")
-        config = BenchServingConfig(model=model, out=out, chunk=chunk, concurrency=concurrency,
-                                    prompt_len=prompt_len, output_len=output_len, requests=requests,
-                                    page_size=page_size, repeats=repeats if repeats is not None else 3,
-                                    dtype=dtype, device=device, seed=seed, overwrite=overwrite)
-        _emit(run(config))
+            raise UsageError("--out is required (bench-serving MODEL --out DIR)")
+        _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size,
+                       repeats if repeats is not None else 3, dtype, device, seed, overwrite)
         return
     from bltool.stages.bench import BenchConfig, run
 
@@ -520,6 +516,40 @@ def bench(
                          decode_context=decode_context, decode_steps=decode_steps, warmup=warmup,
                          repeats=repeats if repeats is not None else 10, modules=modules, end_to_end=end_to_end,
                          overwrite=overwrite)
+    _emit(run(config))
+
+
+@app.command("bench-serving")
+@stage_command
+def bench_serving(
+    model: Annotated[str, typer.Argument(help="Model to serve: checkpoint directory, .gguf or alias.",
+                                         show_default=False)],
+    out: Annotated[str, typer.Option(help="Output directory (what `bltool capacity` reads).")],
+    chunk: Annotated[int, typer.Option(help="Prefill tokens per iteration (ŝ), beside one decode token per "
+                                            "sequence.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Sequences the KV cache holds at its peak.")] = 8,
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 256,
+    output_len: Annotated[int, typer.Option(help="Generated tokens per request.")] = 64,
+    requests: Annotated[int, typer.Option(help="Requests in the saturated run (0: 4 × concurrency).")] = 0,
+    page_size: Annotated[int, typer.Option(help="KV cache page size in tokens.")] = 16,
+    repeats: Annotated[int, typer.Option(help="Measurement repeats after one warm-up run.")] = 3,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    overwrite: Overwrite = False,
+):
+    """Measure continuous batching at saturation (b̄, prefill and decode tokens/s) for `bltool capacity`."""
+    _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size, repeats, dtype,
+                   device, seed, overwrite)
+
+
+def _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size, repeats, dtype,
+                   device, seed, overwrite) -> None:
+    from bltool.stages.bench_serving import BenchServingConfig, run
+
+    config = BenchServingConfig(model=model, out=out, chunk=chunk, concurrency=concurrency, prompt_len=prompt_len,
+                                output_len=output_len, requests=requests, page_size=page_size, repeats=repeats,
+                                dtype=dtype, device=device, seed=seed, overwrite=overwrite)
     _emit(run(config))
 
 

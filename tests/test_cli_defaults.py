@@ -34,7 +34,8 @@ CONFIGS = {
     "teacher-logits": (TeacherLogitsConfig,),
     "capacity": (CapacityConfig,),
     "compress": (CompressConfig,),
-    "bench": (BenchConfig, BenchServingConfig),  # `bench --serving` builds the second
+    "bench": (BenchConfig, BenchServingConfig),  # `bench --serving` (deprecated) builds the second
+    "bench-serving": (BenchServingConfig,),
     "report": (ReportConfig,),
 }
 # (command, option) → (config field, how the command turns the option into the field's value)

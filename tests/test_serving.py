@@ -99,11 +99,18 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
 @pytest.mark.slow  # measures continuous batching for seconds
 def test_bench_serving_through_the_cli(tiny_llama, tmp_path):
     out = tmp_path / "serve"
-    args = ["bench", str(tiny_llama), "--serving", "--chunk", "32", "--concurrency", "2", "--prompt-len", "24",
-            "--output-len", "6", "--repeats", "1"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    options = ["--chunk", "32", "--concurrency", "2", "--prompt-len", "24", "--output-len", "6", "--repeats", "1"]
+    result = CliRunner().invoke(app, ["bench-serving", str(tiny_llama), *options, "--out", str(out)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert json.loads((out / "manifest.json").read_text())["config"]["concurrency"] == 2
-    missing = CliRunner().invoke(app, args)
-    assert missing.exit_code == 2 and "--out is required with --serving" in missing.stderr
+    missing = CliRunner().invoke(app, ["bench-serving", str(tiny_llama), *options])
+    assert missing.exit_code == 2 and "--out" in missing.stderr
+    # the deprecated alias still measures the same thing, and says it is deprecated
+    alias = CliRunner().invoke(app, ["bench", str(tiny_llama), "--serving", *options, "--out", str(tmp_path / "a")])
+    assert alias.exit_code == 0, alias.stderr
+    assert "deprecated" in alias.stderr and "bench-serving" in alias.stderr
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"] == \
+        json.loads((out / "manifest.json").read_text())["config"] | {"out": str(tmp_path / "a")}
+    missing = CliRunner().invoke(app, ["bench", str(tiny_llama), "--serving", *options])
+    assert missing.exit_code == 2 and "--out is required" in missing.stderr

@@ -1,4 +1,4 @@
-"""Serving measurements behind `bench --serving`: batch-iteration time at saturation, prefill and
+"""Serving measurements behind `bench-serving`: batch-iteration time at saturation, prefill and
 decode throughput, measured with transformers' own continuous batching (paged KV cache, chunked
 prefill, FIFO scheduling), which runs on CPU and CUDA alike.
 

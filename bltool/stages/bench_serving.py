@@ -4,7 +4,8 @@ Measures, with transformers' continuous batching (see `bltool.serve.serving` for
 b̄, the median batch-iteration time of memory-constrained continuous batching (chunked prefill plus
 decode) at saturation; P, prefill tokens/s; D, decode tokens/s. The artifact also records what
 capacity needs about the model (KV shape, parameters), so `bltool capacity DIR` works from it alone.
-The CLI reaches this stage as `bltool bench MODEL --serving --out DIR`.
+The CLI reaches this stage as `bltool bench-serving MODEL --out DIR` (`bench MODEL --serving` is a
+deprecated alias).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class BenchServingConfig:
                             ("--page-size", self.page_size), ("--repeats", self.repeats)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
+        if not str(self.out).strip():
+            raise UsageError("--out must name an output directory")
         if self.requests != 0 and self.requests < 2 * self.concurrency:
             raise UsageError(
                 f"--requests must be at least 2 × --concurrency ({2 * self.concurrency}) so the batch saturates, "
@@ -70,7 +73,7 @@ def run(config: BenchServingConfig) -> Path:
     model = load_model(ref, dtype=dtype, device=device)
     shape = kv_shape(model.config)
     settings = config.settings
-    ui.info(f"bench --serving {ref.label}: {settings.requests} requests of {settings.prompt_len}+"
+    ui.info(f"bench-serving {ref.label}: {settings.requests} requests of {settings.prompt_len}+"
             f"{settings.output_len} tokens, {settings.concurrency} sequences, chunk {settings.chunk}, "
             f"{settings.repeats} repeat(s) on {device}")
     measured = measure(model, settings)

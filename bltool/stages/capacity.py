@@ -193,7 +193,7 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
     else:
         raise UsageError(
             f"MODELS {info.spec}: no measured iteration time; pass the output of "
-            f"`bltool bench {info.spec} --serving --out DIR` instead, or give --iteration-time SECONDS"
+            f"`bltool bench-serving {info.spec} --out DIR` instead, or give --iteration-time SECONDS"
         )
 
     s, o = workload.prompt, workload.output

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from bltool.artifacts import read_manifest
 from bltool.cli import app
 from bltool.serve.timing import measure
-from bltool.stages.bench import summarize_end_to_end, summarize_modules
+from bltool.stages.bench import decode_bytes_per_step, summarize_end_to_end, summarize_modules
 
 FAST = ["--prefill-tokens", "16", "--decode-batch", "1,2", "--decode-context", "4", "--decode-steps", "2",
         "--warmup", "0", "--repeats", "1", "--device", "cpu"]
@@ -99,6 +99,15 @@ def test_bench_writes_tables_arrow_and_json(tmp_path, compressed, tiny_llama):
         ("baseline", "decode", 2), ("model", "decode", 2)]
     assert all(r["tokens_per_s"] > 0 for r in e2e)
     assert all(s["mac_bound"] < s["projection_mac_ratio"] for s in data["end_to_end"])  # head + attention
+    decode = [s for s in data["end_to_end"] if s["phase"] == "decode"]
+    for s in decode:  # the bytes bound: the weights and KV cache one decode step moves, baseline ÷ model
+        pair = {r["model"]: r for r in e2e if (r["phase"], r["batch"]) == ("decode", s["batch"])}
+        moved = {k: r["weight_bytes_per_step"] + r["kv_bytes_per_step"] for k, r in pair.items()}
+        assert s["bytes_bound"] == pytest.approx(moved["baseline"] / moved["model"])
+        assert 1.0 < s["bytes_bound"]  # the compressed student has fewer weight bytes; the KV cache is the same
+        assert pair["baseline"]["kv_bytes_per_step"] == pair["model"]["kv_bytes_per_step"]
+    assert decode[0]["bytes_bound"] > decode[1]["bytes_bound"]  # more sequences: the KV cache's share grows
+    assert "bytes bound" in result.stderr and "MAC estimate" in result.stderr
     assert data["machine"]["kernel"] == "mm" and data["machine"]["threads"] == 1
     assert data["machine"]["dtype"] == "float32" and data["protocol"]["repeats"] == 1
     assert data["training_compute"]["proxy"] == 0.59 and data["training_compute"]["source_stage"] == "distill"
@@ -193,3 +202,34 @@ def test_cuda_events_are_recorded_on_the_model_devices_stream(monkeypatch):
     result = measure({"f": lambda: None}, warmup=0, repeats=2, device="cuda:1")
     assert result["f"]["median_s"] == 0.002
     assert recorded == [torch.device("cuda", 1)] * 4
+
+
+def test_decode_bytes_count_each_weight_once_and_the_kv_cache_per_sequence(tiny_llama):
+    """A decode step of B sequences over c cached positions moves every weight once (tied embeddings: the
+    head's matrix, read once), one embedding row per sequence and 2 · layers · kv heads · head dim values
+    per position (c read, one written) per sequence; a gated module at ρ = 0 does not read its dense weight."""
+    from bltool.lora import LoRASpec, inject_lora
+    from bltool.models import load_model, resolve_model
+
+    model = load_model(resolve_model(str(tiny_llama)))
+    cfg = model.config
+    unique = {id(p): p for p in model.parameters()}
+    all_bytes = sum(p.numel() * p.element_size() for p in unique.values())
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    moved = decode_bytes_per_step(model, batch=3, context=9.0)
+    assert cfg.tie_word_embeddings  # the embedding rows are the head's matrix, read once already
+    assert moved["weights"] == all_bytes
+    assert moved["kv"] == 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4 * 3 * 10
+    adapted = inject_lora(model, LoRASpec(rank=2, alpha=4.0, targets=("down_proj",)))
+    lora_bytes = sum(p.numel() * 4 for _, m in adapted for n, p in m.named_parameters() if not n.startswith("base."))
+    assert decode_bytes_per_step(model, 3, 9.0)["weights"] == all_bytes + lora_bytes
+    _, first = adapted[0]
+    first.set_rho(0.0)
+    dropped = decode_bytes_per_step(model, 3, 9.0)["weights"]
+    assert dropped == all_bytes + lora_bytes - first.base.weight.numel() * 4
+    untied = load_model(resolve_model(str(tiny_llama)))
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())  # its own matrix
+    head_bytes = untied.lm_head.weight.numel() * 4
+    embedding_bytes = untied.model.embed_tokens.weight.numel() * 4  # untied: only 3 rows of it are read
+    assert decode_bytes_per_step(untied, 3, 9.0)["weights"] == \
+        all_bytes - embedding_bytes + head_bytes + 3 * cfg.hidden_size * 4

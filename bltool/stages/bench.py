@@ -7,8 +7,10 @@
     bound at compute-bound shapes) and the weight-bytes ratio (the bound at memory-bound decode shapes).
 (b) End to end. Prefill tokens/s (one forward pass with a KV cache, logits for the last position only,
     as `generate()` does) and decode tokens/s (--decode-steps greedy steps after a --decode-context
-    token prompt, per batch size), --baseline against MODEL, next to the bound their forward MACs allow:
-    attention and the LM head are not compressed, so it is smaller than the module ratio.
+    token prompt, per batch size), --baseline against MODEL, next to the MAC estimate (the ratio of their
+    forward MACs: attention and the LM head are not compressed, so it is smaller than the module ratio)
+    and, for decode, the bytes bound: the ratio of the bytes a decode step moves (every weight it uses
+    once, and the KV cache it reads), the bound of a memory-bound step, where the MAC ratio says little.
 (c) Parameters and weight bytes of both models.
 (d) Training compute: the proxy and the realised value from the distill manifest (carried by
     `compress`, or found by following the manifests' inputs).
@@ -39,13 +41,14 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
-from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token
+from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token, projection_layers
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNELS, set_kernel
 from bltool.lowrank_models import family_of
 from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.serve.queueing import kv_bytes_per_token, kv_shape
 from bltool.serve.timing import machine_info, measure
 
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -208,9 +211,11 @@ def bench_end_to_end(models: dict[str, nn.Module], config: BenchConfig, device: 
                      config.warmup, config.repeats, device)
     for name, m in models.items():
         macs = macs_per_token(m, context=(config.prefill_tokens + 1) / 2, logits_per_token=1 / config.prefill_tokens)
+        moved = decode_bytes_per_step(m, 1, config.prefill_tokens - 1)  # the weights once, the KV it writes
         rows.append({"model": name, "phase": "prefill", "batch": 1, "tokens": config.prefill_tokens,
                      "seconds": timing[name]["median_s"],
-                     "tokens_per_s": config.prefill_tokens / timing[name]["median_s"], "macs_per_token": macs})
+                     "tokens_per_s": config.prefill_tokens / timing[name]["median_s"], "macs_per_token": macs,
+                     "weight_bytes_per_step": moved["weights"], "kv_bytes_per_step": moved["kv"]})
     # decode: --decode-steps greedy steps, one token per sequence each, after a --decode-context prompt
     context = (config.decode_context + config.decode_context + config.decode_steps - 1) / 2 + 1
     for batch in config.decode_batches:
@@ -230,25 +235,62 @@ def bench_end_to_end(models: dict[str, nn.Module], config: BenchConfig, device: 
                          config.warmup, config.repeats, device,
                          setup={name: (lambda n=name, m=m: setup(n, m)) for name, m in models.items()})
         for name, m in models.items():
+            moved = decode_bytes_per_step(m, batch, context)
             rows.append({"model": name, "phase": "decode", "batch": batch, "tokens": batch * config.decode_steps,
                          "seconds": timing[name]["median_s"],
                          "tokens_per_s": batch * config.decode_steps / timing[name]["median_s"],
-                         "macs_per_token": macs_per_token(m, context=context)})
+                         "macs_per_token": macs_per_token(m, context=context),
+                         "weight_bytes_per_step": moved["weights"], "kv_bytes_per_step": moved["kv"]})
     return rows
 
 
+def _deployed_bytes(module: nn.Module) -> int:
+    """Weight bytes one forward of a projection reads: a gated LoRA module at ρ = 0 skips its dense weight."""
+    if isinstance(module, GatedLoRALinear) and not module.dense_active:
+        return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if not n.startswith("base."))
+    return layer_weight_bytes(module)
+
+
+def decode_bytes_per_step(model: nn.Module, batch: int, context: float) -> dict[str, float]:
+    """Bytes one decode step (one new token for each of `batch` sequences) must move, the bound of a
+    memory-bound step: every weight it uses, once (the projections as deployed, the LM head, the norms,
+    and one embedding row per sequence), plus each sequence's KV cache: `context` cached positions read
+    and one written, for every layer and KV head. Activations are left out (they stay in cache)."""
+    projections = projection_layers(model)
+    seen = {id(p) for m in projections.values() for p in m.parameters()}
+    weights = sum(_deployed_bytes(m) for m in projections.values())
+    head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    weights += head.numel() * head.element_size()
+    seen.add(id(head))
+    if id(embedding) not in seen:  # untied: one row per sequence is read
+        weights += batch * embedding.shape[1] * embedding.element_size()
+        seen.add(id(embedding))
+    weights += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)  # norms
+    kv = kv_bytes_per_token(kv_shape(model.config), head.element_size()) * batch * (context + 1)
+    return {"weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
+
+
 def summarize_end_to_end(rows: list[dict]) -> list[dict[str, Any]]:
-    """Per phase and batch: MODEL's tokens/s over the baseline's, next to the MAC bound."""
+    """Per phase and batch: MODEL's tokens/s over the baseline's, next to the MAC estimate (`mac_bound`:
+    the forward MACs' ratio, the bound where a step is compute-bound, as prefill is) and, for decode, the
+    bytes bound (`bytes_bound`: the ratio of the weight + KV bytes a step moves, the bound where it is
+    memory-bound, as small-batch decode is)."""
     out = []
     for key in dict.fromkeys((r["phase"], r["batch"]) for r in rows):
         pair = {r["model"]: r for r in rows if (r["phase"], r["batch"]) == key}
         base, mine = pair["baseline"]["macs_per_token"], pair["model"]["macs_per_token"]
         base_rate, rate = pair["baseline"]["tokens_per_s"], pair["model"]["tokens_per_s"]
-        out.append({"phase": key[0], "batch": key[1], "baseline_tokens_per_s": base_rate,
-                    "model_tokens_per_s": rate, "speedup": rate / base_rate,
-                    "mac_bound": base["total"] / mine["total"],
-                    "projection_mac_ratio": base["projections"] / mine["projections"],
-                    "projection_share_of_baseline_macs": base["projections"] / base["total"]})
+        row = {"phase": key[0], "batch": key[1], "baseline_tokens_per_s": base_rate,
+               "model_tokens_per_s": rate, "speedup": rate / base_rate,
+               "mac_bound": base["total"] / mine["total"],
+               "projection_mac_ratio": base["projections"] / mine["projections"],
+               "projection_share_of_baseline_macs": base["projections"] / base["total"]}
+        if key[0] == "decode" and "weight_bytes_per_step" in pair["baseline"]:
+            moved = {name: r["weight_bytes_per_step"] + r["kv_bytes_per_step"] for name, r in pair.items()}
+            row["bytes_bound"] = moved["baseline"] / moved["model"]
+            row["kv_share_of_baseline_bytes"] = pair["baseline"]["kv_bytes_per_step"] / moved["baseline"]
+        out.append(row)
     return out
 
 
@@ -365,13 +407,14 @@ def print_tables(result: dict) -> None:
         console.print(table)
     if result["end_to_end"]:
         table = Table(title="(b) end to end with KV cache: tokens/s", title_justify="left")
-        for column in ("phase", "batch", "baseline tok/s", "model tok/s", "speedup", "MAC bound",
-                       "projections' share of MACs"):
+        for column in ("phase", "batch", "baseline tok/s", "model tok/s", "speedup", "MAC estimate",
+                       "bytes bound", "projections' share of MACs"):
             table.add_column(column, justify="right")
         for s in result["end_to_end"]:
+            moved = f"{s['bytes_bound']:.2f}×" if s.get("bytes_bound") is not None else "—"
             table.add_row(s["phase"], str(s["batch"]), f"{s['baseline_tokens_per_s']:,.1f}",
                           f"{s['model_tokens_per_s']:,.1f}", f"{s['speedup']:.2f}×", f"{s['mac_bound']:.2f}×",
-                          f"{s['projection_share_of_baseline_macs']:.0%}")
+                          moved, f"{s['projection_share_of_baseline_macs']:.0%}")
         console.print(table)
     table = Table(title="(c) size", title_justify="left")
     for column in ("model", "parameters", "weight MB"):

@@ -94,6 +94,20 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
     assert bench_row["validation"]["target_rate"] == pytest.approx(bench_row["sequence_rate"])
     assert bench_row["validation"]["capacity_ratio"] == pytest.approx(1.0, abs=0.05)
     assert (out / "queue.png").stat().st_size > 0
+    # 64 MiB of KV cache holds far more than the 4 sequences b̄ was measured at: μ is marked extrapolated
+    assert bench_row["measured_concurrency"] == 4 and plain_row["measured_concurrency"] is None
+    assert bench_row["implied_concurrency"] == pytest.approx(
+        bench_row["kv_capacity_tokens"] / (bench_row["mean_prompt_len"] + bench_row["mean_output_len"]))
+    assert bench_row["implied_concurrency"] > 2 * 4
+    assert bench_row["iteration_extrapolated"] is True and not plain_row["iteration_extrapolated"]
+    assert "μ is extrapolated" in result.stderr and "--concurrency" in result.stderr
+    assert "overrides" not in result.stderr
+    override = CliRunner().invoke(app, [
+        "capacity", str(bench_dir), "--gpu-mem", "64MiB", "--prompt-len", "uniform:8:40", "--output-len",
+        "geometric:8", "--samples", "2000", "--chunk", "32", "--dtype", "float32", "--max-seqs", "3",
+        "--out", str(tmp_path / "cap2")])
+    assert override.exit_code == 0, override.stderr
+    assert "--max-seqs 3 overrides the concurrency b̄ was measured at (4 sequences)" in override.stderr
 
 
 @pytest.mark.slow  # measures continuous batching for seconds

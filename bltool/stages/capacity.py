@@ -52,6 +52,8 @@ from bltool.serve.workload import Workload, check_fits, read_trace, synthetic
 from bltool.units import format_bytes
 
 LOADS = (0.8, 1.0, 1.2)  # --validate: arrival rate as a multiple of the predicted maximum stable rate
+# b̄ measured at a concurrency more than this many times below M / E[s + o] is reported as extrapolated
+EXTRAPOLATION_FACTOR = 2.0
 @dataclass(frozen=True)
 class CapacityConfig:
     models: tuple[str, ...]  # MODELS: model paths / aliases, or bench-serving output directories
@@ -181,8 +183,12 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
     if measured is not None:
         b_bar, b_source = float(measured[stat_key]), f"measured ({config.iteration_stat}, {measured['device']})"
         prefill_tps, decode_tps = measured["prefill_tokens_per_s"], measured["decode_tokens_per_s"]
-        max_seqs = config.max_seqs or int(measured["settings"]["concurrency"])
+        measured_concurrency = int(measured["settings"]["concurrency"])
+        max_seqs = config.max_seqs or measured_concurrency
         seqs_source = "--max-seqs" if config.max_seqs else "measured concurrency"
+        if config.max_seqs and config.max_seqs != measured_concurrency:
+            ui.warn(f"{info.label}: --max-seqs {config.max_seqs} overrides the concurrency b̄ was measured at "
+                    f"({measured_concurrency} sequences)")
         if measured["settings"]["chunk"] != config.chunk:
             ui.warn(f"{info.label}: b̄ was measured with chunk {measured['settings']['chunk']}, "
                     f"capacity uses --chunk {config.chunk}")
@@ -190,6 +196,7 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
         b_bar, b_source = config.iteration_time, "--iteration-time"
         prefill_tps, decode_tps = config.prefill_tps, config.decode_tps
         max_seqs, seqs_source = config.max_seqs, "--max-seqs" if config.max_seqs else None
+        measured_concurrency = None
     else:
         raise UsageError(
             f"MODELS {info.spec}: no measured iteration time; pass the output of "
@@ -201,6 +208,15 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
     mean_g = float(g.mean())
     mean_s, mean_o = float(s.mean()), float(o.mean())
     mean_iterations = float(iterations(s, o, config.chunk).mean())
+    # the concurrency the KV cache allows (M / E[s + o]); b̄ measured far below it is extrapolated there
+    implied_concurrency = m_tokens / (mean_s + mean_o)
+    extrapolated = (measured_concurrency is not None
+                    and implied_concurrency > EXTRAPOLATION_FACTOR * measured_concurrency)
+    if extrapolated:
+        ui.warn(f"{info.label}: the KV cache holds about {implied_concurrency:,.0f} sequences of this workload "
+                f"(M / E[s + o]) but b̄ was measured at {measured_concurrency}: the memory bound μ is extrapolated; "
+                f"measure at that concurrency with `bltool bench-serving --concurrency "
+                f"{round(implied_concurrency)}`")
     bounds = Bounds(
         memory=service_rate(m_tokens, b_bar, mean_g),
         tokens=token_throughput_bound(mean_s, mean_o, prefill_tps, decode_tps) if prefill_tps and decode_tps
@@ -225,6 +241,11 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
         "decode_tokens_per_s": decode_tps,
         "max_seqs": max_seqs,
         "max_seqs_source": seqs_source,
+        "mean_prompt_len": mean_s,
+        "mean_output_len": mean_o,
+        "measured_concurrency": measured_concurrency,
+        "implied_concurrency": implied_concurrency,
+        "iteration_extrapolated": extrapolated,
         "memory_rate": bounds.memory,
         "delta": delta,
         "guaranteed_stable_rate": bounds.memory * (1 - delta),

@@ -372,3 +372,15 @@ def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_moderate_budget_claim_names_what_bench_measured_and_only_that():
+    from bltool.stages.report import comparison
+
+    lora = _row("lora", "kd-lora", perplexity=100.0, **LORA_ICL)
+    bare = _row("bl", "budgeted-lora", 0.4, perplexity=120.0, mac_speedup=1.5)
+    assert "(speed not measured: no `bench` run)" in _claim(comparison([lora, bare]), "Moderate budget")
+    benched = _row("bl", "budgeted-lora", 0.4, perplexity=120.0, mac_speedup=1.5, module_speedup=1.4,
+                   prefill_speedup=1.2)
+    claim = _claim(comparison([lora, benched]), "Moderate budget")
+    assert "(1.40× measured, 1.20× end to end at prefill)" in claim and "—" not in claim, claim

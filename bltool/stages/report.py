@@ -71,6 +71,14 @@ class ReportConfig:
             raise UsageError("report needs at least one RUN_DIR")
 
 
+def _measured_clause(r) -> str:
+    """What `bench` measured for the run, in parentheses; that it was not measured when it was not."""
+    parts = [f"{_fmt(column, value(r, column))} {what}" for column, what in
+             (("module_speedup", "measured"), ("prefill_speedup", "end to end at prefill"))
+             if value(r, column) is not None]
+    return f" ({', '.join(parts)})" if parts else " (speed not measured: no `bench` run)"
+
+
 def _fmt(column: str, value) -> str:
     if value is None or value == "":
         return "—"
@@ -190,8 +198,7 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
             f"- **Moderate budget.** F = {r.budget:g} {verdict} kd-lora's perplexity: {value(r, 'perplexity'):,.1f} "
             f"against {base:,.1f} ({ratio:.2f}×, near means within {PPL_NEAR - 1:.0%}){ppl_mark}, with a "
             f"{_fmt('mac_speedup', value(r, 'mac_speedup'))} MAC "
-            f"speedup of the adapted modules ({_fmt('module_speedup', value(r, 'module_speedup'))} measured, "
-            f"{_fmt('prefill_speedup', value(r, 'prefill_speedup'))} end to end at prefill)"
+            f"speedup of the adapted modules{_measured_clause(r)}"
             f"{_icl_clause(r, lora, icl_mark)}. Paper: F = 0.4 matches KD-LoRA at 1.74× on its student.")
     speeds = [r for r in rows if value(r, "mac_speedup")]
     if budgeted and speeds and value(budgeted[0], "mac_speedup") and (len(budgeted) > 1 or budgeted[0].budget == 0):

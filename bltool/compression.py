@@ -119,7 +119,9 @@ def compress_module(module: GatedLoRALinear, policy: CompressionPolicy, name: st
     down, up = harden(module, policy.tau_rank)  # (kept, d_in), (d_out, kept), float32
     kept = down.shape[0]
     base_bias = module.base.bias
-    bias = None if base_bias is None or rho == 0.0 else base_bias.float() * rho
+    # ρb, zeros at ρ = 0: a module keeps its bias parameter whatever its form, so the compressed config's
+    # architecture (bias where the family has one) describes every module without a per-module flag
+    bias = None if base_bias is None else base_bias.float() * rho
     k = 0
     if form == "keep":
         weight = module.base.weight.float() * rho + up @ down

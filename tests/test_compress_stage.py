@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import IDS, assert_refused, distilled_student
+from helpers import IDS, assert_refused, distilled_student, save_tiny_model
 from typer.testing import CliRunner
 
 import bltool
@@ -112,6 +112,19 @@ def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, tiny_llama):
     assert torch.allclose(logits(hf), logits(bltool.load_model(out)), atol=1e-6)
     again = hf.generate(IDS, max_new_tokens=4, do_sample=False)
     assert torch.equal(again, bltool.load_model(out).generate(IDS, max_new_tokens=4, do_sample=False))
+
+
+def test_biased_projections_dropped_to_low_rank_load_everywhere(tmp_path, tokenizer):
+    """Qwen2's q/k/v have biases: a dropped one (ρ = 0) keeps a zero bias, so the compressed config's
+    architecture matches the checkpoint and both loaders take it strictly."""
+    teacher = save_tiny_model(tmp_path / "qwen2", tokenizer, arch="qwen2", layers=2)
+    source, _ = distilled_student(tmp_path / "s", teacher, rhos=(0.0, 0.1, 1.0))
+    out = tmp_path / "c"
+    assert invoke("compress", str(source), "--out", str(out)).exit_code == 0
+    records = {r["name"]: r for r in read_manifest(out)["compressed"]["modules"]}
+    assert records["model.layers.0.self_attn.q_proj"]["form"] == "drop"  # ρ cycles 0, 0.1, 1 from here
+    assert records["model.layers.0.self_attn.q_proj"]["bias"]
+    assert torch.allclose(logits(plain_transformers(out)), logits(bltool.load_model(out)), atol=1e-6)
 
 
 def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, tiny_llama):

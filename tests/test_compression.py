@@ -150,10 +150,14 @@ def test_drop_equals_the_lora_path(bias):
     module = gated_module(rho=0.0, bias=bias)
     layer, record = compress_module(module, CompressionPolicy())
     x = torch.randn(5, 12)
-    assert isinstance(layer, LowRankLinear) and record["form"] == "drop" and layer.up.bias is None
+    assert isinstance(layer, LowRankLinear) and record["form"] == "drop"
+    # a biased module keeps its bias parameter, ρb = 0, so its layout is the architecture's
+    assert (layer.up.bias is not None) == bias and record["bias"] == bias
+    if bias:
+        assert torch.equal(layer.up.bias, torch.zeros(10))
     assert torch.allclose(layer(x), module.lora(x), atol=1e-6)
     assert torch.allclose(layer(x), module(x), atol=1e-6)
-    assert record["macs"] == 4 * (12 + 10) and record["params"] == 4 * 22 and record["rank"] == 4
+    assert record["macs"] == 4 * (12 + 10) and record["params"] == 4 * 22 + 10 * bias and record["rank"] == 4
 
 
 def test_svd_error_falls_with_k_and_vanishes_at_full_rank():

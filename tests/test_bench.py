@@ -233,3 +233,36 @@ def test_decode_bytes_count_each_weight_once_and_the_kv_cache_per_sequence(tiny_
     embedding_bytes = untied.model.embed_tokens.weight.numel() * 4  # untied: only 3 rows of it are read
     assert decode_bytes_per_step(untied, 3, 9.0)["weights"] == \
         all_bytes - embedding_bytes + head_bytes + 3 * cfg.hidden_size * 4
+
+
+def test_vllm_engine_summary_ratios():
+    """bench --engine vllm: vLLM's speedup, the share of transformers' speedup it keeps, and vLLM over
+    transformers per model, from the runs of both engines."""
+    from bltool.stages.bench_vllm import summarize
+
+    def row(model, phase, tps, **extra):
+        return {"model": model, "phase": phase, "batch": 1, "tokens_per_s": tps, **extra}
+
+    vllm_rows = [row("baseline", "decode", 60.0), row("model", "decode", 90.0),
+                 row("baseline", "saturation", 300.0, requests_per_s=4.0),
+                 row("model", "saturation", 450.0, requests_per_s=6.0)]
+    hf_rows = [row("baseline", "decode", 50.0), row("model", "decode", 60.0)]
+    decode, saturation = summarize(vllm_rows, hf_rows)
+    assert decode["vllm_speedup"] == pytest.approx(1.5) and decode["hf_speedup"] == pytest.approx(1.2)
+    assert decode["speedup_kept"] == pytest.approx(1.25)
+    assert decode["model_vllm_over_hf"] == pytest.approx(1.5) and decode["baseline_vllm_over_hf"] == pytest.approx(1.2)
+    assert saturation["vllm_model_requests_per_s"] == 6.0 and "hf_speedup" not in saturation
+
+
+def test_vllm_engine_without_vllm_is_a_usage_error(tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--baseline", str(tmp_path / "b"),
+                                      "--engine", "vllm", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "bltool[vllm]" in result.stderr
+    assert not (tmp_path / "out").exists()
+    bad = CliRunner().invoke(app, ["bench", "m", "--baseline", "b", "--engine", "tgi"])
+    assert bad.exit_code == 2 and "--engine" in bad.stderr

@@ -35,7 +35,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from bltool.lowrank_models import FAMILIES, PREFIX
+from bltool.lowrank_models import FAMILIES, PREFIX, replace_module
+from bltool.lowrank_models import register as register_transformers
 
 # family → (vLLM module, vLLM class) it extends
 VLLM_BASES = {
@@ -60,8 +61,6 @@ def register() -> None:
     """The plugin: bltool's compressed model types for transformers' AutoConfig (which vLLM reads the
     config with) and their vLLM classes for vLLM's model registry. Safe to call in every process."""
     from vllm import ModelRegistry
-
-    from bltool.lowrank_models import register as register_transformers
 
     register_transformers()
     for family in FAMILIES:
@@ -147,8 +146,6 @@ def swap_lowrank(model: nn.Module, config) -> dict[str, str]:
     for every projection now computed by them, which `load_weights` routes to directly."""
     from vllm.distributed import get_tensor_model_parallel_world_size
     from vllm.model_executor.layers.linear import ColumnParallelLinear
-
-    from bltool.lowrank_models import replace_module
 
     shapes = _shapes(config)
     tp = get_tensor_model_parallel_world_size()

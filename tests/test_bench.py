@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest
 from bltool.cli import app
+from bltool.serve.end_to_end import decode_bytes_per_step
 from bltool.serve.timing import measure
-from bltool.stages.bench import decode_bytes_per_step, summarize_end_to_end, summarize_modules
+from bltool.stages.bench import summarize_end_to_end, summarize_modules
 
 FAST = ["--prefill-tokens", "16", "--decode-batch", "1,2", "--decode-context", "4", "--decode-steps", "2",
         "--warmup", "0", "--repeats", "1", "--device", "cpu"]

@@ -12,6 +12,7 @@ import pytest
 from bltool.cli import app
 from bltool.stages.bench import BenchConfig
 from bltool.stages.bench_serving import BenchServingConfig
+from bltool.stages.bench_vllm import BenchVllmConfig
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.capacity import CapacityConfig
 from bltool.stages.compress import CompressConfig
@@ -34,7 +35,8 @@ CONFIGS = {
     "teacher-logits": (TeacherLogitsConfig,),
     "capacity": (CapacityConfig,),
     "compress": (CompressConfig,),
-    "bench": (BenchConfig, BenchServingConfig),  # `bench --serving` (deprecated) builds the second
+    # `bench --serving` (deprecated) builds the second, `bench --engine vllm` the third
+    "bench": (BenchConfig, BenchServingConfig, BenchVllmConfig),
     "bench-serving": (BenchServingConfig,),
     "report": (ReportConfig,),
 }
@@ -50,7 +52,7 @@ PARSED = {
     ("prepare-data", "id_field"): ("id_field", lambda v: v or None),
 }
 # Options that choose which config to build rather than set a field.
-CLI_ONLY = {("bench", "serving"), ("bench", "repeats")}
+CLI_ONLY = {("bench", "serving"), ("bench", "engine"), ("bench", "repeats")}
 
 
 def _commands():

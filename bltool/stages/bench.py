@@ -21,7 +21,6 @@ interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine'
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,14 +40,14 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
-from bltool.compression import layer_macs, layer_weight_bytes, macs_per_token, projection_layers
+from bltool.compression import layer_macs, layer_weight_bytes
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import KERNELS, set_kernel
 from bltool.lowrank_models import family_of
 from bltool.models import load_model, model_content_hash, resolve_model
-from bltool.serve.queueing import kv_bytes_per_token, kv_shape
+from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -188,89 +187,6 @@ def summarize_modules(rows: list[dict]) -> list[dict[str, Any]]:
 # (b) end to end
 
 
-def _step(model, ids, cache, logits_to_keep: int = 1):
-    """One forward pass that appends to `cache` (a DynamicCache); logits for the last position only.
-    transformers renamed `past_key_values` to `cache` during 5.x: pass whichever this version takes."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: cache})
-
-
-def _new_cache(model):
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-def bench_end_to_end(models: dict[str, nn.Module], config: BenchConfig, device: str) -> list[dict[str, Any]]:
-    vocab = next(iter(models.values())).config.vocab_size
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    # prefill: one forward over the prompt writing a fresh KV cache, logits for the last position only
-    ids = torch.randint(0, vocab, (1, config.prefill_tokens), generator=generator).to(device)
-    timing = measure({name: (lambda m=m: _step(m, ids, _new_cache(m))) for name, m in models.items()},
-                     config.warmup, config.repeats, device)
-    for name, m in models.items():
-        macs = macs_per_token(m, context=(config.prefill_tokens + 1) / 2, logits_per_token=1 / config.prefill_tokens)
-        moved = decode_bytes_per_step(m, 1, config.prefill_tokens - 1)  # the weights once, the KV it writes
-        rows.append({"model": name, "phase": "prefill", "batch": 1, "tokens": config.prefill_tokens,
-                     "seconds": timing[name]["median_s"],
-                     "tokens_per_s": config.prefill_tokens / timing[name]["median_s"], "macs_per_token": macs,
-                     "weight_bytes_per_step": moved["weights"], "kv_bytes_per_step": moved["kv"]})
-    # decode: --decode-steps greedy steps, one token per sequence each, after a --decode-context prompt
-    context = (config.decode_context + config.decode_context + config.decode_steps - 1) / 2 + 1
-    for batch in config.decode_batches:
-        prompt = torch.randint(0, vocab, (batch, config.decode_context), generator=generator).to(device)
-        state: dict[str, Any] = {}
-
-        def setup(name, m, prompt=prompt, state=state):
-            cache = _new_cache(m)
-            state[name] = (cache, _step(m, prompt, cache).logits[:, -1].argmax(-1, keepdim=True))
-
-        def decode(name, m, state=state):
-            cache, token = state[name]
-            for _ in range(config.decode_steps):
-                token = _step(m, token, cache).logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-
-        timing = measure({name: (lambda n=name, m=m: decode(n, m)) for name, m in models.items()},
-                         config.warmup, config.repeats, device,
-                         setup={name: (lambda n=name, m=m: setup(n, m)) for name, m in models.items()})
-        for name, m in models.items():
-            moved = decode_bytes_per_step(m, batch, context)
-            rows.append({"model": name, "phase": "decode", "batch": batch, "tokens": batch * config.decode_steps,
-                         "seconds": timing[name]["median_s"],
-                         "tokens_per_s": batch * config.decode_steps / timing[name]["median_s"],
-                         "macs_per_token": macs_per_token(m, context=context),
-                         "weight_bytes_per_step": moved["weights"], "kv_bytes_per_step": moved["kv"]})
-    return rows
-
-
-def _deployed_bytes(module: nn.Module) -> int:
-    """Weight bytes one forward of a projection reads: a gated LoRA module at ρ = 0 skips its dense weight."""
-    if isinstance(module, GatedLoRALinear) and not module.dense_active:
-        return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if not n.startswith("base."))
-    return layer_weight_bytes(module)
-
-
-def decode_bytes_per_step(model: nn.Module, batch: int, context: float) -> dict[str, float]:
-    """Bytes one decode step (one new token for each of `batch` sequences) must move, the bound of a
-    memory-bound step: every weight it uses, once (the projections as deployed, the LM head, the norms,
-    and one embedding row per sequence), plus each sequence's KV cache: `context` cached positions read
-    and one written, for every layer and KV head. Activations are left out (they stay in cache)."""
-    projections = projection_layers(model)
-    seen = {id(p) for m in projections.values() for p in m.parameters()}
-    weights = sum(_deployed_bytes(m) for m in projections.values())
-    head = model.get_output_embeddings().weight
-    embedding = model.get_input_embeddings().weight
-    weights += head.numel() * head.element_size()
-    seen.add(id(head))
-    if id(embedding) not in seen:  # untied: one row per sequence is read
-        weights += batch * embedding.shape[1] * embedding.element_size()
-        seen.add(id(embedding))
-    weights += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)  # norms
-    kv = kv_bytes_per_token(kv_shape(model.config), head.element_size()) * batch * (context + 1)
-    return {"weights": float(weights), "kv": float(kv), "total": float(weights + kv)}
-
-
 def summarize_end_to_end(rows: list[dict]) -> list[dict[str, Any]]:
     """Per phase and batch: MODEL's tokens/s over the baseline's, next to the MAC estimate (`mac_bound`:
     the forward MACs' ratio, the bound where a step is compute-bound, as prefill is) and, for decode, the
@@ -358,7 +274,11 @@ def _run(config: BenchConfig) -> Path:
     ui.info(f"bench on {machine['device_name']} ({device}, {machine['dtype']}, {machine['threads']} threads, "
             f"low-rank kernel {kernel}; load average {machine.get('load_average', 'n/a')})")
     module_rows = bench_modules(model, baseline, modules, config, device, dtype) if config.modules else []
-    e2e_rows = bench_end_to_end({"baseline": baseline, "model": model}, config, device) if config.end_to_end else []
+    e2e_rows = (end_to_end({"baseline": baseline, "model": model}, prefill_tokens=config.prefill_tokens,
+                           decode_batches=config.decode_batches, decode_context=config.decode_context,
+                           decode_steps=config.decode_steps, warmup=config.warmup, repeats=config.repeats,
+                           device=device)
+                if config.end_to_end else [])
     result = {
         "model": config.model, "model_path": str(ref.path), "baseline": config.baseline,
         "baseline_path": str(base_ref.path), "machine": machine,

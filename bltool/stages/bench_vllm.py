@@ -30,7 +30,8 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_json, write_manifest
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import model_content_hash, resolve_model
+from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
 ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS")
@@ -153,15 +154,11 @@ def bench_engines(engines: dict[str, Any], SamplingParams, vocab: int, config: B
 
 def bench_transformers(model_ref, base_ref, config: BenchVllmConfig, device: str, dtype) -> list[dict]:
     """`bench`'s end-to-end prefill and decode on the same pair, for the ratios."""
-    from bltool.models import load_model
-    from bltool.stages.bench import BenchConfig, bench_end_to_end
-
-    bench_config = BenchConfig(model=config.model, baseline=config.baseline, prefill_tokens=config.prefill_tokens,
-                               decode_batches=config.decode_batches, decode_context=config.decode_context,
-                               decode_steps=config.decode_steps, warmup=config.warmup, repeats=config.repeats)
     models = {"baseline": load_model(base_ref, dtype=dtype, device=device, flag="--baseline"),
               "model": load_model(model_ref, dtype=dtype, device=device, flag="MODEL")}
-    rows = bench_end_to_end(models, bench_config, device)
+    rows = end_to_end(models, prefill_tokens=config.prefill_tokens, decode_batches=config.decode_batches,
+                      decode_context=config.decode_context, decode_steps=config.decode_steps,
+                      warmup=config.warmup, repeats=config.repeats, device=device)
     del models
     gc.collect()
     return [{k: v for k, v in r.items() if k in ("model", "phase", "batch", "tokens", "seconds", "tokens_per_s")}

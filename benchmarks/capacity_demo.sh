@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The capacity table of docs/capacity.md: teacher, dense student and compressed students on one
-# synthetic trace, with b̄, P and D measured on this machine by `bench-serving`, and the simulator's
-# check (--validate).
+# synthetic trace, with b̄, P, D and b(p, d) measured on this machine by `bench-serving`, and the
+# check against the simulator and the real server (--validate).
 #
 #   benchmarks/capacity_demo.sh [COMPRESSED_STUDENT ...]
 #
 # Environment: RUNS (default runs/capacity), TEACHER (smollm2-135m), STUDENT (runs/student, built here
 # when missing), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
-# measurement's dtype), RATE (1 request/s to plan for).
+# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (48 per offered load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,7 @@ REPEATS=${REPEATS:-1}
 GPU_MEM=${GPU_MEM:-4GiB}
 DTYPE=${DTYPE:-float32}
 RATE=${RATE:-1}
+VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-48}
 
 trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
 [ -d "$STUDENT" ] || bltool build-student --teacher "$TEACHER" --mode mixed --layers 6 --out "$STUDENT"
@@ -38,20 +39,13 @@ for model in "$TEACHER" "$STUDENT" "$@"; do
   i=$((i + 1))
 done
 
-for stat in median mean; do
-  bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
-    --rate "$RATE" --iteration-stat "$stat" --validate --out "$RUNS/capacity-$stat" --overwrite
-done
-
-# Memory-bound check against the real server: each bench's saturated run had a KV cache of
-# kv_cache_tokens for fixed 256 + 60 token requests. Model exactly that memory (weights + cache, float32)
-# and compare μ, the simulator and the completion rate transformers' continuous batching reached.
-for dir in "${measured[@]}"; do
-  mem=$(python -c 'import json, sys; r = json.load(open(sys.argv[1] + "/result.json"))
-print(r["parameters"] * 4 + r["kv_cache_tokens"] * r["kv_bytes_per_token"])' "$dir")
-  for stat in median mean; do
-    bltool capacity "$dir" --prompt-len 256 --output-len 60 --samples 1 --chunk "$CHUNK" --gpu-mem "$mem" \
-      --mem-util 1 --dtype float32 --max-seqs 1000 --iteration-stat "$stat" --validate \
-      --out "$RUNS/check-$stat-$(basename "$dir")" --overwrite
-  done
-done
+# The plan on the trace, with the median and with the mean iteration time; the median run also validates:
+# the simulator at the plan's memory, and each model served by transformers' continuous batching (the
+# bench-serving settings: its KV cache, token budget and sequence cap) at 0.5 to 1.6 × the formula's
+# rate, VALIDATE_REQUESTS requests per load, against the formula and the simulator's replay of the
+# same requests (validation.png, validation.arrow)
+bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
+  --rate "$RATE" --iteration-stat median --validate --validate-requests "$VALIDATE_REQUESTS" \
+  --out "$RUNS/capacity-median" --overwrite
+bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
+  --rate "$RATE" --iteration-stat mean --out "$RUNS/capacity-mean" --overwrite

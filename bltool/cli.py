@@ -417,7 +417,13 @@ def capacity(
         help="Most concurrent sequences \\[default: the concurrency b̄ was measured at; none for --iteration-time].",
         show_default=False)] = None,
     validate: Annotated[bool, typer.Option(
-        help="Simulate each model at 0.8, 1.0 and 1.2 × its predicted rate (queue.png, simulation.arrow).")] = False,
+        help="Simulate each model at 0.8, 1.0 and 1.2 × its predicted rate (queue.png, simulation.arrow); for a "
+             "`bench-serving` input also serve the workload with transformers at several offered loads and "
+             "compare measured, formula and simulator (validation.png, validation.arrow).")] = False,
+    validate_requests: Annotated[int, typer.Option(
+        help="Requests per offered load on the measured server (--validate with a bench-serving input).")] = 64,
+    page_size: Annotated[int, typer.Option(
+        help="KV cache page size the simulator rounds to (a bench-serving input brings its own).")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for --prompt-len/--output-len and the simulator.")] = 0,
     out: Annotated[str | None, typer.Option(help="Output directory \\[default: capacity/<workload name>].",
                                             show_default=False)] = None,
@@ -432,7 +438,8 @@ def capacity(
         dtype=dtype, workload=workload, prompt_column=prompt_column, output_column=output_column,
         prompt_len=prompt_len, output_len=output_len, samples=samples, seed=seed, chunk=chunk, rate=rate,
         target_util=target_util, iteration_time=iteration_time, iteration_stat=iteration_stat,
-        prefill_tps=prefill_tps, decode_tps=decode_tps, max_seqs=max_seqs, validate=validate, overwrite=overwrite,
+        prefill_tps=prefill_tps, decode_tps=decode_tps, max_seqs=max_seqs, validate=validate,
+        validate_requests=validate_requests, page_size=page_size, overwrite=overwrite,
     )
     _emit(run(config))
 

@@ -21,6 +21,10 @@ What is measured, per repeat, after one untimed warm-up run:
    prefill, every sequence decodes for about `output_len` iterations: D = tokens generated between the
    last request's first token and the first request's last token, divided by that time.
 
+Every iteration of the three runs is recorded (`IterationRecorder`): what it processed (prefill
+tokens, decoding sequences, KV tokens held) and how long it took; `iteration.fit` turns the records into
+b(p, d, k), the iteration time as a function of the batch, which capacity and its simulator use.
+
 Timestamps are taken by transformers on the host after each iteration's outputs reach it (the loop runs
 in synchronous mode), so on CUDA they follow the device's work.
 """
@@ -29,12 +33,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from bltool.errors import BltoolError
+from bltool.serve.iteration import fit
 
 # transformers' FIFO scheduler admits a new prompt only while this share of the cache is free (its own
 # default, set here so that it is recorded): the headroom lets running sequences grow without preemption
@@ -82,14 +88,94 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return rng.integers(0, vocab, size=(n, length)).tolist()
 
 
-def run_batch(model, prompts: list[list[int]], max_new_tokens: int, *, kv_tokens: int, max_batch_tokens: int,
-              max_requests: int, page_size: int) -> tuple[list[RunOutput], int]:
-    """Serve `prompts` with continuous batching; return each request's times and the KV cache's size
-    in tokens as transformers allocated it (whole pages, rounded up to its memory sectors)."""
+class IterationRecorder:
+    """What each batch iteration processed, read off the one forward the server runs per iteration (a
+    forward pre-hook and hook on the model, public PyTorch API): start and end of the forward, prefill
+    tokens and decoding sequences (from the packed batch's per-request query lengths, `cu_seq_lens_q`:
+    a request with one query token is decoding), and the KV tokens the batch holds after it (each
+    request's last position + 1). The iteration's time is from its forward's start to the next one's
+    (scheduling, forward, sampling and bookkeeping); the last iteration of a run has none. On CUDA reading
+    the lengths synchronises once per iteration, which the synchronous loop does anyway."""
+
+    def __init__(self, batch=None):
+        # `batch()`: the scheduled requests of the iteration about to run (transformers' FutureRequestStates),
+        # when the server exposes them; a request that has generated nothing yet is prefilling, even a
+        # one-token remainder of a split prompt, which the query lengths alone would count as decoding
+        self.batch = batch
+        self.exact = batch is not None
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.prefill: list[int] = []
+        self.decode: list[int] = []
+        self.kv: list[int] = []
+
+    def before(self, module, args, kwargs):
+        self.starts.append(time.perf_counter())
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cu, positions = kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids")
+        if cu is None or positions is None:  # a decode-only fast path: one token per sequence
+            n = int(ids.shape[0]) if ids is not None and ids.dim() > 1 and ids.shape[-1] == 1 else int(ids.numel())
+            self.prefill.append(0)
+            self.decode.append(n)
+            self.kv.append(int(positions.max()) + n if positions is not None else 0)
+            return
+        bounds = cu.tolist()
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        last = positions.reshape(-1)[[b - 1 for b in bounds[1:]]].tolist() if lengths else []
+        self.kv.append(int(sum(last)) + len(last))
+        scheduled = self._scheduled(len(lengths))
+        if scheduled is not None:
+            self.prefill.append(sum(n for n, prefilling in zip(lengths, scheduled) if prefilling))
+            self.decode.append(sum(1 for prefilling in scheduled if not prefilling))
+        else:
+            self.prefill.append(sum(n for n in lengths if n > 1))
+            self.decode.append(sum(1 for n in lengths if n == 1))
+
+    def _scheduled(self, n: int) -> list[bool] | None:
+        """Per scheduled request, in batch order: is it prefilling? None when the server does not say."""
+        if self.batch is not None:
+            try:
+                futures = self.batch()
+                if futures is not None and len(futures) == n:
+                    return [f.state.generated_len() == 0 for f in futures]
+            except (AttributeError, TypeError):
+                pass
+        self.exact = False
+        return None
+
+    def after(self, module, args, kwargs, output):
+        self.ends.append(time.perf_counter())
+
+    def records(self, origin: float = 0.0) -> list[dict]:
+        rows = []
+        for k, start in enumerate(self.starts):
+            rows.append({"start_s": start - origin,
+                         "seconds": self.starts[k + 1] - start if k + 1 < len(self.starts) else None,
+                         "forward_s": self.ends[k] - start if k < len(self.ends) else None,
+                         "prefill_tokens": self.prefill[k], "decode_seqs": self.decode[k], "kv_tokens": self.kv[k]})
+        return rows
+
+
+@dataclass(frozen=True)
+class ServedRun:
+    outputs: list[RunOutput]  # one per request, in submission order
+    arrivals: list[float]  # when each request was submitted (perf_counter seconds)
+    cache_tokens: int  # the KV cache as transformers allocated it: whole pages, rounded up to its sectors
+    iterations: list[dict]  # IterationRecorder.records, start times on the perf_counter clock
+    exact: bool = True  # prefill and decode told apart by the scheduler's records, not by query lengths
+
+
+def serve(model, prompts: list[list[int]], max_new_tokens: list[int] | int, *, kv_tokens: int,
+          max_batch_tokens: int, max_requests: int, page_size: int,
+          arrival_s: list[float] | None = None) -> ServedRun:
+    """Serve `prompts` with transformers' continuous batching, each generating exactly its
+    `max_new_tokens` (no EOS). Without `arrival_s` every request is submitted at once; with it, request
+    i is submitted `arrival_s[i]` seconds after the server has started (open-loop arrivals, from a
+    thread, while this one collects results)."""
     from transformers.generation import ContinuousBatchingConfig, GenerationConfig
 
-    generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1,
-                                  pad_token_id=0)
+    lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    generation = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1, pad_token_id=0)
     batching = ContinuousBatchingConfig(
         page_size=page_size,
         num_blocks=math.ceil(kv_tokens / page_size),
@@ -100,32 +186,82 @@ def run_batch(model, prompts: list[list[int]], max_new_tokens: int, *, kv_tokens
         safety_margin=SAFETY_MARGIN,
         use_async_batching=False,  # timestamps then follow the device's work
     )
+    current: dict = {}
+
+    def scheduled():
+        processor = getattr(current.get("manager"), "batch_processor", None)
+        return processor.inputs_and_outputs.requests_in_batch
+
+    recorder = IterationRecorder(scheduled)
+    hooks = [model.register_forward_pre_hook(recorder.before, with_kwargs=True),
+             model.register_forward_hook(recorder.after, with_kwargs=True)]
+    ids = [f"r{i}" for i in range(len(prompts))]
+    submitted = [0.0] * len(prompts)
     results = {}
-    with model.continuous_batching_context_manager(generation_config=generation,
-                                                   continuous_batching_config=batching, block=True) as manager:
-        processor = getattr(manager, "batch_processor", None)
-        ids = manager.add_requests(inputs=prompts, max_new_tokens=max_new_tokens, record_timestamps=True)
-        while len(results) < len(ids):
-            result = manager.get_result(timeout=1)
-            if result is None:
-                if not manager.is_running():
-                    raise BltoolError("continuous batching stopped before every request finished")
-                continue
-            if result.error is not None:
-                raise BltoolError(f"continuous batching failed: {result.error}")
-            if result.is_finished():
-                results[result.request_id] = result
-        processor = processor or getattr(manager, "batch_processor", None)
-        cache = getattr(processor, "cache", None)
-        cache_tokens = int(cache.num_blocks * page_size) if cache is not None else kv_tokens
+    failure: list[BaseException] = []
+    try:
+        with model.continuous_batching_context_manager(generation_config=generation,
+                                                       continuous_batching_config=batching, block=True) as manager:
+            recorder.__init__(scheduled)  # the warm-up's forwards are not the run's
+            current["manager"] = manager
+
+            def submit(i):
+                submitted[i] = time.perf_counter()
+                manager.add_request(prompts[i], request_id=ids[i], max_new_tokens=lengths[i],
+                                    record_timestamps=True)
+
+            if arrival_s is None:
+                for i in range(len(prompts)):
+                    submit(i)
+            else:
+                origin = time.perf_counter()
+
+                def feed():
+                    try:
+                        for i, at in enumerate(arrival_s):
+                            delay = origin + at - time.perf_counter()
+                            if delay > 0:
+                                time.sleep(delay)
+                            submit(i)
+                    except BaseException as err:  # surfaced by the collecting loop below
+                        failure.append(err)
+
+                feeder = threading.Thread(target=feed, daemon=True)
+                feeder.start()
+            while len(results) < len(ids):
+                if failure:
+                    raise BltoolError(f"submitting requests failed: {failure[0]}")
+                result = manager.get_result(timeout=1)
+                if result is None:
+                    if not manager.is_running():
+                        raise BltoolError("continuous batching stopped before every request finished")
+                    continue
+                if result.error is not None:
+                    raise BltoolError(f"continuous batching failed: {result.error}")
+                if result.is_finished():
+                    results[result.request_id] = result
+            processor = getattr(manager, "batch_processor", None)
+            cache = getattr(processor, "cache", None)
+            cache_tokens = int(cache.num_blocks * page_size) if cache is not None else kv_tokens
+    finally:
+        for hook in hooks:
+            hook.remove()
     outputs = []
-    for rid in ids:
+    for rid, wanted in zip(ids, lengths):
         r = results[rid]
-        if len(r.generated_tokens) != max_new_tokens or not r.timestamps:
-            raise BltoolError(f"request {rid} generated {len(r.generated_tokens)} tokens, expected {max_new_tokens}")
+        if len(r.generated_tokens) != wanted or not r.timestamps:
+            raise BltoolError(f"request {rid} generated {len(r.generated_tokens)} tokens, expected {wanted}")
         outputs.append(RunOutput(float(r.lifespan[0]), float(r.lifespan[1]), tuple(r.timestamps),
-                                 preempted=len(r.timestamps) < max_new_tokens))
-    return outputs, cache_tokens
+                                 preempted=len(r.timestamps) < wanted))
+    return ServedRun(outputs, submitted, cache_tokens, recorder.records(), recorder.exact)
+
+
+def run_batch(model, prompts: list[list[int]], max_new_tokens: int, *, kv_tokens: int, max_batch_tokens: int,
+              max_requests: int, page_size: int) -> ServedRun:
+    """Every prompt submitted at once."""
+    run = serve(model, prompts, max_new_tokens, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
+                max_requests=max_requests, page_size=page_size)
+    return run
 
 
 def measure(model, settings: ServingSettings) -> dict:
@@ -143,12 +279,13 @@ def measure(model, settings: ServingSettings) -> dict:
     run_batch(model, _prompts(2, min(st.prompt_len, st.chunk), vocab, st.seed + 999), 4,
               kv_tokens=2 * peak, **common)
     decode_new = st.output_len + math.ceil(st.concurrency * st.prompt_len / st.chunk) + 1
-    gaps_all, repeats = [], []
+    gaps_all, repeats, records, exact = [], [], [], True
     for repeat in range(st.repeats):
         seed = st.seed + 1000 * repeat
         started = time.perf_counter()
-        outputs, cache_tokens = run_batch(model, _prompts(st.requests, st.prompt_len, vocab, seed), st.output_len,
-                                          kv_tokens=st.concurrency * peak, **common)
+        saturated = run_batch(model, _prompts(st.requests, st.prompt_len, vocab, seed), st.output_len,
+                              kv_tokens=st.concurrency * peak, **common)
+        outputs, cache_tokens = saturated.outputs, saturated.cache_tokens
         w0, w1 = saturated_window(outputs, st.concurrency)
         gaps = iteration_gaps(outputs, w0, w1)
         if w1 <= w0 or not gaps:
@@ -158,10 +295,15 @@ def measure(model, settings: ServingSettings) -> dict:
             )
         completed = sum(1 for out in outputs if w0 < out.end <= w1)
         prefill_prompts = _prompts(min(st.requests, 2 * st.concurrency), st.prompt_len, vocab, seed + 1)
-        pre, _ = run_batch(model, prefill_prompts, 1, kv_tokens=st.concurrency * peak, **common)
+        prefill = run_batch(model, prefill_prompts, 1, kv_tokens=st.concurrency * peak, **common)
+        pre = prefill.outputs
         prefill_s = max(o.end for o in pre) - min(o.start for o in pre)
-        dec, _ = run_batch(model, _prompts(st.concurrency, st.prompt_len, vocab, seed + 2), decode_new,
+        decode = run_batch(model, _prompts(st.concurrency, st.prompt_len, vocab, seed + 2), decode_new,
                            kv_tokens=st.concurrency * pages(st.prompt_len + decode_new), **common)
+        dec = decode.outputs
+        for name, served in (("saturated", saturated), ("prefill", prefill), ("decode", decode)):
+            records += [{"repeat": repeat, "run": name, **r} for r in served.iterations]
+            exact &= served.exact
         d0, d1 = max(o.timestamps[0] for o in dec), min(o.timestamps[-1] for o in dec)
         decoded = sum(1 for o in dec for t in o.timestamps if d0 < t <= d1)
         if d1 <= d0 or decoded == 0:
@@ -181,6 +323,9 @@ def measure(model, settings: ServingSettings) -> dict:
             "seconds": time.perf_counter() - started,
         })
     gaps_all.sort()
+    timed = [r for r in records if r["seconds"] is not None]
+    model_fit = fit([r["prefill_tokens"] for r in timed], [r["decode_seqs"] for r in timed],
+                    [r["seconds"] for r in timed], [r["kv_tokens"] for r in timed])
     return {
         "iteration_s": statistics.median(gaps_all),  # b̄
         "iteration_s_mean": statistics.fmean(gaps_all),
@@ -194,6 +339,10 @@ def measure(model, settings: ServingSettings) -> dict:
         "max_batch_tokens": budget,
         "scheduler": {"type": "fifo", "safety_margin": SAFETY_MARGIN},
         "decode_run_output_len": decode_new,
+        # b(prefill tokens, decode sequences, KV tokens), fitted to every timed iteration of the three runs
+        "iteration_model": model_fit.as_dict(),
+        "iteration_records_exact": exact,  # False: prefill and decode told apart by query lengths only
         "repeats": repeats,
+        "iterations": records,
     }
 

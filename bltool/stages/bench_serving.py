@@ -2,10 +2,13 @@
 
 Measures, with transformers' continuous batching (see `bltool.serve.serving` for exactly what is timed):
 b̄, the median batch-iteration time of memory-constrained continuous batching (chunked prefill plus
-decode) at saturation; P, prefill tokens/s; D, decode tokens/s. The artifact also records what
-capacity needs about the model (KV shape, parameters), so `bltool capacity DIR` works from it alone.
-The CLI reaches this stage as `bltool bench-serving MODEL --out DIR` (`bench MODEL --serving` is a
-deprecated alias).
+decode) at saturation; P, prefill tokens/s; D, decode tokens/s; and b(p, d, k), the iteration time as a
+function of the prefill tokens, decoding sequences and KV tokens an iteration processed
+(`bltool.serve.iteration`), fitted to every iteration of the three runs. Each iteration's record (what
+it processed, how long it took) is in iterations.arrow, the fit and its error in result.json under
+`iteration_model`. The artifact also records what capacity needs about the model (KV shape,
+parameters), so `bltool capacity DIR` works from it alone. The CLI reaches this stage as
+`bltool bench-serving MODEL --out DIR` (`bench MODEL --serving` is a deprecated alias).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ def run(config: BenchServingConfig) -> Path:
             f"{settings.output_len} tokens, {settings.concurrency} sequences, chunk {settings.chunk}, "
             f"{settings.repeats} repeat(s) on {device}")
     measured = measure(model, settings)
+    iteration_records = measured.pop("iterations")
     dtype_name = str(dtype).replace("torch.", "")
     g = lifetime_memory(settings.prompt_len, settings.output_len, settings.chunk)
     result = {
@@ -103,6 +107,7 @@ def run(config: BenchServingConfig) -> Path:
         row.update({f"kv_{k}": v for k, v in result["kv_shape"].items()})
         row.update({f"settings_{k}": v for k, v in result["settings"].items()})
         write_arrow(tmp / "result.arrow", [row])
+        write_arrow(tmp / "iterations.arrow", iteration_records)
         write_manifest(
             tmp,
             Stage.BENCH_SERVING,
@@ -116,4 +121,9 @@ def run(config: BenchServingConfig) -> Path:
         f"decode {measured['decode_tokens_per_s']:,.0f} tok/s, saturated {measured['saturated_requests_per_s']:.3g} "
         f"req/s on {device} {dtype_name}, {result['threads']} threads"
     )
+    b = measured["iteration_model"]
+    ui.info(f"{ref.label}: b(p, d, k) = {b['intercept_s'] * 1e3:.2f} ms + {b['prefill_token_s'] * 1e6:.1f} µs × p "
+            f"+ {b['decode_seq_s'] * 1e6:.1f} µs × d + {b['attention_s'] * 1e9:.2f} ns × (p + d) × k (prefill tokens, "
+            f"decode sequences, KV tokens); over {b['records']} iterations the fit is off by "
+            f"{b['mean_abs_rel_error']:.1%} on average (rmse {b['rmse_s'] * 1e3:.2f} ms)")
     return out

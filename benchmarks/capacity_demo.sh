@@ -7,7 +7,7 @@
 #
 # Environment: RUNS (default runs/capacity), TEACHER (smollm2-135m), STUDENT (runs/student, built here
 # when missing), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
-# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (48 per offered load).
+# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (96 per offered load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,7 @@ REPEATS=${REPEATS:-1}
 GPU_MEM=${GPU_MEM:-4GiB}
 DTYPE=${DTYPE:-float32}
 RATE=${RATE:-1}
-VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-48}
+VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-96}
 
 trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
 [ -d "$STUDENT" ] || bltool build-student --teacher "$TEACHER" --mode mixed --layers 6 --out "$STUDENT"
@@ -39,13 +39,17 @@ for model in "$TEACHER" "$STUDENT" "$@"; do
   i=$((i + 1))
 done
 
-# The plan on the trace, with the median and with the mean iteration time; the median run also validates:
-# the simulator at the plan's memory, and each model served by transformers' continuous batching (the
-# bench-serving settings: its KV cache, token budget and sequence cap) at 0.5 to 1.6 × the formula's
-# rate, VALIDATE_REQUESTS requests per load, against the formula and the simulator's replay of the
-# same requests (validation.png, validation.arrow)
-bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
-  --rate "$RATE" --iteration-stat median --validate --validate-requests "$VALIDATE_REQUESTS" \
-  --out "$RUNS/capacity-median" --overwrite
-bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
-  --rate "$RATE" --iteration-stat mean --out "$RUNS/capacity-mean" --overwrite
+# The plan on the trace with b(p, d, k) (the default), and with the median and the mean iteration time as
+# a constant b̄, for comparison
+for stat in fit median mean; do
+  bltool capacity "${measured[@]}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
+    --rate "$RATE" --iteration-stat "$stat" --out "$RUNS/capacity-$stat" --overwrite
+done
+
+# The check against the measured server, for the students (the teacher's loads take 4× as long): each served
+# by transformers' continuous batching with the bench-serving settings (its KV cache, token budget and
+# sequence cap) at 0.5 to 1.6 × the formula's rate, VALIDATE_REQUESTS requests per load, against the formula
+# and the simulator's replay of the same requests (validation.png, validation.arrow); the simulator also runs
+# each plan at 0.8, 1 and 1.2 × its rate (queue.png)
+bltool capacity "${measured[@]:1}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \
+  --rate "$RATE" --validate --validate-requests "$VALIDATE_REQUESTS" --out "$RUNS/validate" --overwrite

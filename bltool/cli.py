@@ -407,8 +407,9 @@ def capacity(
     target_util: Annotated[float, typer.Option(help="Utilisation u each GPU is planned at.")] = 0.8,
     iteration_time: Annotated[float | None, typer.Option(
         help="b̄ in seconds for models given without a `bench-serving` measurement.", show_default=False)] = None,
-    iteration_stat: Annotated[str, typer.Option(help="Measured b̄: median (docs/method.md §8) or mean iteration time.")]
-    = "median",
+    iteration_stat: Annotated[str, typer.Option(
+        help="Measured iteration time: fit (b(p, d, k) fitted by bench-serving, at the saturated batch), or the "
+             "median (docs/method.md §8) or mean iteration as a constant b̄.")] = "fit",
     prefill_tps: Annotated[float | None, typer.Option(help="Prefill tokens/s P for models without a measurement.",
                                                       show_default=False)] = None,
     decode_tps: Annotated[float | None, typer.Option(help="Decode tokens/s D for models without a measurement.",

@@ -7,11 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from bltool.serve.iteration import IterationModel
 from bltool.serve.queueing import (
     Bounds,
     KVShape,
     concurrency_bound,
     gpus_needed,
+    iteration_model_bounds,
     iterations,
     kv_bytes_per_token,
     kv_capacity,
@@ -126,3 +128,46 @@ def test_bounds_report_the_smallest():
     assert bounds.binding == "tokens" and bounds.max_stable_rate == 4.0
     assert Bounds(memory=3.0, tokens=None, sequences=5.0).binding == "memory"
     assert Bounds(memory=3.0, tokens=9.0, sequences=2.5).max_stable_rate == 2.5
+
+
+def test_iteration_model_bounds_reduce_to_the_constant_formulas():
+    """With b(p, d, k) = b̄ the bounds are exactly μ = M / (b̄ · E[g]) and max_seqs / (b̄ · E[iterations])."""
+    b = IterationModel.constant(0.05)
+    bounds, batch = iteration_model_bounds(b, 10_000, 8, mean_s=200.0, mean_o=50.0, mean_g=15_000.0,
+                                           mean_iterations=51.0)
+    assert bounds.memory == pytest.approx(service_rate(10_000, 0.05, 15_000.0))
+    assert bounds.sequences == pytest.approx(concurrency_bound(8, 0.05, 51.0))
+    assert bounds.tokens is None  # no per-token cost: no token bound
+    # the cache holds 10,000 · 51 / 15,000 = 34 resident requests on average, more than the 8 allowed
+    assert batch.requests == 8 and batch.iteration_s == 0.05 and bounds.binding == "sequences"
+
+
+def test_iteration_model_bounds_by_hand():
+    """b = 10 ms + 0.1 ms per prompt token + 1 ms per decoding sequence + 1 ns per query × KV token. Requests of
+    E[s] = 100, E[o] = 20, E[iterations] = 21, E[g] = 3,000 (given): with 7 resident requests the batch holds
+    p = 7·100/21 = 33.3 prompt tokens, d = 7·20/21 = 6.67 decodes and k = 7·E[g]/21 KV tokens."""
+    b = IterationModel(intercept_s=0.01, prefill_token_s=1e-4, decode_seq_s=1e-3, attention_s=1e-9)
+    mean_g = 3_000.0
+    bounds, batch = iteration_model_bounds(b, 900, 7, mean_s=100.0, mean_o=20.0, mean_g=mean_g, mean_iterations=21.0)
+    p, d, k = 7 * 100 / 21, 7 * 20 / 21, 7 * mean_g / 21
+    seconds = 0.01 + 1e-4 * p + 1e-3 * d + 1e-9 * (p + d) * k
+    assert bounds.sequences == pytest.approx(7 / (21 * seconds))
+    n_m = 900 * 21 / mean_g  # 6.3 resident requests fill the cache: memory binds before the cap
+    p_m, d_m, k_m = n_m * 100 / 21, n_m * 20 / 21, n_m * mean_g / 21
+    seconds_m = 0.01 + 1e-4 * p_m + 1e-3 * d_m + 1e-9 * (p_m + d_m) * k_m
+    assert bounds.memory == pytest.approx(n_m / (21 * seconds_m))
+    assert bounds.binding == "memory" and bounds.max_stable_rate == bounds.memory
+    assert batch.requests == pytest.approx(n_m) and batch.iteration_s == pytest.approx(seconds_m)
+    assert bounds.tokens == pytest.approx(1 / (1e-4 * 100 + 1e-3 * 20))
+    assert bounds.tokens > bounds.sequences > bounds.memory  # per-iteration costs only lower the rate
+
+
+def test_a_cap_the_worker_never_reaches_does_not_bind():
+    """With a large attention cost the rate falls as residents grow: a cache holding 50 requests against a cap
+    of 8 must not report the (lower) rate at 50 residents as what binds."""
+    b = IterationModel(intercept_s=0.001, attention_s=1e-6)
+    bounds, batch = iteration_model_bounds(b, 50 * 1000, 8, mean_s=100.0, mean_o=10.0, mean_g=1000.0,
+                                           mean_iterations=11.0)
+    assert batch.requests == 8 and bounds.binding == "sequences"
+    rate_at_8 = 8 / (11 * float(b.seconds(8 * 100 / 11, 8 * 10 / 11, 8 * 1000 / 11)))
+    assert bounds.max_stable_rate == pytest.approx(rate_at_8)

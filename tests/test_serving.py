@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from bltool.cli import app
 from bltool.errors import UsageError
+from bltool.serve.iteration import IterationModel
 from bltool.serve.serving import RunOutput, iteration_gaps, saturated_window
 from bltool.stages.bench_serving import BenchServingConfig, run
 
@@ -105,8 +106,15 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
     bench_row, plain_row = rows
     # the bench artifact supplies b̄, P, D and the sequence cap it was measured at; the plain model
     # takes --iteration-time and has no cap
-    assert bench_row["iteration_s"] == measured["iteration_s"]
-    assert bench_row["iteration_source"].startswith("measured")
+    # by default b(p, d, k) as bench-serving fitted it, evaluated at the batch the saturated worker runs
+    assert bench_row["iteration_model"] == measured["iteration_model"]
+    assert bench_row["iteration_source"].startswith("measured (b(p, d, k)")
+    batch = bench_row["saturated_batch"]
+    b = IterationModel.from_dict(measured["iteration_model"])
+    assert bench_row["iteration_s"] == batch["iteration_s"] == pytest.approx(
+        float(b.seconds(batch["prefill_tokens"], batch["decode_seqs"], batch["kv_tokens"])))
+    assert batch["prefill_tokens"] == pytest.approx(
+        batch["requests"] * bench_row["mean_prompt_len"] / bench_row["mean_iterations"])
     assert bench_row["max_seqs"] == 4 and bench_row["token_rate"] is not None
     assert plain_row["iteration_s"] == 0.5 and plain_row["max_seqs"] is None and plain_row["token_rate"] is None
     # same model: same KV bytes per token and M whichever way it was given
@@ -124,6 +132,15 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
     assert bench_row["iteration_extrapolated"] is True and not plain_row["iteration_extrapolated"]
     assert "μ is extrapolated" in result.stderr and "--concurrency" in result.stderr
     assert "overrides" not in result.stderr
+    constant = CliRunner().invoke(app, [
+        "capacity", str(bench_dir), "--gpu-mem", "64MiB", "--prompt-len", "uniform:8:40", "--output-len",
+        "geometric:8", "--samples", "2000", "--chunk", "32", "--dtype", "float32", "--iteration-stat", "median",
+        "--out", str(tmp_path / "cap-median")])
+    assert constant.exit_code == 0, constant.stderr
+    row = json.loads((tmp_path / "cap-median" / "result.json").read_text())["models"][0]
+    assert row["iteration_s"] == measured["iteration_s"] and row["iteration_model"] is None
+    assert row["memory_rate"] == pytest.approx(
+        row["kv_capacity_tokens"] / (measured["iteration_s"] * row["mean_lifetime_memory"]))
     override = CliRunner().invoke(app, [
         "capacity", str(bench_dir), "--gpu-mem", "64MiB", "--prompt-len", "uniform:8:40", "--output-len",
         "geometric:8", "--samples", "2000", "--chunk", "32", "--dtype", "float32", "--max-seqs", "3",

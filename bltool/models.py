@@ -14,6 +14,7 @@ Nothing here touches the network: transformers is always called on local files, 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,4 +212,17 @@ def count_parameters(model) -> int:
         if id(param) not in seen:
             seen.add(id(param))
             total += param.numel()
+    return total
+
+
+def checkpoint_parameters(path: Path) -> int:
+    """Parameters a checkpoint directory stores, from the safetensors headers (no weights are loaded). Tied
+    embeddings are stored once; a compressed student stores its deployed (low-rank) form."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                total += math.prod(handle.get_slice(key).get_shape())
     return total

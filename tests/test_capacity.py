@@ -12,8 +12,7 @@ from helpers import assert_refused
 from typer.testing import CliRunner
 
 from bltool.cli import app
-from bltool.models import count_parameters, load_model, resolve_model
-from bltool.stages.capacity import _checkpoint_parameters
+from bltool.models import checkpoint_parameters, count_parameters, load_model, resolve_model
 from bltool.units import parse_bytes
 
 MIB = 2**20
@@ -31,7 +30,7 @@ def write_trace(path, rows, header="prompt_tokens,output_tokens"):
 def test_checkpoint_parameters_counts_tied_weights_once(tiny_llama, tiny_mistral):
     for path in (tiny_llama, tiny_mistral):  # tied and untied embeddings
         model = load_model(resolve_model(str(path)))
-        assert _checkpoint_parameters(path) == count_parameters(model)
+        assert checkpoint_parameters(path) == count_parameters(model)
 
 
 def test_parse_bytes():
@@ -52,7 +51,7 @@ def test_plan_by_hand(tiny_llama, tmp_path):
     assert result.stdout == f"{out}\n"  # stdout carries only the path; the table goes to stderr
     assert "M (KV tokens)" in result.stderr
     row = json.loads((out / "result.json").read_text())["models"][0]
-    params = _checkpoint_parameters(tiny_llama)
+    params = checkpoint_parameters(tiny_llama)
     kv = 2 * 12 * 2 * 8 * 2  # layers · KV heads · head_dim, keys and values, bf16
     m_tokens = math.floor((2 * MIB * 0.5 - 2 * params - 100 * 1024) / kv)
     g = [(32 + 64) + 64 * 16 + 16 * 17 // 2, 10 + 30 + 6, (32 + 64 + 96 + 128 + 160 + 192 + 200) + 200 * 50 + 1275]

@@ -115,7 +115,9 @@ def test_capacity_reads_the_measurement(bench_dir, tiny_llama, tmp_path):
         float(b.seconds(batch["prefill_tokens"], batch["decode_seqs"], batch["kv_tokens"])))
     assert batch["prefill_tokens"] == pytest.approx(
         batch["requests"] * bench_row["mean_prompt_len"] / bench_row["mean_iterations"])
-    assert bench_row["max_seqs"] == 4 and bench_row["token_rate"] is not None
+    per_token = b.prefill_token_s * bench_row["mean_prompt_len"] + b.decode_seq_s * bench_row["mean_output_len"]
+    assert bench_row["max_seqs"] == 4
+    assert bench_row["token_rate"] == (pytest.approx(1 / per_token) if per_token > 0 else None)
     assert plain_row["iteration_s"] == 0.5 and plain_row["max_seqs"] is None and plain_row["token_rate"] is None
     # same model: same KV bytes per token and M whichever way it was given
     assert bench_row["kv_bytes_per_token"] == plain_row["kv_bytes_per_token"] == 2 * 12 * 2 * 8 * 4

@@ -256,35 +256,72 @@ def serve(model, prompts: list[list[int]], max_new_tokens: list[int] | int, *, k
     return ServedRun(outputs, submitted, cache_tokens, recorder.records(), recorder.exact)
 
 
-def run_batch(model, prompts: list[list[int]], max_new_tokens: int, *, kv_tokens: int, max_batch_tokens: int,
-              max_requests: int, page_size: int) -> ServedRun:
-    """Every prompt submitted at once."""
-    run = serve(model, prompts, max_new_tokens, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
-                max_requests=max_requests, page_size=page_size)
-    return run
+class TransformersServer:
+    """transformers' continuous batching on a loaded model (`serve`); `bltool.serve.vllm_serving.VllmServer`
+    is the same interface on a vLLM engine."""
+
+    engine_name = "transformers"
+    # transformers' FIFOScheduler: below SAFETY_MARGIN of free pages only running requests are scheduled
+    scheduler = {"type": "fifo", "safety_margin": SAFETY_MARGIN}
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def describe(self) -> dict:
+        import transformers
+
+        return {"engine": "transformers", "transformers": transformers.__version__}
+
+    def serve(self, prompts: list[list[int]], max_new_tokens: list[int] | int, *, kv_tokens: int,
+              max_batch_tokens: int, max_requests: int, page_size: int,
+              arrival_s: list[float] | None = None) -> ServedRun:
+        return serve(self.model, prompts, max_new_tokens, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens,
+                     max_requests=max_requests, page_size=page_size, arrival_s=arrival_s)
 
 
-def measure(model, settings: ServingSettings) -> dict:
-    """b̄, P and D for `model` (already on its device, in eval mode) at `settings`; see the module doc."""
+def kv_tokens_needed(settings: ServingSettings) -> int:
+    """The largest KV cache `measure` asks for: its decode-only run's (every sequence decodes long enough for
+    the last prefill to finish first). A server whose cache is fixed when it is made (vLLM) is made with this."""
     st = settings
-    vocab = int(model.config.vocab_size)
+    return st.concurrency * _pages(st.prompt_len + _decode_run_tokens(st), st.page_size)
 
-    def pages(tokens: int) -> int:  # cache a request of `tokens` tokens occupies: whole pages
-        return math.ceil(tokens / st.page_size) * st.page_size
+
+def _pages(tokens: int, page_size: int) -> int:  # the cache a request of `tokens` tokens occupies: whole pages
+    return math.ceil(tokens / page_size) * page_size
+
+
+def _decode_run_tokens(st: ServingSettings) -> int:
+    return st.output_len + math.ceil(st.concurrency * st.prompt_len / st.chunk) + 1
+
+
+def measure(server, settings: ServingSettings) -> dict:
+    """b̄, P and D for the model `server` serves (a `TransformersServer` or a `VllmServer`) at `settings`;
+    see the module doc."""
+    st = settings
+    vocab = server.vocab_size
+
+    def pages(tokens: int) -> int:
+        return _pages(tokens, st.page_size)
 
     peak = pages(st.prompt_len + st.output_len)
     budget = st.concurrency + st.chunk
     common = dict(max_batch_tokens=budget, max_requests=st.concurrency, page_size=st.page_size)
+
+    def run_batch(prompts, max_new_tokens, kv_tokens):  # every prompt submitted at once
+        return server.serve(prompts, max_new_tokens, kv_tokens=kv_tokens, **common)
+
     # warm-up: allocations, kernels and (on CUDA) graph capture happen here, untimed
-    run_batch(model, _prompts(2, min(st.prompt_len, st.chunk), vocab, st.seed + 999), 4,
-              kv_tokens=2 * peak, **common)
-    decode_new = st.output_len + math.ceil(st.concurrency * st.prompt_len / st.chunk) + 1
+    run_batch(_prompts(2, min(st.prompt_len, st.chunk), vocab, st.seed + 999), 4, 2 * peak)
+    decode_new = _decode_run_tokens(st)
     gaps_all, repeats, records, exact = [], [], [], True
     for repeat in range(st.repeats):
         seed = st.seed + 1000 * repeat
         started = time.perf_counter()
-        saturated = run_batch(model, _prompts(st.requests, st.prompt_len, vocab, seed), st.output_len,
-                              kv_tokens=st.concurrency * peak, **common)
+        saturated = run_batch(_prompts(st.requests, st.prompt_len, vocab, seed), st.output_len, st.concurrency * peak)
         outputs, cache_tokens = saturated.outputs, saturated.cache_tokens
         w0, w1 = saturated_window(outputs, st.concurrency)
         gaps = iteration_gaps(outputs, w0, w1)
@@ -295,11 +332,11 @@ def measure(model, settings: ServingSettings) -> dict:
             )
         completed = sum(1 for out in outputs if w0 < out.end <= w1)
         prefill_prompts = _prompts(min(st.requests, 2 * st.concurrency), st.prompt_len, vocab, seed + 1)
-        prefill = run_batch(model, prefill_prompts, 1, kv_tokens=st.concurrency * peak, **common)
+        prefill = run_batch(prefill_prompts, 1, st.concurrency * peak)
         pre = prefill.outputs
         prefill_s = max(o.end for o in pre) - min(o.start for o in pre)
-        decode = run_batch(model, _prompts(st.concurrency, st.prompt_len, vocab, seed + 2), decode_new,
-                           kv_tokens=st.concurrency * pages(st.prompt_len + decode_new), **common)
+        decode = run_batch(_prompts(st.concurrency, st.prompt_len, vocab, seed + 2), decode_new,
+                           st.concurrency * pages(st.prompt_len + decode_new))
         dec = decode.outputs
         for name, served in (("saturated", saturated), ("prefill", prefill), ("decode", decode)):
             records += [{"repeat": repeat, "run": name, **r} for r in served.iterations]
@@ -337,7 +374,7 @@ def measure(model, settings: ServingSettings) -> dict:
         "saturated_requests_per_s": statistics.median(r["saturated_requests_per_s"] for r in repeats),
         "kv_cache_tokens": repeats[0]["kv_cache_tokens"],
         "max_batch_tokens": budget,
-        "scheduler": {"type": "fifo", "safety_margin": SAFETY_MARGIN},
+        "scheduler": server.scheduler,
         "decode_run_output_len": decode_new,
         # b(prefill tokens, decode sequences, KV tokens), fitted to every timed iteration of the three runs
         "iteration_model": model_fit.as_dict(),

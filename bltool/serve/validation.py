@@ -1,12 +1,13 @@
 """Measured against predicted: the capacity formula, the simulator and the real server, side by side.
 
-`capacity --validate` with a `bench-serving` artifact serves the workload with transformers' continuous
-batching on the same model, with the same server settings bench-serving measured (KV cache, page size,
-token budget, sequence cap, scheduler margin), at several offered loads around the formula's maximum
-stable rate. Requests arrive open-loop as a Poisson process; their (prompt, output) lengths are drawn
-from the workload's rows. The same arrivals and lengths are replayed in the simulator
+`capacity --validate` with a `bench-serving` artifact serves the workload on the engine bench-serving
+measured (transformers' continuous batching, or vLLM), on the same model, with the same server settings
+(KV cache, page size, token budget, sequence cap, scheduler margin), at several offered loads around the
+formula's maximum stable rate. Requests arrive open-loop as a Poisson process; their (prompt, output)
+lengths are drawn from the workload's rows. The same arrivals and lengths are replayed in the simulator
 (`simulator.replay`, driven by the iteration-time fit b(p, d, k) bench-serving made), so measured and
-simulated runs differ only in what the simulator leaves out.
+simulated runs differ only in what the simulator leaves out (for vLLM, also in how its scheduler
+differs from transformers' FIFO one, which the simulator follows).
 
 Throughput is measured in the steady window (from the arrival of request ⌊n/4⌋ to the arrival of the
 last request: the offered rate is steady inside it, and above capacity the queue never empties); the
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from bltool.serve.iteration import IterationModel
-from bltool.serve.serving import serve
 from bltool.serve.simulator import ServerRun, ServerSpec, replay
 from bltool.serve.workload import Workload
 
@@ -65,14 +65,15 @@ def _random_prompts(lengths: np.ndarray, vocab: int, seed: int) -> list[list[int
     return [rng.integers(0, vocab, size=int(n)).tolist() for n in lengths]
 
 
-def measure_load(model, load: OfferedLoad, spec: ServerSpec, seed: int) -> tuple[ServerRun, float | None]:
-    """Serve one load on the real server: the run in the simulator's record form (times from the first
-    submission, one preemption counted for each request that was evicted and recomputed), and how far
-    b(p, d, k) is from the iterations it timed (`fit_error`)."""
-    prompts = _random_prompts(load.prompt, int(model.config.vocab_size), seed)
-    run = serve(model, prompts, [int(o) for o in load.output], kv_tokens=spec.kv_tokens,
-                max_batch_tokens=spec.max_batch_tokens, max_requests=spec.max_seqs, page_size=spec.page_size,
-                arrival_s=[float(a) for a in load.arrival_s])
+def measure_load(server, load: OfferedLoad, spec: ServerSpec, seed: int) -> tuple[ServerRun, float | None]:
+    """Serve one load on the real server (`serving.TransformersServer` or `vllm_serving.VllmServer`): the
+    run in the simulator's record form (times from the first submission, one preemption counted for each
+    request that was evicted and recomputed), and how far b(p, d, k) is from the iterations it timed
+    (`fit_error`)."""
+    prompts = _random_prompts(load.prompt, server.vocab_size, seed)
+    run = server.serve(prompts, [int(o) for o in load.output], kv_tokens=spec.kv_tokens,
+                       max_batch_tokens=spec.max_batch_tokens, max_requests=spec.max_seqs, page_size=spec.page_size,
+                       arrival_s=[float(a) for a in load.arrival_s])
     origin = min(run.arrivals)
     its = run.iterations
     served = ServerRun.from_records(
@@ -104,10 +105,10 @@ def fit_error(records: list[dict], iteration: IterationModel) -> float | None:
     return float(np.mean(np.abs(measured - predicted) / measured))
 
 
-def warm_up(model, spec: ServerSpec) -> None:
+def warm_up(server, spec: ServerSpec) -> None:
     """One short untimed run: first-call allocations and kernel choices happen here."""
-    serve(model, _random_prompts(np.array([8, 8]), int(model.config.vocab_size), 0), 4, kv_tokens=spec.kv_tokens,
-          max_batch_tokens=spec.max_batch_tokens, max_requests=spec.max_seqs, page_size=spec.page_size)
+    server.serve(_random_prompts(np.array([8, 8]), server.vocab_size, 0), 4, kv_tokens=spec.kv_tokens,
+                 max_batch_tokens=spec.max_batch_tokens, max_requests=spec.max_seqs, page_size=spec.page_size)
 
 
 def simulate_load(load: OfferedLoad, spec: ServerSpec) -> ServerRun:

@@ -9,6 +9,11 @@ it processed, how long it took) is in iterations.arrow, the fit and its error in
 `iteration_model`. The artifact also records what capacity needs about the model (KV shape,
 parameters), so `bltool capacity DIR` works from it alone. The CLI reaches this stage as
 `bltool bench-serving MODEL --out DIR` (`bench MODEL --serving` is a deprecated alias).
+
+`engine="vllm"` (`--engine vllm`) measures the same things on a vLLM engine instead
+(`bltool.serve.vllm_serving`: one engine, its KV cache sized for the largest of the three runs, the
+same token budget, sequence cap and page size), so capacity plans, and `capacity --validate` checks,
+against the server users deploy. bltool's vLLM plugin serves compressed students there.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import count_parameters, load_model, model_content_hash, resolve_model
+from bltool.models import checkpoint_parameters, load_model, model_content_hash, resolve_model
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
-from bltool.serve.serving import ServingSettings, measure
+from bltool.serve.serving import ServingSettings, TransformersServer, kv_tokens_needed, measure
 from bltool.serve.timing import machine_info
+from bltool.serve.vllm_serving import VllmServer
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class BenchServingConfig:
     dtype: str = "auto"  # --dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # --device: auto | cpu | cuda | cuda:N
     seed: int = 0  # --seed: random prompt tokens
+    engine: str = "transformers"  # --engine: transformers (continuous batching) | vllm
+    eager: bool = False  # --eager: vLLM's enforce_eager (default: its compiled graph, as `vllm serve` runs)
     overwrite: bool = False  # --overwrite: replace an existing --out
 
     def __post_init__(self):
@@ -59,6 +67,10 @@ class BenchServingConfig:
                 f"got {self.requests}"
             )
         check_dtype(self.dtype)
+        if self.engine not in ("transformers", "vllm"):
+            raise UsageError(f"--engine must be transformers or vllm, got {self.engine!r}")
+        if self.eager and self.engine != "vllm":
+            raise UsageError("--eager applies to --engine vllm only")
 
     @property
     def settings(self) -> ServingSettings:
@@ -73,15 +85,15 @@ def run(config: BenchServingConfig) -> Path:
     ref = resolve_model(config.model, flag="MODEL")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = load_model(ref, dtype=dtype, device=device)
-    shape = kv_shape(model.config)
     settings = config.settings
-    ui.info(f"bench-serving {ref.label}: {settings.requests} requests of {settings.prompt_len}+"
+    dtype_name = str(dtype).replace("torch.", "")
+    server = make_server(ref, config, settings, dtype, device)
+    shape = kv_shape(server.config if config.engine == "vllm" else server.model.config)
+    ui.info(f"bench-serving {ref.label} on {config.engine}: {settings.requests} requests of {settings.prompt_len}+"
             f"{settings.output_len} tokens, {settings.concurrency} sequences, chunk {settings.chunk}, "
             f"{settings.repeats} repeat(s) on {device}")
-    measured = measure(model, settings)
+    measured = measure(server, settings)
     iteration_records = measured.pop("iterations")
-    dtype_name = str(dtype).replace("torch.", "")
     g = lifetime_memory(settings.prompt_len, settings.output_len, settings.chunk)
     result = {
         "model": config.model,
@@ -89,7 +101,7 @@ def run(config: BenchServingConfig) -> Path:
         "label": ref.label,
         "kv_shape": shape.as_dict(),
         "kv_bytes_per_token": kv_bytes_per_token(shape, torch.finfo(dtype).bits // 8),
-        "parameters": count_parameters(model),
+        "parameters": checkpoint_parameters(ref.path),
         "settings": asdict(settings),
         **measured,
         # the saturated run as a small real-system check of μ = M / (b̄ · g) for its own cache M,
@@ -100,6 +112,7 @@ def run(config: BenchServingConfig) -> Path:
         "dtype": dtype_name,
         **machine_info(device),
         "transformers": transformers.__version__,
+        **server.describe(),
     }
     with atomic_output(out, config.overwrite) as tmp:
         write_json(tmp / "result.json", result)
@@ -119,7 +132,7 @@ def run(config: BenchServingConfig) -> Path:
         f"{ref.label}: b̄ {measured['iteration_s'] * 1e3:.1f} ms (mean {measured['iteration_s_mean'] * 1e3:.1f}, "
         f"{measured['iterations_measured']} iterations), prefill {measured['prefill_tokens_per_s']:,.0f} tok/s, "
         f"decode {measured['decode_tokens_per_s']:,.0f} tok/s, saturated {measured['saturated_requests_per_s']:.3g} "
-        f"req/s on {device} {dtype_name}, {result['threads']} threads"
+        f"req/s on {config.engine}, {device} {dtype_name}, {result['threads']} threads"
     )
     b = measured["iteration_model"]
     ui.info(f"{ref.label}: b(p, d, k) = {b['intercept_s'] * 1e3:.2f} ms + {b['prefill_token_s'] * 1e6:.1f} µs × p "
@@ -127,3 +140,15 @@ def run(config: BenchServingConfig) -> Path:
             f"decode sequences, KV tokens); over {b['records']} iterations the fit is off by "
             f"{b['mean_abs_rel_error']:.1%} on average (rmse {b['rmse_s'] * 1e3:.2f} ms)")
     return out
+
+
+def make_server(ref, config: BenchServingConfig, settings: ServingSettings, dtype, device: str):
+    """The server to measure: transformers' continuous batching on `bltool.load_model`'s model, or a vLLM
+    engine (its cache fixed when it is made: the largest any of `measure`'s runs asks for)."""
+    if config.engine == "transformers":
+        return TransformersServer(load_model(ref, dtype=dtype, device=device))
+    kv_tokens = kv_tokens_needed(settings)
+    return VllmServer(ref.path, dtype=str(dtype).replace("torch.", ""), kv_tokens=kv_tokens,
+                      max_batch_tokens=settings.concurrency + settings.chunk, max_requests=settings.concurrency,
+                      page_size=settings.page_size, max_model_len=kv_tokens // settings.concurrency,
+                      eager=config.eager, seed=settings.seed)

@@ -36,7 +36,7 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.errors import ArtifactError, UsageError
-from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.models import checkpoint_parameters, load_model, model_content_hash, resolve_model
 from bltool.serve.iteration import IterationModel
 from bltool.serve.queueing import (
     DTYPE_BYTES,
@@ -56,7 +56,7 @@ from bltool.serve.queueing import (
     service_rate,
     token_throughput_bound,
 )
-from bltool.serve.serving import SAFETY_MARGIN
+from bltool.serve.serving import SAFETY_MARGIN, TransformersServer
 from bltool.serve.simulator import ServerSpec, simulate_server
 from bltool.serve.validation import (
     LIVE_LOADS,
@@ -68,6 +68,7 @@ from bltool.serve.validation import (
     warm_up,
 )
 from bltool.serve.validation import row as validation_row
+from bltool.serve.vllm_serving import VllmServer
 from bltool.serve.workload import Workload, check_fits, read_trace, synthetic
 from bltool.units import format_bytes
 
@@ -150,19 +151,6 @@ class ModelInfo:
     input_ref: dict  # how the manifest cites it
 
 
-def _checkpoint_parameters(path: Path) -> int:
-    """Parameters the checkpoint stores, from the safetensors headers (no weights are loaded). Tied
-    embeddings are stored once; a compressed student stores its deployed (low-rank) form."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                total += math.prod(handle.get_slice(key).get_shape())
-    return total
-
-
 def load_model_info(spec: str) -> ModelInfo:
     path = Path(spec)
     stages = (Stage.BENCH_SERVING, *MODEL_STAGES)
@@ -181,7 +169,7 @@ def load_model_info(spec: str) -> ModelInfo:
         shape = kv_shape(config)
     except ValueError as err:
         raise UsageError(f"MODELS: {ref.path}/config.json: {err}") from None
-    return ModelInfo(spec, ref.label, shape, _checkpoint_parameters(ref.path), None,
+    return ModelInfo(spec, ref.label, shape, checkpoint_parameters(ref.path), None,
                      {"role": "model", **ref.describe(), "content": model_content_hash(ref)})
 
 
@@ -381,9 +369,21 @@ def server_prediction(measured: dict, spec: ServerSpec, workload: Workload, stat
             "sequence_rate": bounds.sequences, "binding": bounds.binding, "max_stable_rate": bounds.max_stable_rate}
 
 
+def measured_server(ref, measured: dict, spec: ServerSpec, longest: int):
+    """The server bench-serving measured, made again: transformers' continuous batching on the model, or a
+    vLLM engine with the measured cache, budget, cap and pages (`--engine vllm`)."""
+    if measured.get("engine", "transformers") == "vllm":
+        max_model_len = -(-longest // spec.page_size) * spec.page_size
+        return VllmServer(ref.path, dtype=measured["dtype"], kv_tokens=spec.kv_tokens,
+                          max_batch_tokens=spec.max_batch_tokens, max_requests=spec.max_seqs, page_size=spec.page_size,
+                          max_model_len=max_model_len, eager=bool(measured.get("eager", False)))
+    device = measured["device"]
+    return TransformersServer(load_model(ref, dtype=getattr(torch, measured["dtype"]), device=device, flag="MODELS"))
+
+
 def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig) -> tuple[dict, list[dict]]:
-    """Serve the workload with transformers on the model bench-serving measured, at LIVE_LOADS × the
-    formula's rate, and replay the same requests in the simulator (`bltool.serve.validation`)."""
+    """Serve the workload on the engine and model bench-serving measured, at LIVE_LOADS × the formula's
+    rate, and replay the same requests in the simulator (`bltool.serve.validation`)."""
     measured = info.measured
     spec = server_spec(measured)
     largest = int((workload.prompt + workload.output).max())
@@ -403,17 +403,17 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
     prediction = server_prediction(measured, spec, workload, config.iteration_stat)
     rate = prediction["max_stable_rate"]
     loads = offered_loads(workload, [m * rate for m in LIVE_LOADS], config.validate_requests, config.seed)
-    model = load_model(ref, dtype=getattr(torch, measured["dtype"]), device=device, flag="MODELS")
-    warm_up(model, spec)
+    server = measured_server(ref, measured, spec, int((workload.prompt + workload.output).max()))
+    warm_up(server, spec)
     rows = []
     for multiple, load in zip(LIVE_LOADS, loads):
         ui.info(f"{info.label}: serving {len(load.arrival_s)} requests at {load.rate:.3g} req/s "
                 f"({multiple:g} × the formula's {rate:.3g})")
-        served, error = measure_load(model, load, spec, config.seed)
+        served, error = measure_load(server, load, spec, config.seed)
         replayed = simulate_load(load, spec)
         rows += [{"label": info.label, **validation_row("measured", load, multiple, served), "fit_error": error},
                  {"label": info.label, **validation_row("simulator", load, multiple, replayed), "fit_error": None}]
-    del model
+    del server
     long_run = simulate_server(workload.prompt, workload.output, rate=OVERLOAD * rate, server=spec,
                                requests=SIM_MIN_REQUESTS, seed=config.seed)
     measured_rows = [r for r in rows if r["source"] == "measured"]

@@ -7,7 +7,9 @@
 #
 # Environment: RUNS (default runs/capacity), TEACHER (smollm2-135m), STUDENT (runs/student, built here
 # when missing), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
-# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (96 per offered load).
+# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (96 per offered load), ENGINE
+# (transformers, or vllm: bench-serving --engine vllm, and the check then serves on vLLM; run it with
+# .venv-vllm/bin first on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,7 @@ GPU_MEM=${GPU_MEM:-4GiB}
 DTYPE=${DTYPE:-float32}
 RATE=${RATE:-1}
 VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-96}
+ENGINE=${ENGINE:-transformers}
 
 trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
 [ -d "$STUDENT" ] || bltool build-student --teacher "$TEACHER" --mode mixed --layers 6 --out "$STUDENT"
@@ -28,7 +31,7 @@ trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[
 # b̄, P and D at the trace's mean lengths (prompt 256, output 60), CONCURRENCY sequences
 serve() {  # MODEL OUT
   local settings=(--chunk "$CHUNK" --concurrency "$CONCURRENCY" --prompt-len 256 --output-len 60
-                  --repeats "$REPEATS" --out "$2" --overwrite)
+                  --repeats "$REPEATS" --engine "$ENGINE" --out "$2" --overwrite)
   bltool bench-serving "$1" "${settings[@]}"
 }
 

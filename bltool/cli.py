@@ -567,7 +567,8 @@ def bench_serving(
     prompt_len: Annotated[int, typer.Option(help="Prompt tokens per request.")] = 256,
     output_len: Annotated[int, typer.Option(help="Generated tokens per request.")] = 64,
     requests: Annotated[int, typer.Option(help="Requests in the saturated run (0: 4 × concurrency).")] = 0,
-    page_size: Annotated[int, typer.Option(help="KV cache page size in tokens.")] = 16,
+    page_size: Annotated[int, typer.Option(help="KV cache page size in tokens (0: the engine's default, 16; 128 "
+                                                "for vLLM on the CPU).")] = 0,
     repeats: Annotated[int, typer.Option(help="Measurement repeats after one warm-up run.")] = 3,
     dtype: Dtype = "auto",
     device: Device = "auto",

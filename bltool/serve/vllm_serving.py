@@ -25,8 +25,11 @@ from typing import Any
 from bltool.errors import BltoolError, UsageError
 from bltool.serve.serving import RunOutput, ServedRun
 
-# in-process engine core: step() is one iteration, and the scheduler can be observed
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+# in-process engine core: step() is one iteration, and the scheduler can be observed. On the CPU, vLLM keeps
+# a core for its front-end process by default; with the engine core in this process, stepped synchronously,
+# there is no such process, so the model gets every core (as transformers does beside it)
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+              "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
 RECORDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
                 "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
@@ -93,7 +96,8 @@ class VllmServer:
 
         self.version, self.eager = vllm.__version__, eager
         self.page_size, self.max_batch_tokens, self.max_requests = page_size, max_batch_tokens, max_requests
-        blocks = math.ceil(kv_tokens / page_size)
+        # vLLM's block pool keeps one block back (its null block): ask for one more than the cache holds
+        blocks = math.ceil(kv_tokens / page_size) + 1
         self.llm = LLM(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_requests,
                        max_num_batched_tokens=max_batch_tokens, enable_chunked_prefill=True, block_size=page_size,
                        num_gpu_blocks_override=blocks, enable_prefix_caching=False, enforce_eager=eager, seed=seed,
@@ -105,7 +109,7 @@ class VllmServer:
                               "set to 1): bench-serving cannot observe its iterations")
         self._scheduler = core.scheduler
         cache = self.engine.vllm_config.cache_config
-        self.kv_tokens = int(cache.num_gpu_blocks or blocks) * int(cache.block_size)
+        self.kv_tokens = (int(cache.num_gpu_blocks or blocks) - 1) * int(cache.block_size)  # usable tokens
         self.config = self.engine.model_config.hf_config
         # vLLM's scheduler: FCFS, preemption by recompute, and a watermark of free pages kept back from new
         # admissions (0 by default), the counterpart of transformers' safety margin
@@ -158,6 +162,7 @@ class VllmServer:
         ends = [math.nan] * n
         arrivals = [0.0] * n
         step_ends: list[float] = []
+        internal: dict[str, int] = {}
         log = _IterationLog()
         self._log = log
         try:
@@ -170,7 +175,8 @@ class VllmServer:
                     arrivals[added] = origin + due[added]
                     params = SamplingParams(temperature=0.0, max_tokens=lengths[added], min_tokens=lengths[added],
                                             ignore_eos=True, output_kind=RequestOutputKind.DELTA)
-                    self.engine.add_request(ids[added], {"prompt_token_ids": prompts[added]}, params)
+                    # the scheduler knows the request by vLLM's internal id (the external one plus a suffix)
+                    internal[self.engine.add_request(ids[added], {"prompt_token_ids": prompts[added]}, params)] = added
                     added += 1
                 if not self.engine.has_unfinished_requests():
                     time.sleep(max(0.0, origin + due[added] - time.perf_counter()))
@@ -188,12 +194,15 @@ class VllmServer:
                         done += 1
         finally:
             self._log = None
+        admitted = {internal[rid]: t for rid, t in log.admitted.items() if rid in internal}
+        preempted = {internal[rid]: n for rid, n in log.preempted.items() if rid in internal}
         results = []
-        for i, rid in enumerate(ids):
+        for i in range(n):
             if len(timestamps[i]) != lengths[i]:
                 raise BltoolError(f"vLLM request {i} generated {len(timestamps[i])} tokens, expected {lengths[i]}")
-            results.append(RunOutput(log.admitted.get(rid, arrivals[i]), ends[i], tuple(timestamps[i]),
-                                     preempted=log.preempted.get(rid, 0) > 0))
+            if i not in admitted:
+                raise BltoolError(f"vLLM request {i} finished without being seen scheduled")
+            results.append(RunOutput(admitted[i], ends[i], tuple(timestamps[i]), preempted=preempted.get(i, 0) > 0))
         # step_ends[k] closes the k-th step that scheduled work; steps that scheduled nothing are not recorded
         return ServedRun(results, arrivals, self.kv_tokens, log.records(_matching_ends(log.starts, step_ends)))
 

@@ -18,7 +18,7 @@ against the server users deploy. bltool's vLLM plugin serves compressed students
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ class BenchServingConfig:
     prompt_len: int = 256  # --prompt-len: prompt tokens per request (pick the workload's mean)
     output_len: int = 64  # --output-len: generated tokens per request (pick the workload's mean)
     requests: int = 0  # --requests: requests in the saturated run (0: 4 × concurrency)
-    page_size: int = 16  # --page-size: KV cache page size in tokens
+    page_size: int = 0  # --page-size: KV cache page size in tokens (0: the engine's default, `default_page_size`)
     repeats: int = 3  # --repeats: measurement repeats after one warm-up run
     dtype: str = "auto"  # --dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # --device: auto | cpu | cuda | cuda:N
@@ -56,7 +56,7 @@ class BenchServingConfig:
     def __post_init__(self):
         for flag, value in (("--chunk", self.chunk), ("--concurrency", self.concurrency),
                             ("--prompt-len", self.prompt_len), ("--output-len", self.output_len),
-                            ("--page-size", self.page_size), ("--repeats", self.repeats)):
+                            ("--repeats", self.repeats)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if not str(self.out).strip():
@@ -67,6 +67,8 @@ class BenchServingConfig:
                 f"got {self.requests}"
             )
         check_dtype(self.dtype)
+        if self.page_size < 0:
+            raise UsageError(f"--page-size must be at least 1 (or 0 for the engine's default), got {self.page_size}")
         if self.engine not in ("transformers", "vllm"):
             raise UsageError(f"--engine must be transformers or vllm, got {self.engine!r}")
         if self.eager and self.engine != "vllm":
@@ -85,7 +87,7 @@ def run(config: BenchServingConfig) -> Path:
     ref = resolve_model(config.model, flag="MODEL")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    settings = config.settings
+    settings = replace(config.settings, page_size=page_size(config, device))
     dtype_name = str(dtype).replace("torch.", "")
     server = make_server(ref, config, settings, dtype, device)
     shape = kv_shape(server.config if config.engine == "vllm" else server.model.config)
@@ -140,6 +142,18 @@ def run(config: BenchServingConfig) -> Path:
             f"decode sequences, KV tokens); over {b['records']} iterations the fit is off by "
             f"{b['mean_abs_rel_error']:.1%} on average (rmse {b['rmse_s'] * 1e3:.2f} ms)")
     return out
+
+
+def page_size(config: BenchServingConfig, device: str) -> int:
+    """--page-size, or the engine's default: 16 tokens for transformers and for vLLM on CUDA; 128 for vLLM on
+    the CPU, whose attention kernels take multiples of 32 only (its own default)."""
+    cpu_vllm = config.engine == "vllm" and not device.startswith("cuda")
+    if not config.page_size:
+        return 128 if cpu_vllm else 16
+    if cpu_vllm and config.page_size % 32:
+        raise UsageError(f"--page-size: vLLM's CPU attention takes pages of a multiple of 32 tokens, got "
+                         f"{config.page_size}")
+    return config.page_size
 
 
 def make_server(ref, config: BenchServingConfig, settings: ServingSettings, dtype, device: str):

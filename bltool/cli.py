@@ -514,7 +514,7 @@ def bench(
                                                  "run (and --serving).")] = 64,
     requests: Annotated[int, typer.Option(help="--engine vllm: requests of the saturated run, 0: 4 × "
                                                "--concurrency (and --serving).")] = 0,
-    page_size: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 16,
+    page_size: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
     seed: Annotated[int, typer.Option(help="--serving only (see bench-serving).", hidden=True)] = 0,
     overwrite: Overwrite = False,
 ):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from helpers import distilled_student, tiny_config, train_tokenizer
@@ -134,6 +135,58 @@ def test_dense_student_served_by_stock_vllm(served):
     assert got["architecture"] == "LlamaForCausalLM"
     assert "lowrank_modules" not in json.loads((path / "config.json").read_text())
     assert_same_as_transformers(path, got)
+
+
+def test_bench_serving_and_capacity_validate_on_vllm(served, tmp_path):
+    """`bench-serving --engine vllm` measures the compressed student in vLLM, recording every scheduling
+    iteration, and `capacity --validate` on that artifact serves the workload on vLLM again at several
+    offered loads, beside the formula and the simulator (both run in the vLLM environment)."""
+    path, _ = served["budgeted"]
+    bench, cap = tmp_path / "serve", tmp_path / "cap"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    python = vllm_python()
+    measured = subprocess.run(
+        [python, "-m", "bltool", "bench-serving", str(path), "--engine", "vllm", "--eager", "--concurrency", "4",
+         "--prompt-len", "24", "--output-len", "8", "--chunk", "32", "--requests", "16", "--repeats", "1",
+         "--out", str(bench)], env=env, capture_output=True, text=True, timeout=600)
+    assert measured.returncode == 0, measured.stderr[-4000:]
+    assert measured.stdout.strip() == str(bench)
+    result = json.loads((bench / "result.json").read_text())
+    assert result["engine"] == "vllm" and result["architecture"].startswith("BltoolLowRank")
+    assert result["settings"]["page_size"] == 128  # vLLM's CPU default, chosen for --page-size 0
+    assert result["max_batch_tokens"] == 4 + 32 and result["scheduler"]["type"] == "vllm"
+    assert result["env"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    # the cache holds the 4 sequences of the longest run (the decode run: 24 + 12 tokens, one page each)
+    assert result["kv_cache_tokens"] == 4 * 128
+    assert result["repeats"][0]["preempted"] == 0
+    with pa.memory_map(str(bench / "iterations.arrow")) as source:
+        iterations = pa.ipc.open_stream(source).read_all().to_pylist()
+    saturated = [r for r in iterations if r["run"] == "saturated"]
+    # what the scheduler scheduled, iteration by iteration: every prompt token once, and one decode
+    # iteration per output token after the first (which the last prefill chunk yields)
+    assert sum(r["prefill_tokens"] for r in saturated) == 16 * 24
+    assert sum(r["decode_seqs"] for r in saturated) == 16 * (8 - 1)
+    assert all(r["decode_seqs"] + (r["prefill_tokens"] > 0) <= 4 for r in saturated)
+    assert all(r["prefill_tokens"] + r["decode_seqs"] <= 4 + 32 for r in saturated)
+    assert max(r["kv_tokens"] for r in saturated) <= result["kv_cache_tokens"]
+    assert result["iteration_model"]["records"] > 0 and result["prefill_tokens_per_s"] > 0
+
+    checked = subprocess.run(
+        [python, "-m", "bltool", "capacity", str(bench), "--gpu-mem", "64MiB", "--prompt-len", "uniform:8:24",
+         "--output-len", "uniform:4:12", "--samples", "500", "--chunk", "32", "--dtype", "float32", "--validate",
+         "--validate-requests", "48", "--out", str(cap)], env=env, capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0, checked.stderr[-4000:]
+    v = json.loads((cap / "result.json").read_text())["models"][0]["server_validation"]
+    assert v["server"]["kv_tokens"] == result["kv_cache_tokens"] and v["server"]["page_size"] == 128
+    with pa.memory_map(str(cap / "validation.arrow")) as source:
+        rows = pa.ipc.open_stream(source).read_all().to_pylist()
+    assert [(r["source"], r["load"]) for r in rows] == \
+        [(kind, load) for load in (0.5, 0.8, 1.0, 1.25, 1.6) for kind in ("measured", "simulator")]
+    assert all(r["completed"] == r["requests"] == 48 for r in rows)
+    low = next(r for r in rows if r["source"] == "measured" and r["load"] == 0.5)
+    assert low["throughput"] == pytest.approx(low["window_offered_rate"], rel=0.25)  # keeps up below the knee
+    # loose for a tiny model on 2 shared cores (docs/capacity.md has the 6-layer student's figures)
+    assert v["offered_formula_vs_measured_knee"] == pytest.approx(1.0, rel=0.4)
 
 
 if __name__ == "__main__":

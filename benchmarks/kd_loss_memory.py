@@ -12,7 +12,7 @@ resident set just before the loss, with glibc's mmap threshold fixed at 1 MiB so
 leave the resident set at once; it still includes some allocator slack, so read it as approximate.
 Both include the student head's weight gradient (V × d float32).
 
-    .venv/bin/python benchmarks/kd_loss_memory.py [--device cuda] [--chunk 256]
+    .venv/bin/python benchmarks/kd_loss_memory.py [--device cuda] [--chunk 512]
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=512, help="tokens (rows × positions) per LM-head chunk")
     p.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print JSON")
     args = p.parse_args()
     if args.variant:

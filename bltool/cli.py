@@ -307,7 +307,8 @@ def distill(
     resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --checkpoint-dir.")] = False,
     teacher_logits: Annotated[str | None, typer.Option(help="A teacher-logits output to read instead of running "
                                                             "the teacher.", show_default=False)] = None,
-    chunk: Annotated[int, typer.Option(help="Positions per LM-head chunk in the loss (bounds memory).")] = 256,
+    chunk: Annotated[int, typer.Option(help="Tokens (sequences × positions) per LM-head chunk in the loss: "
+                                            "bounds its (chunk, vocabulary) buffers.")] = 512,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK).")] = "auto",
     dtype: Annotated[str, typer.Option(help="Frozen weights (teacher; the student's base under LoRA): auto "
                                             "(bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16. "

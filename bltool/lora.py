@@ -79,11 +79,13 @@ class GatedLoRALinear(nn.Module):
         return torch.sigmoid(self.gate_logits) if self.gate_logits is not None else None
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
-        """(α/r) · B · diag(g) · A · dropout(x): (..., d_in) → (..., d_out), two thin matmuls."""
-        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
-        if self.gate_logits is not None:
-            h = h * torch.sigmoid(self.gate_logits)
-        return (F.linear(h, self.lora_B) * self.scaling).to(x.dtype)  # (..., d_out)
+        """(α/r) · B · diag(g) · A · dropout(x): (..., d_in) → (..., d_out), two thin matmuls (`_LoRAPath`)."""
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        mask = torch.rand(x.shape, device=x.device) >= p if self.training and p > 0 else None
+        if not torch.is_grad_enabled():
+            return _LoRAPath.compute(x, mask, self.lora_A, self.lora_B, self.gate_logits, 1.0 / (1.0 - p),
+                                     self.scaling)[0]
+        return _LoRAPath.apply(x, mask, self.lora_A, self.lora_B, self.gate_logits, 1.0 / (1.0 - p), self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lora(x)
@@ -107,6 +109,59 @@ class GatedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
                 f"gated={self.gate_logits is not None}, rho={self._rho:.4g}")
+
+
+class _LoRAPath(torch.autograd.Function):
+    """The low-rank path `(α/r) · B · diag(g) · A · (x ⊙ m / (1 − p))`, keeping for the backward only what it
+    cannot cheaply rebuild: x itself (the tensor the projections reading it share; q, k and v keep one
+    copy between them, not three dropped-out ones), the dropout mask m as bool (a byte an element) and the
+    rank-r code h = A · x_d. The dropped-out input and the gated code diag(g) · h are rebuilt in the
+    backward (elementwise, no matmul is repeated). The path runs in the LoRA parameters' dtype (float32)
+    on its input upcast, and returns the input's dtype. Under CUDA autocast it runs as autograd would
+    (custom_fwd / custom_bwd keep the autocast state)."""
+
+    @staticmethod
+    def compute(x, mask, a, b, gate_logits, keep_scale: float, scaling: float):
+        xd = x.to(a.dtype)
+        if mask is not None:
+            xd = xd * mask * keep_scale
+        h = F.linear(xd, a)  # (..., r)
+        code = h * torch.sigmoid(gate_logits) if gate_logits is not None else h
+        return (F.linear(code, b) * scaling).to(x.dtype), h
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, mask, a, b, gate_logits, keep_scale: float, scaling: float):
+        y, h = _LoRAPath.compute(x, mask, a, b, gate_logits, keep_scale, scaling)
+        ctx.save_for_backward(x, mask, a, b, gate_logits, h)
+        ctx.keep_scale, ctx.scaling = keep_scale, scaling
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_y):
+        x, mask, a, b, gate_logits, h = ctx.saved_tensors
+        need_x, _, need_a, need_b, need_gate = ctx.needs_input_grad[:5]
+        r = h.shape[-1]
+        h2 = h.reshape(-1, r)
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(b.dtype) * ctx.scaling  # (n, d_out)
+        gates = torch.sigmoid(gate_logits) if gate_logits is not None else None
+        grad_b = gy.t() @ (h2 * gates if gates is not None else h2) if need_b else None
+        grad_code = gy @ b.to(gy.dtype)  # (n, r)
+        grad_gate = (grad_code * h2).sum(0) * gates * (1 - gates) if need_gate and gates is not None else None
+        grad_h = grad_code * gates if gates is not None else grad_code
+        grad_a = grad_x = None
+        if need_a:
+            xd = x.reshape(-1, x.shape[-1]).to(a.dtype)
+            if mask is not None:
+                xd = xd * mask.reshape(xd.shape) * ctx.keep_scale
+            grad_a = grad_h.t() @ xd
+        if need_x:
+            gx = grad_h @ a
+            if mask is not None:
+                gx = gx * mask.reshape(gx.shape) * ctx.keep_scale
+            grad_x = gx.reshape(x.shape).to(x.dtype)
+        return grad_x, None, grad_a, grad_b, grad_gate, None, None
 
 
 @dataclass(frozen=True)

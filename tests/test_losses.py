@@ -87,6 +87,27 @@ def test_chunked_equals_unchunked():
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_chunk_counts_tokens_over_the_rows(monkeypatch):
+    """--chunk is tokens (rows × positions), so a chunk's (n, V) logits stay at most `chunk` rows whatever
+    the batch: 4 rows at chunk 8 run 2 positions at a time. Both heads are applied through
+    `bltool.kernels.linear`; the spy records the rows of every head application and calls the real one."""
+    import bltool.train.losses as losses
+
+    rows, real = [], losses.linear
+    monkeypatch.setattr(losses, "linear", lambda x, *a, **k: rows.append(x.shape[0]) or real(x, *a, **k))
+    h_s, h_t, head_s, head_t, ids, mask = make_batch(b=4, t=10)
+    ref = kd_loss_reference(head_s(h_s), head_t(h_t), ids, mask)
+    with torch.no_grad():
+        out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=8)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=0)
+    # 9 predicting positions, 2 at a time: 5 chunks, each head once per chunk, 8 rows (the last 4)
+    assert rows == [8, 8, 8, 8, 8, 8, 8, 8, 4, 4]
+    rows.clear()
+    with torch.no_grad():
+        kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=3)  # fewer tokens than rows: one position
+    assert rows == [4] * 18
+
+
 def test_padding_does_not_matter():
     h_s, h_t, head_s, head_t, ids, mask = make_batch()
     out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=4)

@@ -100,7 +100,7 @@ class DistillConfig:
     checkpoint_dir: str | None = None  # default: OUT.checkpoint
     resume: bool = False  # continue the run whose checkpoint is in --checkpoint-dir
     teacher_logits: str | None = None  # a teacher-logits output: read cached top-k logits instead of the teacher
-    chunk: int = 256  # positions per LM-head chunk in the loss (bounds logits memory)
+    chunk: int = 512  # tokens (rows × positions) per LM-head chunk in the loss (bounds logits memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # frozen weights (teacher; the student's base for LoRA methods): auto = bf16 on CUDA
     compile: bool = False  # torch.compile each decoder layer of the student and the live teacher (regional)
@@ -551,7 +551,8 @@ def evaluate_heldout(run: Run, state: TrainState) -> dict:
         with torch.no_grad(), run.autocast():
             for start in range(0, len(windows), config.batch_size):
                 ids, mask = collate(windows[start: start + config.batch_size], run.pad_id, run.world.device)
-                total += float(token_nll(state.student, ids, mask, chunk=config.chunk).double().sum())
+                positions = max(1, config.chunk // ids.shape[0])  # --chunk counts tokens over the rows
+                total += float(token_nll(state.student, ids, mask, chunk=positions).double().sum())
                 count += int(mask[:, 1:].sum())
     finally:
         state.student.train()

@@ -7,7 +7,8 @@ Over the non-padding next-token positions (position t predicts token t+1, right 
 KL is summed over the vocabulary and both terms are averaged per predicted token; the T² keeps the
 soft term's gradient on the scale of the hard term's as T grows (Hinton et al. 2015).
 
-How it is computed (`kd_loss`, `kd_loss_topk`): one pass over the positions, `chunk` at a time, that
+How it is computed (`kd_loss`, `kd_loss_topk`): one pass over the positions, `chunk` tokens at a time
+(rows × positions: ⌊chunk / B⌋ positions of every row, at least one), that
 applies the student's head to the final hidden states, the teacher's head (live form) under no_grad,
 computes the loss and, in the same pass, its gradient with respect to the logits in closed form,
 
@@ -15,7 +16,8 @@ computes the loss and, in the same pass, its gradient with respect to the logits
 
 and from it the gradients with respect to the hidden states (g · W) and, when the head trains, the head's
 weight (gᵀ · h) and bias. A small autograd Function hands those gradients back in the backward pass.
-So neither model's (B, T, V) logits ever exist, only one chunk's (B, c, V), and nothing is recomputed:
+So neither model's (B, T, V) logits ever exist, only one chunk's (`chunk`, V), whatever the batch, and nothing
+is recomputed:
 each head runs once per position (an autograd graph through the heads would keep every chunk's (B, c, V)
 intermediates, and activation checkpointing would run both heads twice; for SmolLM2's 49k vocabulary the
 head is the most expensive matmul of a small student). This is the approach of Liger-Kernel's fused
@@ -122,9 +124,10 @@ def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ch
     kl_scale = kd_weight * temperature / denominator  # ∂L/∂(z/T) per unit of ∂KL/∂(z/T), times T for ∂z
     ce_scale = (1.0 - kd_weight) / denominator
     sums = torch.zeros(2, dtype=acc, device=device)  # Σ KL, Σ CE over the valid positions
+    positions = max(1, chunk // b)  # `chunk` tokens over the batch's rows: the (n, V) buffers' size
     with torch.no_grad():
-        for start in range(0, t, chunk):
-            stop = min(start + chunk, t)
+        for start in range(0, t, positions):
+            stop = min(start + positions, t)
             h = hidden[:, start:stop].detach().reshape(-1, hidden.shape[-1])  # (n, d)
             y = labels[:, start:stop].reshape(-1, 1).clamp(min=0)  # (n, 1); padding reads token 0
             ok = valid[:, start:stop].reshape(-1)  # (n,)
@@ -161,10 +164,10 @@ def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ch
 
 def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: torch.nn.Module,
             teacher_head: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            temperature: float = 3.0, kd_weight: float = 0.8, chunk: int = 256,
+            temperature: float = 3.0, kd_weight: float = 0.8, chunk: int = 512,
             normalizer: float | None = None) -> KDLoss:
     """The §4 loss from both models' final hidden states (B, T, d_S) and (B, T, d_T) and their linear LM
-    heads (`get_output_embeddings()`), fused with the heads, `chunk` positions per row at a time.
+    heads (`get_output_embeddings()`), fused with the heads, `chunk` tokens (rows × positions) at a time.
 
     Gradients reach the student's hidden states and head only. `normalizer`: divide the sums by this
     instead of the batch's predicted-token count (a training step passes the count over all of its
@@ -196,7 +199,7 @@ def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
 def kd_loss_topk(student_hidden: torch.Tensor, student_head: torch.nn.Module, topk_ids: torch.Tensor,
                  topk_logits: torch.Tensor, teacher_lse: torch.Tensor, teacher_log_tail: torch.Tensor,
                  input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 3.0,
-                 kd_weight: float = 0.8, chunk: int = 256, normalizer: float | None = None) -> KDLoss:
+                 kd_weight: float = 0.8, chunk: int = 512, normalizer: float | None = None) -> KDLoss:
     """The §4 loss with a cached teacher (`bltool teacher-logits`, `teacher_cache.teacher_topk`), fused
     with the student's head like `kd_loss`: `topk_ids` / `topk_logits` (B, T-1, k) are the teacher's k
     largest logits at each predicting position, `teacher_lse` (B, T-1) the log-sum-exp of all its logits

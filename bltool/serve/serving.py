@@ -271,6 +271,9 @@ class TransformersServer:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    def close(self) -> None:
+        self.model = None
+
     def describe(self) -> dict:
         import transformers
 

@@ -17,9 +17,11 @@ vLLM is imported here only, when a server is made: bltool does not need it other
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from bltool.errors import BltoolError, UsageError
@@ -84,6 +86,21 @@ class _IterationLog:
         return rows
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _kv_bytes_per_token(path, dtype: str) -> int:
+    import torch
+
+    from bltool.serve.queueing import kv_bytes_per_token, kv_shape
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    return kv_bytes_per_token(kv_shape(config), getattr(torch, dtype).itemsize)
+
+
 class VllmServer:
     """One vLLM engine as a continuous-batching server (module docstring)."""
 
@@ -98,10 +115,16 @@ class VllmServer:
         self.page_size, self.max_batch_tokens, self.max_requests = page_size, max_batch_tokens, max_requests
         # vLLM's block pool keeps one block back (its null block): ask for one more than the cache holds
         blocks = math.ceil(kv_tokens / page_size) + 1
+        memory = {}
+        if not _cuda():
+            # the CPU worker otherwise reserves --gpu-memory-utilization (0.92) of the machine's memory and
+            # refuses to start when less is free; the cache's own bytes are all this server needs
+            # (VLLM_CPU_KVCACHE_SPACE, when set, still takes precedence in vLLM)
+            memory["kv_cache_memory_bytes"] = blocks * page_size * _kv_bytes_per_token(path, dtype)
         self.llm = LLM(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_requests,
                        max_num_batched_tokens=max_batch_tokens, enable_chunked_prefill=True, block_size=page_size,
                        num_gpu_blocks_override=blocks, enable_prefix_caching=False, enforce_eager=eager, seed=seed,
-                       disable_log_stats=True)
+                       disable_log_stats=True, **memory)
         self.engine = self.llm.llm_engine
         core = getattr(getattr(self.engine, "engine_core", None), "engine_core", None)
         if core is None:
@@ -134,6 +157,17 @@ class VllmServer:
     @property
     def scheduler(self) -> dict:
         return self.scheduler_info
+
+    def close(self) -> None:
+        """Shut the engine core down and drop it, so that the next server (capacity validates one model after
+        another in one process) finds the memory free."""
+        import gc
+
+        llm, self.llm, self.engine, self._scheduler = self.llm, None, None, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "vllm", "vllm": self.version, "eager": self.eager,

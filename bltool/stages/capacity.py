@@ -404,16 +404,18 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
     rate = prediction["max_stable_rate"]
     loads = offered_loads(workload, [m * rate for m in LIVE_LOADS], config.validate_requests, config.seed)
     server = measured_server(ref, measured, spec, int((workload.prompt + workload.output).max()))
-    warm_up(server, spec)
     rows = []
-    for multiple, load in zip(LIVE_LOADS, loads):
-        ui.info(f"{info.label}: serving {len(load.arrival_s)} requests at {load.rate:.3g} req/s "
-                f"({multiple:g} × the formula's {rate:.3g})")
-        served, error = measure_load(server, load, spec, config.seed)
-        replayed = simulate_load(load, spec)
-        rows += [{"label": info.label, **validation_row("measured", load, multiple, served), "fit_error": error},
-                 {"label": info.label, **validation_row("simulator", load, multiple, replayed), "fit_error": None}]
-    del server
+    try:
+        warm_up(server, spec)
+        for multiple, load in zip(LIVE_LOADS, loads):
+            ui.info(f"{info.label}: serving {len(load.arrival_s)} requests at {load.rate:.3g} req/s "
+                    f"({multiple:g} × the formula's {rate:.3g})")
+            served, error = measure_load(server, load, spec, config.seed)
+            replayed = simulate_load(load, spec)
+            rows += [{"label": info.label, **validation_row("measured", load, multiple, served), "fit_error": error},
+                     {"label": info.label, **validation_row("simulator", load, multiple, replayed), "fit_error": None}]
+    finally:
+        server.close()  # the next model's server (a vLLM engine reserves its cache) starts with the memory free
     long_run = simulate_server(workload.prompt, workload.output, rate=OVERLOAD * rate, server=spec,
                                requests=SIM_MIN_REQUESTS, seed=config.seed)
     measured_rows = [r for r in rows if r["source"] == "measured"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bltool.errors import BltoolError, UsageError
+from bltool.serve.queueing import kv_bytes_per_token, kv_shape
 from bltool.serve.serving import RunOutput, ServedRun
 
 # in-process engine core: step() is one iteration, and the scheduler can be observed. On the CPU, vLLM keeps
@@ -94,8 +95,6 @@ def _cuda() -> bool:
 
 def _kv_bytes_per_token(path, dtype: str) -> int:
     import torch
-
-    from bltool.serve.queueing import kv_bytes_per_token, kv_shape
 
     config = json.loads((Path(path) / "config.json").read_text())
     return kv_bytes_per_token(kv_shape(config), getattr(torch, dtype).itemsize)

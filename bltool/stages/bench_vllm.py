@@ -204,6 +204,9 @@ def run(config: BenchVllmConfig) -> Path:
     dtype_name = str(dtype).replace("torch.", "")
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        # vLLM's CPU build keeps a core for its front end by default; `bench` times the model, with every core
+        # as transformers gets beside it (set the variable to measure otherwise; result.json records it)
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(str(base_ref.path), local_files_only=True).vocab_size

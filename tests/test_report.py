@@ -104,8 +104,16 @@ def test_readme_section_is_regenerated(runs, tmp_path):
     assert "old table" not in text and text.startswith("# Project") and text.endswith("End.\n")
     assert "![frontier.png](docs/results/frontier.png)" in text
     assert (tmp_path / "docs" / "results" / "frontier.png").read_bytes().startswith(PNG)
-    # the table's data is committed next to the figures
-    assert (tmp_path / "docs" / "results" / "report.csv").read_text() == (tmp_path / "rep" / "report.csv").read_text()
+    # the table's data is committed next to the figures, its run paths relative to the README's directory
+    with open(tmp_path / "rep" / "report.csv", newline="", encoding="utf-8") as handle:
+        local = list(csv.DictReader(handle))
+    with open(tmp_path / "docs" / "results" / "report.csv", newline="", encoding="utf-8") as handle:
+        committed = list(csv.DictReader(handle))
+    assert [{**r, "path": ""} for r in committed] == [{**r, "path": ""} for r in local]
+    for mine, theirs in zip(committed, local):
+        if theirs["path"]:
+            assert not Path(mine["path"]).is_absolute()
+            assert (tmp_path / mine["path"]).resolve() == Path(theirs["path"]).resolve()
 
 
 @pytest.mark.parametrize("case", ["no-markers", "no-runs", "missing-dir"])

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bltool.errors import BltoolError, UsageError
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape
 from bltool.serve.serving import RunOutput, ServedRun
@@ -87,15 +89,7 @@ class _IterationLog:
         return rows
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _kv_bytes_per_token(path, dtype: str) -> int:
-    import torch
-
     config = json.loads((Path(path) / "config.json").read_text())
     return kv_bytes_per_token(kv_shape(config), getattr(torch, dtype).itemsize)
 
@@ -115,7 +109,7 @@ class VllmServer:
         # vLLM's block pool keeps one block back (its null block): ask for one more than the cache holds
         blocks = math.ceil(kv_tokens / page_size) + 1
         memory = {}
-        if not _cuda():
+        if not torch.cuda.is_available():
             # the CPU worker otherwise reserves --gpu-memory-utilization (0.92) of the machine's memory and
             # refuses to start when less is free; the cache's own bytes are all this server needs
             # (VLLM_CPU_KVCACHE_SPACE, when set, still takes precedence in vLLM)

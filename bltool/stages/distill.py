@@ -59,7 +59,7 @@ from bltool.train import distributed, trainstate
 from bltool.train.accounting import ComputeMeter
 from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices, positions_to_indices
 from bltool.train.budget import BudgetConfig, BudgetController
-from bltool.train.losses import check_kd_args, kd_loss, kd_loss_topk
+from bltool.train.losses import check_kd_args, chunk_positions, kd_loss, kd_loss_topk
 from bltool.train.signals import StopSignals
 from bltool.train.teacher_cache import TeacherCache
 
@@ -551,7 +551,7 @@ def evaluate_heldout(run: Run, state: TrainState) -> dict:
         with torch.no_grad(), run.autocast():
             for start in range(0, len(windows), config.batch_size):
                 ids, mask = collate(windows[start: start + config.batch_size], run.pad_id, run.world.device)
-                positions = max(1, config.chunk // ids.shape[0])  # --chunk counts tokens over the rows
+                positions = chunk_positions(config.chunk, ids.shape[0])  # --chunk counts tokens over the rows
                 total += float(token_nll(state.student, ids, mask, chunk=positions).double().sum())
                 count += int(mask[:, 1:].sum())
     finally:

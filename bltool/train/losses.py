@@ -104,6 +104,11 @@ class _Head(NamedTuple):
         return _fp32(linear(h, self.weight.detach(), None if self.bias is None else self.bias.detach()))
 
 
+def chunk_positions(chunk: int, rows: int) -> int:
+    """Positions per chunk when `chunk` counts tokens over `rows` rows (`--chunk`): at least one."""
+    return max(1, chunk // rows)
+
+
 def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, chunk: int, temperature: float,
            kd_weight: float, normalizer: float | None, chunk_terms, teacher: tuple[torch.Tensor, ...]) -> KDLoss:
     """The chunked pass shared by both forms. `chunk_terms(z, *teacher_chunk)` gets one chunk's student
@@ -124,7 +129,7 @@ def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ch
     kl_scale = kd_weight * temperature / denominator  # ∂L/∂(z/T) per unit of ∂KL/∂(z/T), times T for ∂z
     ce_scale = (1.0 - kd_weight) / denominator
     sums = torch.zeros(2, dtype=acc, device=device)  # Σ KL, Σ CE over the valid positions
-    positions = max(1, chunk // b)  # `chunk` tokens over the batch's rows: the (n, V) buffers' size
+    positions = chunk_positions(chunk, b)  # `chunk` tokens over the batch's rows: the (n, V) buffers' size
     with torch.no_grad():
         for start in range(0, t, positions):
             stop = min(start + positions, t)

@@ -7,7 +7,7 @@
 #
 # Environment: RUNS (default runs/capacity), TEACHER (smollm2-135m), STUDENT (runs/student, built here
 # when missing), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
-# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (96 per offered load), ENGINE
+# measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (192 per offered load), ENGINE
 # (transformers, or vllm: bench-serving --engine vllm, and the check then serves on vLLM; run it with
 # .venv-vllm/bin first on PATH).
 set -euo pipefail
@@ -22,7 +22,7 @@ REPEATS=${REPEATS:-1}
 GPU_MEM=${GPU_MEM:-4GiB}
 DTYPE=${DTYPE:-float32}
 RATE=${RATE:-1}
-VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-96}
+VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-192}
 ENGINE=${ENGINE:-transformers}
 
 trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
@@ -50,8 +50,9 @@ for stat in fit median mean; do
 done
 
 # The check against the measured server, for the students (the teacher's loads take 4× as long): each served
-# by transformers' continuous batching with the bench-serving settings (its KV cache, token budget and
-# sequence cap) at 0.5 to 1.6 × the formula's rate, VALIDATE_REQUESTS requests per load, against the formula
+# by the engine bench-serving measured with its settings (token budget, sequence cap, pages) and a KV cache in
+# which memory binds, at 0.5 to 1.6 × the formula's rate (1.6 twice), VALIDATE_REQUESTS requests per load
+# drawn stratified by g, against the formula
 # and the simulator's replay of the same requests (validation.png, validation.arrow); the simulator also runs
 # each plan at 0.8, 1 and 1.2 × its rate (queue.png)
 bltool capacity "${measured[@]:1}" --workload "$trace" --chunk "$CHUNK" --gpu-mem "$GPU_MEM" --dtype "$DTYPE" \

@@ -22,7 +22,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +113,72 @@ def write_json(path: Path, value: Any) -> None:
         raise
 
 
-def check_output_dir(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Refuse to replace an existing, non-empty output unless asked to (checked before any work)."""
+Inputs = Iterable[tuple[str, "str | os.PathLike[str] | None"]]  # (flag, path) pairs; a None path is skipped
+
+
+def check_output_dir(out: Path, overwrite: bool, flag: str = "--out", *, stage: str | None = None,
+                     inputs: Inputs = (), holders: Inputs = ()) -> None:
+    """Checked before any work: `out` is apart from the stage's `inputs` (`check_apart`), and an existing,
+    non-empty `out` is replaced only with `overwrite`, and then only if it is an earlier output of `stage`
+    (`check_replaceable`; every stage passes its own)."""
     out = Path(out)
+    check_apart(out, inputs, flag, holders)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{flag} {out} already exists and is not empty; pass --overwrite to replace it")
+    if stage is not None and out.is_dir() and any(out.iterdir()):
+        check_replaceable(out, stage, flag)
     parent = next(p for p in Path(out).absolute().parents if p.exists())  # where the output will be made
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {out}: {parent} is not writable (read-only or no permission)")
+
+
+def check_apart(out: Path, inputs: Inputs, flag: str = "--out", holders: Inputs = ()) -> None:
+    """Refuse an output that is one of the stage's inputs, contains one, or lies inside one, symlinks
+    resolved: replacing it would destroy that input, writing it would change it. `holders` are inputs an
+    output may lie inside but neither be nor contain (report's RUN_DIRs, directories that collect outputs)."""
+    target = _real(out)
+    for inside_ok, pairs in ((False, inputs), (True, holders)):
+        for source_flag, path in pairs:
+            if path is None or str(path) == "":
+                continue
+            source = _real(path)
+            if target == source:
+                relation = "is the same path as"
+            elif source.is_relative_to(target):
+                relation = "contains"
+            elif target.is_relative_to(source) and not inside_ok:
+                relation = "is inside"
+            else:
+                continue
+            raise UsageError(f"{flag} {out} {relation} {source_flag} {path}: choose an {flag} outside the "
+                             "stage's inputs")
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    """The absolute path with every symlink along it resolved (as far as the path exists)."""
+    return Path(path).expanduser().resolve()
+
+
+# What --overwrite may replace, in words, where the stage name is not a command.
+_REPLACEABLE = {Stage.DISTILL_CHECKPOINT: "a `bltool distill` checkpoint", Stage.IMPORT_GGUF: "a converted GGUF"}
+
+
+def check_replaceable(out: Path, stage: str, flag: str = "--out") -> None:
+    """--overwrite replaces only an earlier output of the same stage: refuse a non-empty directory whose
+    manifest names another stage, or that has no manifest (a user's own folder)."""
+    out = Path(out)
+    made = None
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, AttributeError):
+        made = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("stage")
+    if made == stage:
+        return
+    found = (f"the output of `bltool {made}`" if isinstance(made, str) and made else
+             f"not a bltool output (no readable {MANIFEST})")
+    wanted = _REPLACEABLE.get(stage, f"an earlier `bltool {stage}` output")
+    raise UsageError(f"{flag} {out} is {found}; --overwrite replaces only {wanted}: choose another {flag} or "
+                     "empty it first")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 
 # Options several commands share, written once so their help reads the same everywhere.
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out made by this command.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")]
 
@@ -176,7 +176,8 @@ def prepare_data(
 @app.command("build-student")
 @stage_command
 def build_student(
-    teacher: Annotated[str, typer.Option(help="Teacher model: checkpoint directory, .gguf file or alias.")],
+    teacher: Annotated[str, typer.Option(help="Teacher model: checkpoint directory, .gguf file, alias or bltool "
+                                              "student (merged into the plain model it computes).")],
     out: Annotated[str, typer.Option(help="Output directory (a Hugging Face checkpoint).")],
     layers: Annotated[int, typer.Option(help="Student depth: how many teacher layers to keep.")] = 6,
     mode: Annotated[str, typer.Option(help="Layer choice: first (truncated), middle, last or mixed.")] = "mixed",
@@ -193,7 +194,7 @@ def build_student(
 def eval_ppl(
     model: Annotated[str, typer.Argument(help="Model: checkpoint directory, .gguf file or alias.", show_default=False)],
     data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
-    out: Annotated[str | None, typer.Option(help="Output directory \\[default: DATA/ppl/<model name>].",
+    out: Annotated[str | None, typer.Option(help="Output directory \\[default: ppl/<model name>].",
                                             show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option(help="Token budget (capped by the held-out split).")] = 10_000_000,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
@@ -349,10 +350,17 @@ def teacher_logits(
     data: Annotated[str, typer.Option(help="A prepare-data output directory.")],
     out: Annotated[str, typer.Option(help="Output directory (built in OUT.partial until it is finished).")],
     tokens: Annotated[str, typer.Option(help="Cover the sequences a distill run of this many tokens reads.")] = "2M",
-    seed: Annotated[int, typer.Option(help="The --seed of the distill runs that will read the cache.")] = 0,
-    top_k: Annotated[int, typer.Option(help="Logits kept per position.")] = 64,
-    temperature: Annotated[float, typer.Option(help="The distill --temperature (the tail mass depends on it).")]
-    = 3.0,
+    seed: Annotated[int, typer.Option(help="The --seed of the distill runs that will read the cache (it also "
+                                           "seeds the draws of --sample).")] = 0,
+    top_k: Annotated[int | None, typer.Option(help="The top-k cache: the K largest logits of each position and "
+                                                   "the mass of the rest \\[default: 64 without --sample].",
+                                              show_default=False)] = None,
+    sample: Annotated[int | None, typer.Option(
+        help="The sampled cache instead of the top-k: N draws (1-255) per position from the teacher's "
+             "distribution at --temperature, kept as distinct ids and counts; the loss's gradient is unbiased "
+             "(about 3 bytes per distinct id). Not with --top-k.", show_default=False)] = None,
+    temperature: Annotated[float, typer.Option(help="The distill --temperature (the tail mass and the draws "
+                                                    "depend on it).")] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per teacher forward pass (per process).")] = 8,
     chunk: Annotated[int, typer.Option(help="Positions of each sequence per LM-head chunk (bounds memory).")] = 256,
     save_seconds: Annotated[float, typer.Option(help="Complete a part file (what --resume keeps) at least this "
@@ -366,15 +374,16 @@ def teacher_logits(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out, and start over an unfinished run.")]
     = False,
 ):
-    """Store a teacher's top-k logits for the sequences distillation will read (pay for the teacher once).
+    """Store a teacher's top-k logits, or draws from it (--sample), for the sequences distillation will read
+    (pay for the teacher once).
 
     Runs under torchrun too (each process computes its share); a killed run continues with --resume."""
     from bltool.stages.teacher_logits import TeacherLogitsConfig, run
 
     config = TeacherLogitsConfig(teacher=teacher, data=data, out=out, tokens=parse_count(tokens, "--tokens"),
-                                 seed=seed, top_k=top_k, temperature=temperature, batch_size=batch_size,
-                                 chunk=chunk, dtype=dtype, device=device, compile=compile, overwrite=overwrite,
-                                 resume=resume, save_seconds=save_seconds)
+                                 seed=seed, top_k=top_k, sample=sample, temperature=temperature,
+                                 batch_size=batch_size, chunk=chunk, dtype=dtype, device=device, compile=compile,
+                                 overwrite=overwrite, resume=resume, save_seconds=save_seconds)
     path = run(config)
     if path is not None:  # rank 0 of a torchrun job, or a single process
         _emit(path)
@@ -420,12 +429,13 @@ def capacity(
         show_default=False)] = None,
     validate: Annotated[bool, typer.Option(
         help="Simulate each model at 0.8, 1.0 and 1.2 × its predicted rate (queue.png, simulation.arrow); for a "
-             "`bench-serving` input also serve the workload with transformers at several offered loads and "
-             "compare measured, formula and simulator (validation.png, validation.arrow).")] = False,
+             "`bench-serving` input also serve the workload on the engine it measured, with a KV cache in which "
+             "memory binds, at several offered loads and compare measured, formula and simulator "
+             "(validation.png, validation.arrow).")] = False,
     validate_requests: Annotated[int, typer.Option(
         help="Requests per offered load on the measured server (--validate with a bench-serving input).")] = 64,
     page_size: Annotated[int, typer.Option(
-        help="KV cache page size the simulator rounds to (a bench-serving input brings its own).")] = 16,
+        help="KV cache page size memory is counted in (a bench-serving input brings its own).")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for --prompt-len/--output-len and the simulator.")] = 0,
     out: Annotated[str | None, typer.Option(help="Output directory \\[default: capacity/<workload name>].",
                                             show_default=False)] = None,

@@ -33,7 +33,7 @@ from bltool.adapters import adapted_modules, merge_into_linear
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
 from bltool.lowrank import LowRankLinear, default_kernel, set_kernel
-from bltool.lowrank_models import as_compressed, family_of, replace_module
+from bltool.lowrank_models import as_compressed, as_plain, family_of, replace_module
 from bltool.weights import load_weights_strict, quiet_transformers
 
 FORMS = ("keep", "svd", "drop")
@@ -200,6 +200,21 @@ def densify_model(model: nn.Module, records: list[dict[str, Any]]) -> list[dict[
                                    record["kept_rank"], record["svd_rank"], multiplied_out=True)
         out.append(record)
     return out
+
+
+def as_dense(model: nn.Module) -> int:
+    """Make any model bltool loads a plain model of its family computing the same function (eval mode), in
+    place: adapters merged (W' = ρW + B'A', bias ρb), low-rank layers multiplied out, the compressed model
+    type undone. For stages that take a model's weights apart (build-student). Returns the modules replaced."""
+    replaced = 0
+    for name, module in adapted_modules(model):
+        replace_module(model, name, merge_into_linear(module))
+        replaced += 1
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]:
+        replace_module(model, name, module.to_dense())
+        replaced += 1
+    as_plain(model)
+    return replaced
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

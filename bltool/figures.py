@@ -1,15 +1,19 @@
 """The report's figures (matplotlib, Agg backend, PNG): the quality / inference-cost frontier, ICL
 against budget, the dense fraction along training, and the learning curves (held-out perplexity during
-training, `distill --eval-every`). Each takes report rows and returns nothing but
-the file it wrote; a figure with nothing to plot says so in its title rather than being skipped."""
+training, `distill --eval-every`, with their standard errors as bands and the teacher scored on the same
+held-out slice). Each takes report rows and returns nothing but the file it wrote; a figure with nothing
+to plot says so in its title rather than being skipped."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow as pa
 
+from bltool.artifacts import Stage
 from bltool.runs import Row
+from bltool.stats import read_pieces
 
 COLORS = {"kd-full": "tab:red", "kd-lora": "tab:orange", "budgeted-lora": "tab:blue", "teacher": "black",
           "student (untrained)": "tab:gray"}
@@ -142,31 +146,72 @@ def _read_log(path: Path) -> dict[str, list]:
         return pa.ipc.open_stream(source).read_all().to_pydict()
 
 
+def teacher_on_slice(teacher: Row, data: str | None, tokens: int | None) -> dict | None:
+    """The teacher's perplexity and its standard error (`Pieces.summary`) on the held-out slice a learning
+    curve was scored on (`distill --eval-every`: the first `tokens` held-out tokens of `data`), taken from
+    the windows its eval-ppl scored; None when that eval-ppl did not score exactly those windows (other
+    data, a budget that cuts them elsewhere, or no windows.arrow)."""
+    settings = teacher.settings.get(Stage.EVAL_PPL, {})
+    if data is None or tokens is None or settings.get("held-out data") != data:
+        return None
+    pieces = read_pieces(teacher.sources.get(Stage.EVAL_PPL))
+    sliced = pieces.first_tokens(tokens, settings["--max-tokens"]) if pieces is not None else None
+    return sliced.summary() if sliced is not None else None
+
+
+def _band(ax, xs, nll, se, color) -> None:
+    """± 1 standard error of the mean NLL, drawn on the perplexity scale: exp(nll ± se)."""
+    ax.fill_between(xs, [math.exp(n - s) for n, s in zip(nll, se)], [math.exp(n + s) for n, s in zip(nll, se)],
+                    color=color, alpha=0.2, linewidth=0)
+
+
 def learning_curves_figure(rows: list[Row]):
     """The learning curves' (figure, axes): per distilled run whose log has held-out evaluations
     (`distill --eval-every`), held-out perplexity against training tokens, both on log scales, in its
-    method's colour with a marker of its own; the teacher's held-out perplexity (eval-ppl) as a line."""
+    method's colour with a marker of its own, a band of ± 1 standard error around it where the log has one;
+    the teacher as a line (with its band) scored on the same slice, from its eval-ppl's windows.arrow, or a
+    note in the title saying why it is not drawn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     seen: dict[str, int] = {}
-    plotted = 0
+    slices: set[tuple] = set()
     for row in rows:
         if row.log is None:
             continue
         log = _read_log(row.log)
-        points = [(t, p) for t, p in zip(log["tokens"], log.get("eval_ppl", [])) if p is not None]
+        n = len(log["tokens"])
+        columns = [log["tokens"], log.get("eval_ppl", [None] * n), log.get("eval_nll", [None] * n),
+                   log.get("eval_nll_se", [None] * n)]
+        points = [(t, p, nll, se) for t, p, nll, se in zip(*columns) if p is not None]
         if not points:
             continue
         k = seen[row.method] = seen.get(row.method, -1) + 1
-        ax.plot(*zip(*points), color=COLORS.get(row.method, "tab:green"), marker=MARKERS[k % len(MARKERS)],
+        color = COLORS.get(row.method, "tab:green")
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=MARKERS[k % len(MARKERS)],
                 markersize=4, label=_run_label(row))
-        plotted += 1
-    _teacher_line(ax, rows, "teacher (eval-ppl)")
+        banded = [p for p in points if p[3] is not None and p[2] is not None]
+        if banded:
+            _band(ax, [p[0] for p in banded], [p[2] for p in banded], [p[3] for p in banded], color)
+        evaluation = row.settings.get(Stage.DISTILL, {})
+        slices.add((evaluation.get("held-out data"), evaluation.get("--eval-tokens")))
+    notes = []
+    for teacher in (r for r in rows if r.method == "teacher" and r.values.get("perplexity")):
+        for data, tokens in sorted(slices, key=str):
+            on_slice = teacher_on_slice(teacher, data, tokens)
+            if on_slice is None:
+                notes.append("teacher not drawn: its eval-ppl did not score the curves' slice"
+                             + (f" (eval-ppl --max-tokens {tokens})" if tokens else ""))
+                continue
+            mean, se = on_slice["mean_nll"], on_slice["mean_nll_se"] or 0.0
+            ax.axhline(on_slice["perplexity"], color="black", linestyle="--", linewidth=1,
+                       label=f"teacher, same slice (first {tokens:,} held-out tokens)")
+            ax.axhspan(math.exp(mean - se), math.exp(mean + se), color="black", alpha=0.1, linewidth=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("learning curves" if plotted else "no distill log has held-out evaluations (--eval-every)")
+    ax.set_ylabel("held-out perplexity (band: ± 1 standard error)")
+    title = "learning curves" if seen else "no distill log has held-out evaluations (--eval-every)"
+    ax.set_title("\n".join([title, *dict.fromkeys(notes)]), **({"fontsize": 9} if notes else {}))
     return fig, ax
 
 

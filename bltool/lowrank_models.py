@@ -102,6 +102,31 @@ def as_compressed(model: nn.Module) -> nn.Module:
     return model
 
 
+def as_plain(model: nn.Module) -> nn.Module:
+    """The inverse of `as_compressed` for a model whose layers are all dense again: an instance of its
+    family's own class (`LlamaForCausalLM`, ...) with the family's config. Other models are returned as
+    they are."""
+    family = family_of(model.config.model_type)
+    if family is None:
+        return model
+    if any(isinstance(m, LowRankLinear) for m in model.modules()):
+        raise ValueError("as_plain: the model still has low-rank layers")
+    import transformers
+
+    name = FAMILIES[family]
+    config_cls, model_cls = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    values = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("model_type", "architectures", "lowrank_modules")}
+    config = config_cls(**values)
+    config.architectures = [model_cls.__name__]
+    old = model.config
+    for module in model.modules():  # the causal LM and its base model share one config
+        if getattr(module, "config", None) is old:
+            module.config = config
+    model.__class__ = model_cls
+    return model
+
+
 def __getattr__(name: str):
     """`BltoolLowRankLlamaConfig`, `BltoolLowRankLlamaForCausalLM`, ...: the classes `classes()` builds,
     reachable by name so that pickle (vLLM sends the config to its engine processes) finds them."""

@@ -86,6 +86,32 @@ def resolve_model(spec: str, flag: str = "MODEL", convert: bool = True) -> Model
     )
 
 
+def model_inputs(flag: str, spec: str | None) -> list[tuple[str, Path]]:
+    """The paths a model named on the command line stands for, as a stage declares its inputs to
+    `check_output_dir`: the directory or .gguf file (an alias: its target) and a GGUF's converted
+    checkpoint. Nothing is checked or converted here; a name that stands for nothing gives none."""
+    if spec is None:
+        return []
+    path = Path(spec).expanduser()
+    if not path.exists():
+        entry = load_registry().get(spec)
+        if entry is None or entry.target is None or not entry.target.exists():
+            return []
+        path = entry.target
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return [(flag, path), (flag, gguf_cache_dir(path))]
+    return [(flag, path)]
+
+
+def refuse_adapted(ref: ModelRef, flag: str, reader: str) -> None:
+    """Refuse, in one line, a `distill` output that still carries its adapters where `reader` cannot load
+    one (it stores `q_proj.base.weight`, `q_proj.lora_A`, ... in place of `q_proj.weight`)."""
+    manifest = artifact_manifest(ref.path, flag)
+    if manifest is not None and manifest.get("adapters"):
+        raise UsageError(f"{flag} {ref.spec} is a `bltool distill` output (a gated LoRA student), which {reader} "
+                         f"cannot load; pass its compressed form (`bltool compress {ref.spec} --out DIR`)")
+
+
 def check_checkpoint_dir(path: Path, flag: str = "MODEL") -> dict[str, Any]:
     """Check a Hugging Face checkpoint directory before transformers sees it; return its config."""
     config_path = path / "config.json"

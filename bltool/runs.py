@@ -9,7 +9,9 @@ needed: whatever directories hold a run's artifacts, the hashes say which result
 A row is one model as a user would deploy it: a distilled student (with its compressed form, whose
 measurements are preferred when both exist, since that is what gets served), or a model that was only
 evaluated (the teacher, the untrained student). Values a row lacks stay None and the stages that would
-have produced them are listed in `missing`, so an incomplete run is reported, never dropped.
+have produced them are listed in `missing`, so an incomplete run is reported, never dropped. A row whose
+values come from both forms of a student, or from one of two evaluations of one model by the same stage,
+says so in `conflicts` (the newest evaluation is used), for `report` to refuse or mark.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from bltool.probes import composite_se, standard_error
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
-COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "bits_per_byte", "icl_composite", "icl_se",
-           "icl_seed_std", "icl_baseline", "compute_proxy", "compute_realised", "mac_speedup", "module_speedup",
-           "prefill_speedup", "decode_speedup", "param_reduction", "kept", "svd", "dropped", "missing", "path")
+COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "perplexity_se", "bits_per_byte", "icl_composite",
+           "icl_se", "icl_seed_std", "icl_baseline", "compute_proxy", "compute_realised", "mac_speedup",
+           "module_speedup", "prefill_speedup", "decode_speedup", "param_reduction", "kept", "svd", "dropped",
+           "missing", "path")
 
 
 @dataclass
@@ -117,6 +120,11 @@ class Row:
     log: Path | None = None  # the distill run's per-step log, for the dense-fraction figure
     # how each evaluation was run: {stage: {setting: value}}, what `evaluation_differences` compares
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # what makes the row itself mixed: evaluations of both the distilled and the compressed form, or two
+    # evaluations of one model by one stage (`report` refuses these, or marks the row with --allow-mixed)
+    conflicts: list[str] = field(default_factory=list)
+    # the artifact each evaluation's values come from ({stage: directory}), for the paired comparisons
+    sources: dict[str, Path] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         row = {"name": self.name, "method": self.method, "budget": self.budget, "tokens": self.tokens,
@@ -128,13 +136,17 @@ class Row:
 
 def build_rows(artifacts: list[Artifact]) -> list[Row]:
     by_hash = {a.hash: a for a in artifacts}
-    evaluations: dict[str, dict[str, Artifact]] = {}
+    found: dict[str, dict[str, list[Artifact]]] = {}
     labels: dict[str, str] = {}
     for a in artifacts:
         if a.stage in EVALUATIONS and (key := a.model_key()):
-            evaluations.setdefault(key, {})[a.stage] = a  # the last found wins; paths are sorted
+            found.setdefault(key, {}).setdefault(a.stage, []).append(a)
             spec = next((e.get("spec") for e in a.manifest["inputs"] if e.get("role") == "model"), None)
             labels.setdefault(key, Path(spec).name if spec else key[:12])
+    # one evaluation per model and stage: the newest; a second one is a conflict the row reports
+    evaluations = {key: {stage: _newest(group) for stage, group in by_stage.items()} for key, by_stage in found.items()}
+    duplicates = {key: {stage: group for stage, group in by_stage.items() if len(group) > 1}
+                  for key, by_stage in found.items()}
     teachers = {content_key(e.get("content")) for a in artifacts if a.stage in (Stage.DISTILL, Stage.TEACHER_LOGITS)
                 for e in a.manifest.get("inputs", []) if e.get("role") == "teacher"}
     compressed_of: dict[str, Artifact] = {}
@@ -146,6 +158,8 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
     for d in (a for a in artifacts if a.stage == Stage.DISTILL):
         c = compressed_of.get(d.hash)
         row = _distill_row(d, c, evaluations)
+        for key in (d.hash, *([c.hash] if c else [])):
+            row.conflicts += _duplicate_notes(row.name, duplicates.get(key, {}))
         used.update({d.hash} | ({c.hash} if c else set()))
         rows.append(row)
     for key, evals in evaluations.items():
@@ -159,8 +173,24 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
         name = model.name if model is not None and model.stage == Stage.BUILD_STUDENT else labels[key]
         row = Row(name, str(model.path) if model else labels[key], method)
         _add_evaluations(row, evals, need=(Stage.EVAL_PPL, Stage.EVAL_ICL))
+        row.conflicts += _duplicate_notes(row.name, duplicates.get(key, {}))
         rows.append(row)
     return rows
+
+
+def _newest(group: list[Artifact]) -> Artifact:
+    """The most recently written of several evaluations of one model by one stage (the last path on a tie)."""
+    return max(enumerate(group), key=lambda item: (item[1].manifest.get("created_at", ""), item[0]))[1]
+
+
+def _duplicate_notes(name: str, duplicates: dict[str, list[Artifact]]) -> list[str]:
+    notes = []
+    for stage, group in duplicates.items():
+        used = _newest(group)
+        others = ", ".join(str(a.path) for a in group if a is not used)
+        notes.append(f"{name}: {len(group)} {stage} results for one model; used the newest, {used.path}, "
+                     f"not {others}")
+    return notes
 
 
 def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[str, Artifact]]) -> Row:
@@ -169,6 +199,9 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
               budget=(m.get("budget") or {}).get("budget"), tokens=(m.get("training") or {}).get("tokens_seen"))
     log = d.path / "log.arrow"
     row.log = log if log.is_file() else None
+    if m.get("evaluation"):  # distill --eval-every: the held-out slice its learning curve was scored on
+        row.settings[Stage.DISTILL] = {"held-out data": m["evaluation"].get("data"),
+                                       "--eval-tokens": m["evaluation"].get("tokens")}
     compute = m.get("compute") or {}
     row.values.update(compute_proxy=compute.get("proxy"), compute_realised=compute.get("realised"))
     if c is None:
@@ -182,15 +215,23 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
             row.values.update(mac_speedup=1.0, param_reduction=0.0)
         row.path = str(c.path)
         # measurements of the compressed form first; the distilled form's fill what is left
-        evals = {**evaluations.get(d.hash, {}), **evaluations.get(c.hash, {})}
+        of_distilled, of_compressed = evaluations.get(d.hash, {}), evaluations.get(c.hash, {})
+        evals = {**of_distilled, **of_compressed}
+        from_distilled = [stage for stage in evals if stage not in of_compressed]
+        if from_distilled and of_compressed:  # one row, two models: SVD makes them differ
+            row.conflicts.append(
+                f"{row.name}: {' and '.join(from_distilled)} measured the distilled form ({d.path}), "
+                f"{' and '.join(of_compressed)} the compressed form ({c.path})")
     _add_evaluations(row, evals, need=(Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH))
     return row
 
 
 def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]) -> None:
+    row.sources.update({stage: artifact.path for stage, artifact in evals.items()})
     if Stage.EVAL_PPL in evals:
         r = evals[Stage.EVAL_PPL].result()
-        row.values.update(perplexity=r.get("perplexity"), bits_per_byte=r.get("bits_per_byte"))
+        row.values.update(perplexity=r.get("perplexity"), perplexity_se=r.get("perplexity_se"),
+                          bits_per_byte=r.get("bits_per_byte"))
         row.settings[Stage.EVAL_PPL] = ppl_settings(evals[Stage.EVAL_PPL].manifest)
     if Stage.EVAL_ICL in evals:
         artifact = evals[Stage.EVAL_ICL]
@@ -285,8 +326,9 @@ def describe_difference(setting: str, values: dict[str, Any]) -> str:
     return f"{setting} differs: " + ", ".join(f"{name} {short(v)}" for name, v in values.items())
 
 
-FLOATS = ("perplexity", "bits_per_byte", "icl_composite", "icl_se", "icl_seed_std", "icl_baseline", "compute_proxy",
-          "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup", "decode_speedup", "param_reduction")
+FLOATS = ("perplexity", "perplexity_se", "bits_per_byte", "icl_composite", "icl_se", "icl_seed_std", "icl_baseline",
+          "compute_proxy", "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup", "decode_speedup",
+          "param_reduction")
 
 
 def rows_table(rows: list[Row]) -> pa.Table:

@@ -3,15 +3,22 @@
 `pip install 'bltool[vllm]'` registers `register` as a vLLM plugin, so `vllm serve runs/bl-0.4-c` loads a
 compressed student (`config.json` architecture `BltoolLowRank<Family>ForCausalLM`) with no fork and no
 `trust_remote_code`. Each class is vLLM's own model for the family (Llama, Mistral, Qwen2, Qwen3:
-attention, KV cache, rotary, norms, sampling and the compiled graph stay vLLM's), with the projections
-that `compress` made low-rank swapped at construction:
+attention, KV cache, rotary, norms, sampling and the compiled graph stay vLLM's), built with the
+projections that `compress` made low-rank in the low-rank form from the start:
 
 - a low-rank projection is two of vLLM's linear layers, `down` (A, rank × d_in) then `up`
   (B, d_out × rank), computing B·(A·x) + b without building the d_out × d_in matrix;
 - projections that vLLM fuses (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) are computed part by
-  part when any part of the group is low-rank, each part dense or low-rank as `compress` wrote it, and
-  their outputs concatenated in the order vLLM's forward splits them; a group with no low-rank part
-  keeps vLLM's fused layer.
+  part when any part of the group is low-rank, each part one dense linear or one low-rank pair as
+  `compress` wrote it, and their outputs concatenated in the order vLLM's forward splits them; a group
+  with no low-rank part keeps vLLM's fused layer.
+
+Built in place: vLLM's attention and MLP classes create their projections with the linear classes they
+import by name (`QKVParallelLinear`, `MergedColumnParallelLinear`, `RowParallelLinear`). While a
+compressed model is constructed, those names build, for the projections `lowrank_modules` lists (by the
+`prefix` vLLM gives each layer), the modules above instead, so no dense weight of a low-rank projection
+is ever allocated: loading never holds the dense model's weights. Every other layer is vLLM's own.
+After construction every listed projection is checked to be in its low-rank form.
 
 Tensor parallelism (vLLM shards column-parallel layers by output rows and row-parallel layers by input
 columns, with one all-reduce after):
@@ -23,6 +30,9 @@ columns, with one all-reduce after):
 When the projections of a split q/k/v group are sharded over more ranks than there are KV heads (where
 vLLM replicates KV heads), the model refuses to load.
 
+Pipeline parallelism: vLLM builds only the decoder layers a stage owns (the others are `PPMissingLayer`),
+so only those get low-rank projections, and the tensors of the other stages' layers are skipped.
+
 Weights load straight from the compressed safetensors (`…q_proj.down.weight`, `…q_proj.up.weight`,
 `…q_proj.up.bias`), through each vLLM layer's own weight loader, so they are sharded as above; every
 parameter must be loaded and every tensor used.
@@ -30,12 +40,16 @@ parameter must be loaded and every tensor used.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import importlib
+import inspect
+import threading
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from bltool.lowrank_models import FAMILIES, PREFIX, replace_module
+from bltool.lowrank_models import FAMILIES, PREFIX
 from bltool.lowrank_models import register as register_transformers
 
 # family → (vLLM module, vLLM class) it extends
@@ -51,6 +65,9 @@ GROUPS = {
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+# the vLLM linear class each of those is built with, by the name the family modules import it under
+BUILT_WITH = {"self_attn.qkv_proj": "QKVParallelLinear", "mlp.gate_up_proj": "MergedColumnParallelLinear",
+              "self_attn.o_proj": "RowParallelLinear", "mlp.down_proj": "RowParallelLinear"}
 
 
 def architecture(family: str) -> str:
@@ -111,20 +128,6 @@ class Parts(nn.Module):
         return torch.cat([part(x)[0] for part in self.parts.values()], dim=-1), None
 
 
-def _shapes(config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of every adapted projection of one decoder layer, from the HF config."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = config.intermediate_size
-    return {
-        "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv * head_dim),
-        "self_attn.v_proj": (hidden, kv * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
-        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
-    }
-
-
 def _layer_ranks(lowrank: dict, n_layers: int) -> list[dict[str, int]]:
     """`lowrank_modules` ({"model.layers.3.self_attn.q_proj": 12, ...}) as one {local name: rank} per
     layer; refuses names that are not an adapted projection of a decoder layer."""
@@ -140,53 +143,127 @@ def _layer_ranks(lowrank: dict, n_layers: int) -> list[dict[str, int]]:
     return per_layer
 
 
-def swap_lowrank(model: nn.Module, config) -> dict[str, str]:
-    """Replace, in a constructed vLLM causal LM, the projections `config.lowrank_modules` names (and the
-    fused groups holding them) by the modules above. Returns {checkpoint module name: vLLM module name}
-    for every projection now computed by them, which `load_weights` routes to directly."""
-    from vllm.distributed import get_tensor_model_parallel_world_size
+def _parts(prefix: str, members: dict[str, int], ranks: dict[str, int], d_in: int, bias: bool) -> Parts:
+    """A `Parts` for the fused layer at `prefix`: `members` is {local projection name: d_out}, in order."""
     from vllm.model_executor.layers.linear import ColumnParallelLinear
 
-    shapes = _shapes(config)
-    tp = get_tensor_model_parallel_world_size()
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    parts = {}
+    for member, d_out in members.items():
+        short = member.rpartition(".")[2]
+        name = f"{prefix}.parts.{short}"
+        parts[short] = (LowRankColumnParallel(d_in, d_out, ranks[member], bias, name) if member in ranks
+                        else ColumnParallelLinear(d_in, d_out, bias=bias, gather_output=False, prefix=name))
+    return Parts(parts)
+
+
+def _builder(local: str, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
+    """What builds the module at `<layer>.<local>` from the arguments vLLM called its linear class with."""
+    if local == "self_attn.qkv_proj":
+        def build(a: dict) -> nn.Module:
+            from vllm.distributed import get_tensor_model_parallel_world_size
+
+            heads = a["total_num_heads"]
+            kv_heads = a["total_num_kv_heads"] or heads
+            tp = get_tensor_model_parallel_world_size()
+            if tp > kv_heads:
+                raise ValueError(f"{a['prefix']}: low-rank q/k/v projections cannot be split over {tp} tensor-"
+                                 f"parallel ranks, more than the model's {kv_heads} KV heads")
+            q, kv = heads * a["head_size"], kv_heads * a["head_size"]
+            members = dict(zip(GROUPS[local], (q, kv, kv)))
+            return _parts(a["prefix"], members, ranks, a["hidden_size"], a["bias"])
+    elif local == "mlp.gate_up_proj":
+        def build(a: dict) -> nn.Module:
+            members = dict(zip(GROUPS[local], a["output_sizes"], strict=True))
+            return _parts(a["prefix"], members, ranks, a["input_size"], a["bias"])
+    else:
+        def build(a: dict) -> nn.Module:
+            return LowRankRowParallel(a["input_size"], a["output_size"], ranks[local], a["bias"], a["prefix"])
+    return build
+
+
+def plan(config, prefix: str = "") -> tuple[dict[str, Callable[[dict], nn.Module]], dict[str, str]]:
+    """From `config.lowrank_modules`: ({vLLM layer prefix: builder} for the fused and row-parallel layers
+    to build in low-rank form, {checkpoint module name: vLLM module name} for every projection they
+    compute, which `load_routed` loads directly). `prefix` is the causal LM's own vLLM prefix."""
+    model = f"{prefix}.model" if prefix else "model"
+    builders: dict[str, Callable[[dict], nn.Module]] = {}
     routes: dict[str, str] = {}
     for index, ranks in enumerate(_layer_ranks(config.lowrank_modules or {}, config.num_hidden_layers)):
-        prefix = f"model.layers.{index}"
-        try:
-            layer = model.get_submodule(prefix)
-        except AttributeError:  # a pipeline-parallel stage without this layer
-            continue
+        layer = f"model.layers.{index}"
         for fused, members in GROUPS.items():
-            if not any(m in ranks for m in members):
-                continue
-            if fused == "self_attn.qkv_proj" and tp > kv_heads:
-                raise ValueError(f"{prefix}: low-rank q/k/v projections cannot be split over {tp} tensor-"
-                                 f"parallel ranks, more than the model's {kv_heads} KV heads")
-            has_bias = layer.get_submodule(fused).bias is not None
-            parts = {}
-            for member in members:
-                d_in, d_out = shapes[member]
-                name = f"{prefix}.{fused}.parts.{member.rpartition('.')[2]}"
-                parts[member.rpartition(".")[2]] = (
-                    LowRankColumnParallel(d_in, d_out, ranks[member], has_bias, name) if member in ranks
-                    else ColumnParallelLinear(d_in, d_out, bias=has_bias, gather_output=False, prefix=name))
-                routes[f"{prefix}.{member}"] = name
-            replace_module(layer, fused, Parts(parts))
+            if any(m in ranks for m in members):
+                builders[f"{model}.layers.{index}.{fused}"] = _builder(fused, ranks)
+                routes.update({f"{layer}.{m}": f"{layer}.{fused}.parts.{m.rpartition('.')[2]}" for m in members})
         for member in ROW_PARALLEL:
             if member in ranks:
-                d_in, d_out = shapes[member]
-                has_bias = layer.get_submodule(member).bias is not None
-                name = f"{prefix}.{member}"
-                replace_module(layer, member, LowRankRowParallel(d_in, d_out, ranks[member], has_bias, name))
-                routes[name] = name
-    return routes
+                builders[f"{model}.layers.{index}.{member}"] = _builder(member, ranks)
+                routes[f"{layer}.{member}"] = f"{layer}.{member}"
+    return builders, routes
+
+
+_building_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def building(builders: dict[str, Callable[[dict], nn.Module]]):
+    """While the model is constructed (in this thread): the linear classes vLLM's family modules build
+    their projections with build the modules of `builders` for the prefixes it names, and vLLM's own
+    layers for every other call."""
+    from vllm.model_executor.layers import linear
+
+    modules = [importlib.import_module(module) for module, _ in VLLM_BASES.values()]
+    owner = threading.get_ident()
+
+    def divert(original: type) -> Callable[..., nn.Module]:
+        signature = inspect.signature(original.__init__)
+
+        def build(*args, **kwargs):
+            if threading.get_ident() == owner:
+                bound = signature.bind(None, *args, **kwargs)
+                bound.apply_defaults()
+                builder = builders.get(bound.arguments["prefix"])
+                if builder is not None:
+                    return builder(bound.arguments)
+            return original(*args, **kwargs)
+
+        return build
+
+    classes = {name: getattr(linear, name) for name in set(BUILT_WITH.values())}
+    with _building_lock:
+        saved = [(m, name, m.__dict__[name]) for m in modules for name in classes if name in m.__dict__]
+        try:
+            for module, name, _ in saved:
+                setattr(module, name, divert(classes[name]))
+            yield
+        finally:
+            for module, name, original in saved:
+                setattr(module, name, original)
+
+
+def check_built(model: nn.Module, builders: dict, prefix: str = "") -> None:
+    """Every layer `builders` names, in the decoder layers this pipeline stage holds, was built in its
+    low-rank form (a vLLM whose model classes build projections differently would leave it dense)."""
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    for name in builders:
+        local = name[len(prefix) + 1:] if prefix else name
+        layer_name = ".".join(local.split(".")[:3])  # model.layers.<i>
+        if isinstance(model.get_submodule(layer_name), PPMissingLayer):
+            continue
+        built = model.get_submodule(local)
+        if not isinstance(built, (Parts, LowRankRowParallel)):
+            raise RuntimeError(f"{local}: vLLM built it as {type(built).__name__}, not in the low-rank form "
+                               f"config.json lists; this vLLM builds its models in a way bltool's plugin does not "
+                               f"know (it is tested with vLLM 0.32)")
 
 
 def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tuple[str, torch.Tensor]],
                 loaded: set[str]):
     """Load the tensors of routed projections through their layers' own weight loaders (which shard
-    them), adding the parameter names to `loaded`; yield every other (name, tensor) for vLLM's loader."""
+    them), adding the parameter names to `loaded`; skip those of decoder layers another pipeline stage
+    holds; yield every other (name, tensor) for vLLM's loader."""
+    from vllm.model_executor.models.utils import is_pp_missing_parameter
+
     params = dict(model.named_parameters())
     for name, tensor in weights:
         module, _, leaf = name.rpartition(".")
@@ -199,6 +276,8 @@ def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tupl
         target = f"{routes[module]}.{leaf}"
         param = params.get(target)
         if param is None:
+            if is_pp_missing_parameter(target, model):
+                continue
             raise ValueError(f"checkpoint tensor {name!r} does not belong to the compressed layout in "
                              f"config.json (no parameter {target!r})")
         param.weight_loader(param, tensor)
@@ -206,19 +285,20 @@ def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tupl
 
 
 def _model_class(family: str) -> type:
-    import importlib
-
     module_name, class_name = VLLM_BASES[family]
     base = getattr(importlib.import_module(module_name), class_name)
 
     class Compressed(base):
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
-            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             config = vllm_config.model_config.hf_config
             if config.model_type != PREFIX + family:
                 raise ValueError(f"{architecture(family)} serves model type {PREFIX + family}, not "
                                  f"{config.model_type!r}")
-            self._bltool_routes = swap_lowrank(self, config)
+            builders, routes = plan(config, prefix)
+            with building(builders):
+                super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            check_built(self, builders, prefix)
+            self._bltool_routes = routes
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
             loaded: set[str] = set()

@@ -13,7 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  : "${DEVICE:=cpu}" "${DTYPE:=float32}" "${SECONDS_PER_RUN:=4}" "${PROBE_TOKENS:=256}" "${MIN_TOKENS:=512}"
+  : "${DEVICE:=cpu}" "${DTYPE:=float32}" "${SECONDS_PER_RUN:=1}" "${PROBE_TOKENS:=256}" "${MIN_TOKENS:=256}"
   : "${SEQ_LEN:=32}" "${BATCH:=2}" "${LAYERS:=2}"
 else
   : "${DEVICE:=cuda}" "${DTYPE:=bfloat16}" "${SECONDS_PER_RUN:=75}" "${PROBE_TOKENS:=400k}" "${MIN_TOKENS:=1M}"
@@ -30,13 +30,22 @@ EVALS=${EVALS:-12}                  # held-out evaluations per run (the learning
 EVAL_TOKENS=${EVAL_TOKENS:-16k}
 EXTRA=${EXTRA:-}                    # more distill flags for every run, e.g. "--compile"
 
+# The data and the student (unless given as DATA, STUDENT), where examples/sweep.sh puts them: the probe
+# and the sweep use the same ones.
+data=${DATA:-}
+if [ -z "$data" ]; then
+  data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
+    --seq-len "$SEQ_LEN" --out "$RUNS/data" --overwrite)
+fi
+student=${STUDENT:-}
+if [ -z "$student" ]; then
+  student=$(bltool build-student --teacher "$TEACHER" --mode mixed --layers "$LAYERS" --out "$RUNS/student" \
+    --overwrite)
+fi
+export DATA=$data STUDENT=$student
 # The probe: kd-lora (the slowest LoRA run: its dense matmuls never stop) from a small cache, as the
 # sweep's runs read theirs, on the same data, student, batch and flags.
 probe=${PROBE_DIR:-$RUNS-probe}   # outside RUNS: the report reads everything under RUNS
-data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
-  --seq-len "$SEQ_LEN" --out "$probe/data" --overwrite)
-student=$(bltool build-student --teacher "$TEACHER" --mode mixed --layers "$LAYERS" --out "$probe/student" \
-  --overwrite)
 cache=$(bltool teacher-logits --teacher "$TEACHER" --data "$data" --tokens "$PROBE_TOKENS" --device "$DEVICE" \
   --dtype "$DTYPE" --out "$probe/teacher-logits" --overwrite)
 # shellcheck disable=SC2086

@@ -24,6 +24,8 @@ BATCH=${BATCH:-2}
 TOP_K=${TOP_K:-64}
 DISTILL=${DISTILL:-bltool}          # e.g. "torchrun --nproc-per-node 8 -m bltool"
 DISTILL_ARGS=${DISTILL_ARGS:-}
+DATA=${DATA:-}                      # a prepare-data output to use as it is (default: CORPUS prepared into RUNS)
+STUDENT=${STUDENT:-}                # a build-student output to use as it is (default: built into RUNS)
 PPL_ARGS=${PPL_ARGS:-}              # e.g. "--max-tokens 100000"
 ICL_ARGS=${ICL_ARGS:---n 10 --seeds 3}
 BENCH_ARGS=${BENCH_ARGS:---repeats 5}
@@ -32,10 +34,16 @@ README=${README:-}                  # a file whose bltool-report section to rege
 NOTE=${NOTE:-}
 
 echo "sweep: $SWEEP; $TOKENS tokens each; runs in $RUNS" >&2
-data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
-  --seq-len "$SEQ_LEN" --out "$RUNS/data" --overwrite)
-student=$(bltool build-student --teacher "$TEACHER" --mode mixed --layers "$LAYERS" --out "$RUNS/student" \
-  --overwrite)
+data=$DATA
+if [ -z "$data" ]; then
+  data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
+    --seq-len "$SEQ_LEN" --out "$RUNS/data" --overwrite)
+fi
+student=$STUDENT
+if [ -z "$student" ]; then
+  student=$(bltool build-student --teacher "$TEACHER" --mode mixed --layers "$LAYERS" --out "$RUNS/student" \
+    --overwrite)
+fi
 cache=$(bltool teacher-logits --teacher "$TEACHER" --data "$data" --tokens "$TOKENS" --top-k "$TOP_K" \
   --out "$RUNS/teacher-logits" --overwrite)
 

@@ -9,7 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import save_tiny_model, train_tokenizer, write_corpus
+
+# The tests' models are tiny (hidden 32–64): they run on one intra-op thread. A second thread adds a
+# parallel region to every matmul (oneDNN opens one per call) that costs more than the work, and on a
+# busy machine it waits for the other thread to be scheduled: a 64 × 32 linear took ~1 ms on 2 threads
+# against 66 µs on one, and the fast tier ran 3–6 min instead of 1.5. Tests on the real SmolLM2 teacher
+# (`real`) keep torch's default. Subprocesses are not affected (the tests that start them set
+# OMP_NUM_THREADS where it matters).
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the item's fixtures are set up, so module fixtures built for it run with the same threads."""
+    torch.set_num_threads(DEFAULT_THREADS if item.get_closest_marker("real") else 1)
 
 
 @pytest.fixture(autouse=True)

@@ -267,3 +267,20 @@ def test_vllm_engine_without_vllm_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
     bad = CliRunner().invoke(app, ["bench", "m", "--baseline", "b", "--engine", "tgi"])
     assert bad.exit_code == 2 and "--engine" in bad.stderr
+
+
+def test_a_distilled_student_is_refused_as_baseline_and_by_vllm_saying_what_to_pass(compressed, tiny_llama, tmp_path):
+    """The baseline must be dense, and vLLM cannot load a student that still carries its adapters: one line each,
+    naming the form to pass instead (before any model loads or vLLM is imported)."""
+    source, _ = distilled_student(tmp_path / "distilled", tiny_llama)
+    out = tmp_path / "out"
+    result = invoke("bench", str(compressed), "--baseline", str(source), "--out", str(out), *FAST)
+    assert result.exit_code == 2 and result.stdout == "", result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "--baseline" in line and "gated LoRA module, not dense" in line and "build-student" in line
+    result = invoke("bench-serving", str(source), "--engine", "vllm", "--out", str(out))
+    assert result.exit_code == 2 and result.stdout == "", result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: MODEL {source} is a `bltool distill` output (a gated LoRA student), which vLLM cannot load; pass "
+        f"its compressed form (`bltool compress {source} --out DIR`)"]
+    assert not out.exists()

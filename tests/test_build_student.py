@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_refused, tiny_config
+from helpers import assert_refused, distilled_student, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest
 from bltool.cli import app
-from bltool.models import tokenizer_identity
+from bltool.models import load_model, resolve_model, tokenizer_identity
 from bltool.stages.build_student import BuildStudentConfig, run, student_config
 
 MIXED_6_OF_12 = [0, 2, 4, 7, 9, 11]
@@ -311,9 +311,14 @@ def test_cli_refuses_existing_output_then_overwrites(tmp_path, tiny_llama):
     result = invoke("build-student", "--teacher", str(tiny_llama), "--out", str(out), "--layers", "2")
     assert_refused(result, "--out", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only an earlier build-student output, never a folder of the user's
+    result = invoke("build-student", "--teacher", str(tiny_llama), "--out", str(out), "--layers", "2", "--overwrite")
+    assert_refused(result, "--out", "--overwrite", "not a bltool output")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert invoke("build-student", "--teacher", str(tiny_llama), "--out", str(out), "--layers", "3").exit_code == 0
     result = invoke("build-student", "--teacher", str(tiny_llama), "--out", str(out), "--layers", "2", "--overwrite")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "keep.txt").exists()
     assert read_manifest(out, ("build-student",))["student"]["teacher_layers"] == [0, 11]
     assert_nothing_left(tmp_path, {"student"})
 
@@ -354,7 +359,8 @@ def test_cli_bad_inputs(case, needles, tmp_path, tiny_llama, request):
     elif case == "bin-only":
         teacher = str(request.getfixturevalue("bin_only_teacher"))
     elif case == "no-config":
-        teacher = str(tmp_path)
+        (tmp_path / "empty").mkdir()
+        teacher = str(tmp_path / "empty")
     result = invoke("build-student", "--teacher", teacher, "--out", str(out), "--layers", layers, "--mode", mode)
     assert_refused(result, *needles)
     assert_nothing_left(runs, set())
@@ -365,3 +371,27 @@ def test_cli_missing_required_options_is_usage_error(tmp_path):
     assert result.exit_code == 2
     assert "--teacher" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, which the merge scales by ρ
+@pytest.mark.parametrize("form", ["distilled", "compressed"])
+def test_a_bltool_student_as_teacher_is_the_plain_model_it_computes(form, arch, tmp_path, teachers):
+    """A distilled (adapters: ρ ∈ {0, 0.3, 1}, gates) or compressed (low-rank layers) student as --teacher: merged
+    into a plain checkpoint, so a full-depth `first` student computes what bltool.load_model's teacher does."""
+    teacher, _ = distilled_student(tmp_path / "distilled", teachers[arch], rhos=(0.0, 0.3, 1.0))
+    if form == "compressed":
+        done = invoke("compress", str(teacher), "--out", str(tmp_path / "compressed"), "--no-dense-fallback")
+        assert done.exit_code == 0, done.stderr
+        teacher = tmp_path / "compressed"
+        assert any(m["layout"] == "lowrank" for m in read_manifest(teacher)["compressed"]["modules"])
+    out = tmp_path / "student"
+    result = invoke("build-student", "--teacher", str(teacher), "--out", str(out), "--layers", "12", "--mode", "first")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["model_type"] == arch
+    assert read_manifest(out, ("build-student",))["teacher"]["merged_modules"] > 0
+    student, _ = load(out)  # plain transformers
+    reference = load_model(resolve_model(str(teacher)))
+    ids = torch.randint(1, student.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert invoke("build-student", "--teacher", str(teacher), "--out", str(tmp_path / "s6")).exit_code == 0

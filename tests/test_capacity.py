@@ -54,11 +54,18 @@ def test_plan_by_hand(tiny_llama, tmp_path):
     params = checkpoint_parameters(tiny_llama)
     kv = 2 * 12 * 2 * 8 * 2  # layers · KV heads · head_dim, keys and values, bf16
     m_tokens = math.floor((2 * MIB * 0.5 - 2 * params - 100 * 1024) / kv)
-    g = [(32 + 64) + 64 * 16 + 16 * 17 // 2, 10 + 30 + 6, (32 + 64 + 96 + 128 + 160 + 192 + 200) + 200 * 50 + 1275]
+    # KV tokens held per iteration: the prefill chunks of 32 (the last emits the first output token), then
+    # o − 1 decodes holding s + 1 … s + o − 1
+    g = [(32 + 64) + 15 * 64 + 15 * 16 // 2, 10 + 11 + 12, (32 + 64 + 96 + 128 + 160 + 192 + 200) + 49 * 200 + 49 * 25]
+    # the same in whole pages of 16 (--page-size): 65 … 79 tokens hold 80; 201 … 249 hold 208, 224, 240, 256
+    paged = [(32 + 64) + 15 * 80, 3 * 16,
+             (32 + 64 + 96 + 128 + 160 + 192 + 208) + 8 * 208 + 16 * 224 + 16 * 240 + 9 * 256]
     assert row["kv_bytes_per_token"] == kv and row["weight_bytes"] == 2 * params
-    assert row["kv_capacity_tokens"] == m_tokens
+    assert row["kv_capacity_tokens"] == m_tokens and row["page_size"] == 16
     assert row["mean_lifetime_memory"] == pytest.approx(np.mean(g))
-    mu = m_tokens / (0.01 * np.mean(g))
+    assert row["mean_lifetime_memory_paged"] == pytest.approx(np.mean(paged))
+    assert row["mean_iterations"] == pytest.approx(np.mean([2 + 15, 1 + 2, 7 + 49]))
+    mu = m_tokens // 16 * 16 / (0.01 * np.mean(paged))  # the cache's whole pages
     assert row["memory_rate"] == pytest.approx(mu)
     assert row["delta"] == pytest.approx(250 / m_tokens)
     assert row["binding"] == "memory" and row["max_stable_rate"] == pytest.approx(mu)

@@ -229,6 +229,11 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(setting, tmp_pa
     log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["tokens"] for r in log_one] == [r["tokens"] for r in log_two]
     assert [r["loss"] for r in log_one] == pytest.approx([r["loss"] for r in log_two], rel=1e-5)
+    # the logged gradient norm is the global gradient's (the one clipping uses), not world-size times it;
+    # the two runs sum the same gradient in another order, hence the tolerance
+    norms_one, norms_two = [r["grad_norm"] for r in log_one], [r["grad_norm"] for r in log_two]
+    assert all(n > 0 for n in norms_one)
+    assert norms_two == pytest.approx(norms_one, rel=1e-4)
 
 
 def test_teacher_logits_cache(setting, tmp_path, tokenizer):
@@ -514,6 +519,85 @@ def test_a_stop_between_micro_batches_abandons_the_step(setting, monkeypatch, tm
     assert _same_weights(whole, out)
 
 
+def _timeless(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("seconds", "tokens_per_s")} for row in log]
+
+
+def test_resume_with_another_lr_rescales_the_schedule_and_records_it(setting, monkeypatch, tmp_path):
+    """A stopped run (or one stopped by a non-finite loss) may go on with another --lr: the schedule goes
+    on at the same step scaled to the new peak, the optimizer steps with it, and the checkpoint and the
+    output's manifest record the new --lr and the step it took over after; other settings stay refused."""
+    args = ["--method", "kd-lora", "--tokens", str(6 * 64), *SMALL]
+    whole = tmp_path / "whole"
+    assert invoke(setting, whole, *args).exit_code == 0
+    _stop_at(monkeypatch, 3)
+    out = tmp_path / "out"
+    assert invoke(setting, out, *args).exit_code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    ckpt = Path(f"{out}.checkpoint")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+    before = load_file(str(ckpt / "trainable.safetensors"))
+
+    refused = invoke(setting, out, *args, "--lr", "1e-20", "--temperature", "2", "--resume")
+    assert_refused(refused, "--resume", "--temperature")
+    assert "--lr" not in refused.stderr and not out.exists()
+    resumed = invoke(setting, out, *args, "--lr", "1e-20", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    manifest = read_manifest(out, ("distill",))
+    assert manifest["config"]["lr"] == manifest["schedule"]["lr"] == 1e-20
+    assert manifest["schedule"]["lr_history"] == [{"step": 0, "lr": 3e-4}, {"step": 3, "lr": 1e-20}]
+    assert read_manifest(ckpt)["config"]["lr"] == 1e-20
+    assert json.loads((ckpt / "state.json").read_text())["lr_history"] == manifest["schedule"]["lr_history"]
+    # the same warm-up and cosine factors, from step 4 on times 1e-20 / 3e-4
+    log, whole_log = read_log(out), read_log(whole)
+    assert [r["lr"] for r in log[:3]] == [r["lr"] for r in whole_log[:3]]
+    assert all(r["lr"] > 0 for r in whole_log[3:])
+    assert [r["lr"] for r in log[3:]] == pytest.approx([r["lr"] / 3e-4 * 1e-20 for r in whole_log[3:]], rel=1e-9)
+    # and AdamW stepped with it: at 1e-20 the trained weights stay where the checkpoint had them, while
+    # the uninterrupted run (3e-4) moved them in the same three steps
+    after = load_file(str(ckpt / "trainable.safetensors"))
+    moved = load_file(str(Path(f"{whole}.checkpoint") / "trainable.safetensors"))
+    assert after.keys() == before.keys() == moved.keys()
+    assert all(torch.allclose(after[k], before[k], rtol=0, atol=1e-15) for k in before)
+    assert not all(torch.allclose(moved[k], before[k], rtol=0, atol=1e-6) for k in before)
+
+
+def test_a_non_finite_loss_checkpoints_exactly_the_state_after_the_last_good_step(setting, monkeypatch, tmp_path):
+    """A non-finite loss in step 4 (dropout has drawn that step's masks by then) leaves the checkpoint of
+    the state after step 3, random generators included: the same generator states as a run stopped after
+    step 3, and a --resume with the same --lr replays step 4 on as the uninterrupted run did, bit for bit."""
+    args = ["--method", "kd-lora", "--tokens", str(6 * 64), "--lora-dropout", "0.3", *SMALL]
+    whole = tmp_path / "whole"
+    assert invoke(setting, whole, *args).exit_code == 0
+    real, calls = distill_stage.kd_loss, []
+
+    def nan_in_step_4(*a, **kw):  # one micro-batch a step: the 4th call is step 4's
+        calls.append(None)
+        result = real(*a, **kw)
+        return result._replace(loss=result.loss * float("nan")) if len(calls) == 4 else result
+
+    monkeypatch.setattr(distill_stage, "kd_loss", nan_in_step_4)
+    out = tmp_path / "out"
+    failed = invoke(setting, out, *args)
+    assert failed.exit_code == 1 and "non-finite loss or gradient at step 4" in failed.stderr, failed.stderr
+    assert "after step 3" in failed.stderr and "--resume" in failed.stderr and not out.exists()
+    monkeypatch.undo()
+    ckpt = Path(f"{out}.checkpoint")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 3
+
+    _stop_at(monkeypatch, 3)
+    stopped = tmp_path / "stopped"
+    assert invoke(setting, stopped, *args).exit_code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    rng, want = (load_file(str(d / "rng.safetensors")) for d in (ckpt, Path(f"{stopped}.checkpoint")))
+    assert rng.keys() == want.keys() and all(torch.equal(rng[k], want[k]) for k in rng)
+
+    resumed = invoke(setting, out, *args, "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert _same_weights(whole, out)
+    assert _timeless(read_log(out)) == _timeless(read_log(whole))
+
+
 @pytest.mark.slow
 def test_two_processes_draw_their_own_dropout_and_resume_bit_for_bit(setting, tmp_path):
     """Under torchrun each rank seeds its dropout after the (shared) LoRA initialisation, so the ranks'
@@ -638,6 +722,25 @@ def test_eval_every_logs_the_held_out_perplexity_of_the_student_as_it_is(setting
     assert log[-1]["eval_nll"] == pytest.approx(float(nll), rel=1e-5)
     assert log[-1]["eval_ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
     assert read_manifest(out, ("distill",))["evaluation"]["tokens"] == 100
+
+
+def test_eval_every_logs_the_standard_error_eval_ppl_gives_on_the_same_slice(setting, tmp_path):
+    """The held-out evaluation's standard error (log.arrow: eval_nll_se, eval_ppl_se) is eval-ppl's on the
+    same slice (--max-tokens = --eval-tokens), over the slice's documents; steps without one have none."""
+    out = tmp_path / "evaluated"
+    result = invoke(setting, out, "--method", "kd-lora", "--tokens", str(3 * 64), "--eval-every", "2",
+                    "--eval-tokens", "1500", *SMALL)
+    assert result.exit_code == 0, result.stderr
+    log = read_log(out)
+    assert [row["eval_ppl_se"] is not None for row in log] == [False, True, True]
+    ppl = CliRunner().invoke(app, ["eval-ppl", str(out), "--data", str(setting["data"]), "--max-tokens", "1500",
+                                   "--device", "cpu", "--out", str(tmp_path / "ppl")])
+    assert ppl.exit_code == 0, ppl.stderr
+    scored = json.loads((tmp_path / "ppl" / "result.json").read_text())
+    assert scored["protocol"]["se_unit"] == "documents" and scored["protocol"]["se_units"] > 2
+    assert log[-1]["eval_ppl"] == pytest.approx(scored["perplexity"], rel=1e-5)
+    assert log[-1]["eval_nll_se"] == pytest.approx(scored["mean_nll_se"], rel=1e-4)
+    assert log[-1]["eval_ppl_se"] == pytest.approx(scored["perplexity_se"], rel=1e-4)
 
 
 def test_eval_flags_are_checked(setting, tmp_path):

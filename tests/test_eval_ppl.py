@@ -239,7 +239,7 @@ def test_token_nll_matches_full_logits_on_a_real_model(model):
 def test_outputs_written(tiny_llama, data, tmp_path):
     out = tmp_path / "ppl"
     result = evaluate(tiny_llama, data, out, max_tokens=300)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "result.arrow", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "result.arrow", "result.json", "windows.arrow"]
     with pa.OSFile(str(out / "result.arrow"), "rb") as source:
         table = pa.ipc.open_stream(source).read_all()
     assert table.num_rows == 1
@@ -254,18 +254,22 @@ def test_outputs_written(tiny_llama, data, tmp_path):
     assert roles["model"]["path"] == str(tiny_llama)
     assert roles["data"]["hash"] == read_manifest(data, ("prepare-data",))["hash"]
     assert manifest["config"]["max_tokens"] == 300 and manifest["config"]["out"] == str(out)
-    assert set(manifest["files"]) == {"result.arrow", "result.json"}
+    assert set(manifest["files"]) == {"result.arrow", "result.json", "windows.arrow"}
+    assert manifest["result"]["perplexity_se"] == result["perplexity_se"] > 0
 
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_cli_default_output_is_data_ppl_label(tiny_llama, prepared):
+def test_cli_default_output_is_ppl_label(tiny_llama, prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in prepared.iterdir())
     result = invoke("eval-ppl", str(tiny_llama), "--data", str(prepared), "--max-tokens", "200", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
-    expected = prepared / "ppl" / tiny_llama.name
+    expected = Path("ppl") / tiny_llama.name  # outside --data: an output never lies inside an input
     assert result.stdout == f"{expected}\n"
+    assert sorted(p.name for p in prepared.iterdir()) == before
     assert (expected / "result.json").is_file()
     assert "perplexity" in result.stderr
     # the data artifact itself still checks out
@@ -275,10 +279,11 @@ def test_cli_default_output_is_data_ppl_label(tiny_llama, prepared):
     assert again.exit_code == 2 and "--overwrite" in again.stderr
 
 
-def test_cli_refuses_model_with_another_tokenizer(other_model, data):
+def test_cli_refuses_model_with_another_tokenizer(other_model, data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, ppl/<model name>, is relative
     result = invoke("eval-ppl", str(other_model), "--data", str(data))
     assert_refused(result, "--data", "tokenizer", "prepare-data")
-    assert not (data / "ppl").exists()
+    assert not (tmp_path / "ppl").exists() and not (data / "ppl").exists()
     assert not [p for p in data.iterdir() if p.name.startswith(".")]
 
 
@@ -343,8 +348,10 @@ def test_config_validation():
 # Hand-made prepare-data artifacts: exact byte counts and edge cases
 
 
-def hand_made_data(path: Path, tokenizer, heldout: list[tuple[list[int], list[int]]], seq_len: int = 8) -> Path:
-    """A prepare-data artifact written directly: the given held-out rows, one train row."""
+def hand_made_data(path: Path, tokenizer, heldout: list[tuple[list[int], list[int]]], seq_len: int = 8,
+                   documents: int | None = None) -> Path:
+    """A prepare-data artifact written directly: the given held-out rows, one train row (and, given
+    `documents`, the count of held-out documents a real manifest records)."""
     path.mkdir(parents=True)
     for split, rows in (("train", [([1, 2, 3], None)]), ("heldout", heldout)):
         schema = split_schema(with_bytes=split == "heldout")
@@ -353,8 +360,9 @@ def hand_made_data(path: Path, tokenizer, heldout: list[tuple[list[int], list[in
             columns.append(pa.array([nbytes for _, nbytes in rows], pa.list_(pa.int32())))
         with pa.OSFile(str(path / f"{split}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+    splits = {"splits": {"heldout": {"documents": documents}}} if documents is not None else {}
     write_manifest(path, "prepare-data", config={"seq_len": seq_len}, inputs=[],
-                   tokenizer=tokenizer_identity(tokenizer))
+                   tokenizer=tokenizer_identity(tokenizer), **splits)
     return path
 
 
@@ -372,9 +380,10 @@ def test_exact_bytes_on_hand_made_data(tiny_llama, tokenizer, model, tmp_path):
 def test_no_scored_bytes_still_succeeds(tiny_llama, tokenizer, model, tmp_path):
     """Only an EOS (0 bytes) is scored: bits-per-byte is undefined (null), the run still succeeds."""
     data = hand_made_data(tmp_path / "data", tokenizer, [([5, 0], [1, 0])])
-    result = CliRunner().invoke(app, ["eval-ppl", str(tiny_llama), "--data", str(data), "--device", "cpu"])
+    out = tmp_path / "ppl"
+    result = CliRunner().invoke(app, ["eval-ppl", str(tiny_llama), "--data", str(data), "--device", "cpu",
+                                      "--out", str(out)])
     assert result.exit_code == 0, result.stderr
-    out = data / "ppl" / tiny_llama.name
     assert result.stdout == f"{out}\n"
     saved = json.loads((out / "result.json").read_text())
     assert saved["bits_per_byte"] is None
@@ -383,11 +392,117 @@ def test_no_scored_bytes_still_succeeds(tiny_llama, tokenizer, model, tmp_path):
     assert saved["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
 
 
-def test_nothing_to_score_is_refused(tiny_llama, tokenizer, tmp_path):
+def test_nothing_to_score_is_refused(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, ppl/<model name>, is relative
     data = hand_made_data(tmp_path / "data", tokenizer, [([5], [1])])
     result = invoke("eval-ppl", str(tiny_llama), "--data", str(data), "--device", "cpu")
     # found only after the (empty) evaluation, so the progress line precedes the error
     assert result.exit_code == 2 and result.stdout == ""
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --data") and "no held-out tokens" in last
-    assert not (data / "ppl").exists()
+    assert not (tmp_path / "ppl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-window and per-document NLL sums, and the standard error of the perplexity
+
+
+def reference_tokens(model, windows) -> list[list[float]]:
+    """Per window, the NLL of each scored token from plain full-vocabulary logits."""
+    out = []
+    with torch.no_grad():
+        for ids, _ in windows:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(x).logits[0, :-1].double(), dim=-1)
+            out.append([float(v) for v in -logp.gather(1, x[0, 1:, None])[:, 0]])
+    return out
+
+
+def hand_se(sums: list[float], tokens: list[int]) -> float:
+    """The delta method's SE of Σ sums / Σ tokens over k units, written out."""
+    k, mean = len(sums), sum(sums) / sum(tokens)
+    return math.sqrt(k / (k - 1) * sum((s - mean * n) ** 2 for s, n in zip(sums, tokens))) / sum(tokens)
+
+
+def read_windows(out: Path) -> list[dict]:
+    with pa.memory_map(str(out / "windows.arrow")) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
+@pytest.mark.parametrize("max_tokens", [10_000_000, 20 * SEQ_LEN - 7])  # 17 documents; 5, the last cut
+def test_windows_arrow_holds_each_documents_nll_and_the_se_is_over_documents(
+        tiny_llama, data, heldout_windows, model, tmp_path, max_tokens):
+    """Every scored token is given, independently here, to the document it belongs to (the separator to the
+    one it ends; a document may straddle windows); windows.arrow holds those sums per (window, document),
+    and perplexity_se is the delta method's over the documents, checked against the formula by hand."""
+    out = tmp_path / "ppl"
+    result = evaluate(tiny_llama, data, out, max_tokens=max_tokens, batch_size=3)
+    windows = budgeted(heldout_windows, max_tokens)
+    sep = read_manifest(data, ("prepare-data",))["doc_sep"]["id"]
+    expected: dict[tuple[int, int], list[float]] = {}
+    document = 0
+    for w, ((ids, nbytes), nlls) in enumerate(zip(windows, reference_tokens(model, windows))):
+        for t in range(len(ids)):
+            if t > 0:
+                entry = expected.setdefault((w, document), [0, 0, 0.0])
+                entry[0] += 1
+                entry[1] += nbytes[t]
+                entry[2] += nlls[t - 1]
+            document += ids[t] == sep
+    rows = read_windows(out)
+    assert [(r["window"], r["document"]) for r in rows] == list(expected)
+    assert any(sum(r["document"] == d for r in rows) > 1 for d in {r["document"] for r in rows})  # straddles
+    for r in rows:
+        tokens, nbytes, nll = expected[r["window"], r["document"]]
+        assert (r["tokens"], r["bytes"]) == (tokens, nbytes)
+        assert r["nll"] == pytest.approx(nll, rel=1e-5, abs=1e-6)
+    assert sum(r["tokens"] for r in rows) == result["protocol"]["tokens_scored"]
+    assert sum(r["nll"] for r in rows) == pytest.approx(result["nll_sum"], rel=1e-9)
+
+    per_doc: dict[int, list[float]] = {}
+    for (_, d), (tokens, _, nll) in expected.items():
+        per_doc.setdefault(d, [0.0, 0])
+        per_doc[d][0] += nll
+        per_doc[d][1] += tokens
+    se = hand_se([v[0] for v in per_doc.values()], [v[1] for v in per_doc.values()])
+    assert result["protocol"]["se_unit"] == "documents" and result["protocol"]["se_units"] == len(per_doc) > 2
+    assert result["mean_nll_se"] == pytest.approx(se, rel=1e-4)
+    assert result["perplexity_se"] == pytest.approx(result["perplexity"] * se, rel=1e-4)
+    # over documents, not windows: the windows' SE is another number
+    per_window = [(sum(v[2] for (w2, _), v in expected.items() if w2 == w),
+                   sum(v[0] for (w2, _), v in expected.items() if w2 == w)) for w in range(len(windows))]
+    assert abs(hand_se(*zip(*per_window)) - se) > 1e-3 * se
+
+
+HAND_ROWS = [([5, 7, 9, 0, 11, 12, 13, 14], [1] * 8), ([20, 21, 0, 30], [1] * 4), ([40, 0, 41, 42, 43], [1] * 5)]
+
+
+@pytest.mark.parametrize("documents", [None, 4])
+def test_the_se_falls_back_to_windows_where_the_documents_are_not_known(tiny_llama, tokenizer, model, tmp_path,
+                                                                        documents):
+    """Data whose manifest does not count its held-out documents, or counts other than the separators (0, the
+    EOS, three times) mark: document is null and the SE is over the windows (three here), by the formula."""
+    data = hand_made_data(tmp_path / "data", tokenizer, HAND_ROWS, documents=documents)
+    result = evaluate(tiny_llama, data, tmp_path / "ppl", batch_size=2)
+    table = read_windows(tmp_path / "ppl")
+    assert [(r["window"], r["document"], r["tokens"]) for r in table] == [(0, None, 7), (1, None, 3), (2, None, 4)]
+    sums = [sum(nlls) for nlls in reference_tokens(model, HAND_ROWS)]
+    assert [r["nll"] for r in table] == pytest.approx(sums, rel=1e-5)
+    assert result["protocol"]["se_unit"] == "windows" and result["protocol"]["se_units"] == 3
+    assert result["mean_nll_se"] == pytest.approx(hand_se(sums, [7, 3, 4]), rel=1e-4)
+
+
+def test_documents_marked_by_their_separators_are_the_se_units(tiny_llama, tokenizer, model, tmp_path):
+    """Three separators and a manifest counting three documents: each scored token goes to its document (a
+    separator to the one it ends), documents straddle windows, and the SE is over the 4 documents."""
+    data = hand_made_data(tmp_path / "data", tokenizer, HAND_ROWS, documents=3)
+    result = evaluate(tiny_llama, data, tmp_path / "ppl", batch_size=2)
+    table = read_windows(tmp_path / "ppl")
+    assert [(r["window"], r["document"], r["tokens"]) for r in table] == [
+        (0, 0, 3), (0, 1, 4), (1, 1, 2), (1, 2, 1), (2, 2, 1), (2, 3, 3)]
+    nlls = reference_tokens(model, HAND_ROWS)
+    pieces = [sum(nlls[0][:3]), sum(nlls[0][3:]), sum(nlls[1][:2]), nlls[1][2], nlls[2][0], sum(nlls[2][1:])]
+    assert [r["nll"] for r in table] == pytest.approx(pieces, rel=1e-5)
+    per_document = [pieces[0], pieces[1] + pieces[2], pieces[3] + pieces[4], pieces[5]]
+    assert result["protocol"]["se_unit"] == "documents" and result["protocol"]["se_units"] == 4
+    assert result["mean_nll_se"] == pytest.approx(hand_se(per_document, [3, 6, 2, 3]), rel=1e-4)

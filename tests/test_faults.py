@@ -7,6 +7,7 @@ are at the end."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from helpers import save_tiny_model, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from bltool import models
 from bltool.artifacts import read_manifest
 from bltool.cli import app
 
@@ -54,9 +57,13 @@ def made(tmp_path_factory, tokenizer) -> dict[str, Path]:
                          *SMALL, "--out", root / "distilled"))
     compressed = Path(cli("compress", distilled, "--out", root / "compressed"))
     ppl = Path(cli("eval-ppl", compressed, "--data", data, "--max-tokens", "256", "--out", root / "runs" / "ppl"))
+    probes = root / "probes.json"
+    probes.write_text(json.dumps([{"input": w, "output": w.upper()} for w in ("cat", "dog", "sun", "sea")]))
+    workload = root / "workload.csv"
+    workload.write_text("prompt_tokens,output_tokens\n16,8\n24,4\n")
     return {"teacher": teacher, "data": data, "student": student, "cache": cache, "distilled": distilled,
             "checkpoint": Path(f"{distilled}.checkpoint"), "compressed": compressed, "ppl": ppl,
-            "runs": root / "runs"}
+            "runs": root / "runs", "corpus": corpus, "probes": probes, "workload": workload}
 
 
 # What each stage reads: (stage, the input artifact, the command with {input} and {out} to fill in).
@@ -182,6 +189,182 @@ def test_a_damaged_input_is_refused_in_one_line(made, tmp_path, stage, role, fau
     assert victim.name in lines[0] or str(target) in lines[0], lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The output over an input, and --overwrite of a directory another made: refused before any work, in one
+# line naming both flags, every input byte for byte as it was
+
+
+def _stage_commands(a: dict[str, Path]) -> dict[str, list]:
+    """Every command that writes an --out, on the inputs `a` names, ending in `--out`."""
+    distill = ["distill", "--teacher", a["teacher"], "--student", a["student"], "--data", a["data"],
+               "--teacher-logits", a["cache"], "--method", "kd-lora", "--tokens", "256", "--save-every", "0", *SMALL]
+    return {
+        "prepare-data": ["prepare-data", a["corpus"], "--tokenizer", a["teacher"], "--heldout", "0.2", "--seq-len",
+                         "32"],
+        "build-student": ["build-student", "--teacher", a["teacher"], "--layers", "2"],
+        "teacher-logits": ["teacher-logits", "--teacher", a["teacher"], "--data", a["data"], "--tokens", "256",
+                           "--top-k", "8"],
+        "distill": distill,
+        "distill --resume": [*distill, "--checkpoint-dir", a["checkpoint"], "--resume"],
+        "compress": ["compress", a["distilled"]],
+        "eval-ppl": ["eval-ppl", a["compressed"], "--data", a["data"], "--max-tokens", "256"],
+        "eval-icl": ["eval-icl", a["compressed"], "--probes", a["probes"], "--n", "1", "--seeds", "1"],
+        "eval-harness": ["eval-harness", a["compressed"], "--tasks", "arc_easy", "--limit", "1"],
+        "bench": ["bench", a["compressed"], "--baseline", a["student"], *BENCH],
+        "bench-serving": ["bench-serving", a["compressed"], "--repeats", "1"],
+        "capacity": ["capacity", a["compressed"], "--gpu-mem", "1GiB", "--workload", a["workload"],
+                     "--iteration-time", "0.01"],
+        "report": ["report", a["runs"]],
+    }
+
+
+# (stage, the input's role in `made`, the flag it is given with)
+OVER = [
+    ("prepare-data", "corpus", "INPUT"), ("prepare-data", "teacher", "--tokenizer"),
+    ("build-student", "teacher", "--teacher"),
+    ("teacher-logits", "teacher", "--teacher"), ("teacher-logits", "data", "--data"),
+    ("distill", "student", "--student"), ("distill", "data", "--data"), ("distill", "teacher", "--teacher"),
+    ("distill", "cache", "--teacher-logits"), ("distill --resume", "checkpoint", "--checkpoint-dir"),
+    ("compress", "distilled", "MODEL"),
+    ("eval-ppl", "compressed", "MODEL"), ("eval-ppl", "data", "--data"),
+    ("eval-icl", "compressed", "MODEL"), ("eval-icl", "probes", "--probes"),
+    ("eval-harness", "compressed", "MODEL"),
+    ("bench", "compressed", "MODEL"), ("bench", "student", "--baseline"),
+    ("bench-serving", "compressed", "MODEL"),
+    ("capacity", "compressed", "MODELS"), ("capacity", "workload", "--workload"),
+    ("report", "runs", "RUN_DIR"),
+]
+FILES = ("probes", "workload")  # inputs that are files: nothing can lie inside them
+RELATIONS = ("same", "inside", "contains", "symlink-out", "symlink-in")
+OVER_CASES = [(stage, role, flag, relation) for stage, role, flag in OVER for relation in RELATIONS
+              if not (relation == "inside" and (role in FILES or stage == "report"))]  # report writes into RUN_DIR
+
+
+def digest(path: Path) -> dict[str, str]:
+    """Every entry under `path` (itself included): files by SHA-256, symlinks by target, directories by name."""
+    path = Path(path)
+    entries = [path, *sorted(path.rglob("*"))] if path.is_dir() and not path.is_symlink() else [path]
+    found = {}
+    for entry in entries:
+        name = entry.relative_to(path).as_posix() if entry != path else "."
+        if entry.is_symlink():
+            found[name] = f"-> {os.readlink(entry)}"
+        elif entry.is_dir():
+            found[name] = "dir"
+        else:
+            found[name] = hashlib.sha256(entry.read_bytes()).hexdigest()
+    return found
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True)
+    else:
+        shutil.copyfile(source, target)
+    return target
+
+
+def _refusal(args: list) -> str:
+    """Run the CLI; it must refuse in one line and write nothing to stdout. Returns that line."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize("stage, role, flag, relation", OVER_CASES, ids=["-".join(c) for c in OVER_CASES])
+def test_an_out_over_an_input_is_refused_and_the_input_kept(made, tmp_path, stage, role, flag, relation):
+    """--out the input itself, inside it, containing it (its parent), or either given through a symlink;
+    with --overwrite, the most it could destroy."""
+    holder = tmp_path / "in"  # holds the input alone: --out there contains it and nothing else
+    copy = _copy(made[role], holder / made[role].name)
+    given, out, shown = copy, copy, "is the same path as"
+    if relation == "inside":
+        out, shown = copy / "sub", "is inside"
+    elif relation == "contains":
+        out, shown = holder, "contains"
+    elif relation == "symlink-out":  # --out names the input through a link
+        out = tmp_path / "link"
+        out.symlink_to(copy, target_is_directory=copy.is_dir())
+    elif relation == "symlink-in":  # the input is named through a link, --out by its real path
+        given = tmp_path / "link"
+        given.symlink_to(copy, target_is_directory=copy.is_dir())
+    before = digest(holder)
+    line = _refusal([*_stage_commands({**made, role: given})[stage], "--out", out, "--overwrite"])
+    assert line == f"error: --out {out} {shown} {flag} {given}: choose an --out outside the stage's inputs"
+    assert digest(holder) == before
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary sibling either
+
+
+def test_a_checkpoint_dir_over_an_input_is_refused(made, tmp_path):
+    data = _copy(made["data"], tmp_path / "data")
+    before = digest(data)
+    line = _refusal([*_stage_commands({**made, "data": data})["distill"], "--out", tmp_path / "out",
+                     "--checkpoint-dir", data, "--overwrite"])  # --overwrite deletes an old checkpoint
+    assert line == (f"error: --checkpoint-dir {data} is the same path as --data {data}: choose an "
+                    "--checkpoint-dir outside the stage's inputs")
+    assert digest(data) == before and not (tmp_path / "out").exists()
+
+
+def test_an_out_inside_a_teacher_named_by_an_alias_is_refused(made, tmp_path, isolated_home):
+    """An alias (teachers.toml) and a .gguf file stand for paths too: the alias's target, the file and its
+    converted checkpoint."""
+    teacher = _copy(made["teacher"], tmp_path / "teacher")
+    (isolated_home / "teachers.toml").write_text(f'mine = "{teacher}"\n')
+    before = digest(teacher)
+    line = _refusal(["build-student", "--teacher", "mine", "--layers", "2", "--out", teacher / "student"])
+    assert line == (f"error: --out {teacher / 'student'} is inside --teacher {teacher}: choose an --out outside the "
+                    "stage's inputs")
+    assert digest(teacher) == before
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # refused before anything reads it
+    line = _refusal(["eval-icl", gguf, "--out", gguf, "--overwrite"])
+    assert line == f"error: --out {gguf} is the same path as MODEL {gguf}: choose an --out outside the stage's inputs"
+    assert gguf.read_bytes() == b"GGUF"
+    converted = models.gguf_cache_dir(gguf)
+    line = _refusal(["eval-icl", gguf, "--out", converted / "icl"])
+    assert line == (f"error: --out {converted / 'icl'} is inside MODEL {converted}: choose an --out outside the "
+                    "stage's inputs")
+
+
+STAGES = list(_stage_commands(defaultdict(Path)))
+FOREIGN = ("a user's folder", "another stage's output")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("what", FOREIGN)
+def test_overwrite_replaces_only_an_earlier_output_of_the_same_stage(made, tmp_path, stage, what):
+    out = tmp_path / "out"
+    if what == "a user's folder":
+        (out / "notes").mkdir(parents=True)
+        (out / "notes" / "plan.txt").write_text("mine")
+        found = "not a bltool output (no readable manifest.json)"
+    else:
+        other = made["ppl"] if stage != "eval-ppl" else made["cache"]
+        _copy(other, out)
+        found = f"the output of `bltool {read_manifest(out)['stage']}`"
+    before = digest(out)
+    line = _refusal([*_stage_commands(made)[stage], "--out", out, "--overwrite"])
+    assert line.startswith(f"error: --out {out} is {found}; --overwrite replaces only "), line
+    assert digest(out) == before
+    assert not [p for p in tmp_path.rglob(".*")]
+
+
+def test_overwrite_deletes_only_an_earlier_distill_checkpoint(made, tmp_path):
+    out = tmp_path / "out"
+    mine = Path(f"{out}.checkpoint")  # distill's default --checkpoint-dir, here a folder of the user's
+    mine.mkdir()
+    (mine / "plan.txt").write_text("mine")
+    line = _refusal([*_stage_commands(made)["distill"], "--out", out, "--overwrite"])
+    assert line == (f"error: --checkpoint-dir {mine} is not a bltool output (no readable manifest.json); "
+                    "--overwrite replaces only a `bltool distill` checkpoint: choose another --checkpoint-dir or "
+                    "empty it first")
+    assert (mine / "plan.txt").read_text() == "mine" and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,32 @@ def test_a_slope_the_data_contradicts_is_zero_not_negative():
     assert model.intercept_s == pytest.approx(0.01 - 1e-4 * d.mean(), rel=0.05)
 
 
+def test_a_negative_intercept_is_zero_and_the_slopes_refitted_through_the_origin():
+    """Iterations that all did much work can put the least-squares line below zero at no work (seen on a
+    busy machine: -0.2 s); an iteration takes no negative time, and the simulator refuses such a model."""
+    rng = np.random.default_rng(2)
+    p = rng.integers(200, 256, size=200)
+    d = rng.integers(0, 4, size=200)
+    y = -0.05 + 4e-4 * p + 1e-3 * d + rng.normal(0, 1e-4, size=200)
+    model = fit(p, d, y)
+    assert model.intercept_s == 0.0 and model.prefill_token_s > 0 and model.decode_seq_s >= 0
+    design = np.column_stack([p, d]).astype(float)  # the through-the-origin least squares, by hand
+    expected, *_ = np.linalg.lstsq(design, y, rcond=None)
+    assert [model.prefill_token_s, model.decode_seq_s] == pytest.approx(expected.tolist(), rel=1e-9)
+
+
+def test_a_fit_that_would_give_an_iteration_no_time_is_the_constant_mean():
+    """A negative intercept and a contradicted slope: through the origin, a one-token prefill iteration
+    would take 0 s (the simulator refuses such a model; seen on vLLM on a busy machine): the mean instead."""
+    rng = np.random.default_rng(3)
+    p = rng.integers(200, 256, size=200)
+    d = rng.integers(0, 4, size=200)
+    y = -0.05 - 1e-4 * p + 0.1 * d + rng.normal(0, 1e-3, size=200)
+    model = fit(p, d, y)
+    assert model.is_constant and model.intercept_s == pytest.approx(float(y.mean()))
+    assert float(model.seconds(1, 0)) > 0 and float(model.seconds(0, 1)) > 0
+
+
 def test_a_feature_that_never_varies_gets_no_slope():
     model = fit([0, 0, 0, 0], [4, 4, 4, 4], [0.010, 0.012, 0.011, 0.013])
     assert model.prefill_token_s == 0.0 and model.decode_seq_s == 0.0

@@ -200,3 +200,48 @@ def test_lora_path_keeps_one_input_and_a_bool_mask():
     assert sum(saved.values()) <= x_bytes + 3 * x.numel() + codes + params + 1024
     out.sum().backward()
     assert x.grad is not None and all(layer.lora_A.grad is not None for layer in layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rho", [0.0, 0.37, 1.0])
+def test_module_gradients_equal_autograd_on_the_written_out_formula(rho, bias, dropout, dtype):
+    """The whole module against autograd on docs/method.md §2 written out,
+
+        y = ρ · (W x + b) + (α / r) · B · diag(sigmoid(γ)) · A · dropout(x),
+
+    in float64 with the same dropout mask: the output and the gradients of x, A, B and the gate logits γ
+    (W and b are frozen in every method). x's gradient is where the dense path shows: ρ · Wᵀ ∂y plus the
+    low-rank path's. In float32 the dense path runs through oneDNN (`frozen_linear`'s own backward): the
+    same reference, to float32 precision."""
+    torch.manual_seed(2)
+    layer = GatedLoRALinear(nn.Linear(6, 5, bias=bias, dtype=dtype), rank=3, alpha=6.0, dropout=dropout).train()
+    with torch.no_grad():
+        nn.init.normal_(layer.lora_B)
+        layer.gate_logits.normal_()
+        if bias:
+            layer.base.bias.normal_()
+    layer.set_rho(rho)
+    x = torch.randn(2, 4, 6, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(2, 4, 5, dtype=dtype)
+    state = torch.get_rng_state()
+    out = layer(x)
+    out.backward(grad_y)
+    got = [out, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.gate_logits.grad]
+    assert layer.base.weight.grad is None
+
+    torch.set_rng_state(state)  # the module's mask, drawn the same way
+    keep = (torch.rand(x.shape) >= dropout).double() / (1 - dropout) if dropout else torch.ones(x.shape).double()
+    xr, a, b, gamma = (t.detach().double().requires_grad_(True)
+                       for t in (x, layer.lora_A, layer.lora_B, layer.gate_logits))
+    w = layer.base.weight.detach().double()
+    dense = xr @ w.t() + (layer.base.bias.detach().double() if bias else 0.0)
+    r = layer._rho  # the ρ the module holds (float32-rounded, as the buffer)
+    ref = r * dense + layer.scaling * (((xr * keep) @ a.t()) * torch.sigmoid(gamma)) @ b.t()
+    ref.backward(grad_y.double())
+    want = [ref, xr.grad, a.grad, b.grad, gamma.grad]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for name, g, ref_g in zip(("y", "x", "A", "B", "gate logits"), got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), ref_g, **tol, msg=lambda m, name=name: f"{name}: {m}")

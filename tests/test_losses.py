@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from bltool.errors import UsageError
-from bltool.train.losses import kd_loss, kd_loss_reference, kd_loss_topk, kd_loss_topk_reference
+from bltool.train.losses import (
+    kd_loss,
+    kd_loss_reference,
+    kd_loss_sampled,
+    kd_loss_sampled_reference,
+    kd_loss_topk,
+    kd_loss_topk_reference,
+)
 from bltool.train.teacher_cache import teacher_topk
 
 
@@ -301,6 +308,53 @@ def test_topk_cache_path_matches_a_float64_reference(t, student_tail):
     assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("t", [1.0, 3.0])
+def test_topk_cache_with_a_teacher_tail_near_1e_7_matches_a_float64_reference(t, tmp_path):
+    """The precision the float32 tail exists for: the teacher's top k hold all but ~1e-7 of its mass, the
+    student leaves ~3e-7 outside them. The teacher's logits go through the cache as `teacher-logits`
+    writes and `distill` reads it (CacheWriter → TeacherCache), the student's loss runs in float32; the
+    gradient on the tokens outside the top k, q_j · (1 − p_tail / Q_tail), matches the float64
+    full-vocabulary reference to 1e-4. 1 − Σ top-k in float32 has no digit of p_tail left at 1e-7
+    (float32's spacing below 1 is 6e-8), so a tail stored or computed that way misses it by ~100%."""
+    from bltool.train.teacher_cache import CacheWriter, TeacherCache
+
+    g = torch.Generator().manual_seed(4)
+    n, v, k = 6, 50, 8
+    z_t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
+    target = torch.linspace(5e-8, 3e-7, n, dtype=torch.float64)  # the teacher's tail mass, row by row
+    gap = torch.logsumexp(z_t[:, k:] / t, -1) - torch.logsumexp(z_t[:, :k] / t, -1) - target.log()
+    z_t[:, :k] += t * gap[:, None]
+    z_t = z_t.float().double()  # the teacher's logits as its float32 head gives them
+    z_s = z_t + 0.3 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    z_s[:, k:] += t * math.log(3.0)  # the student's tail: about three times the teacher's
+    z_s = z_s.float().double()
+    labels = torch.randint(0, v, (n,), generator=g)
+    ref_input = z_s.clone().requires_grad_(True)
+    ref_loss, p_tail = _coarse_reference(z_t, ref_input, labels, k, t, 0.8)
+    ref_loss.backward()
+    assert torch.allclose(p_tail, target, rtol=1e-6)
+
+    # the cache: one sequence of n + 1 tokens whose n predicting positions have these logits, written and read
+    top = teacher_topk(torch.cat([z_t.float(), z_t.float()[:1]])[None], identity_head(v).float(), k, t)
+    writer = CacheWriter(tmp_path / "part.arrow")
+    writer.write([0], *top, [n + 1])
+    writer.close()
+    cache = TeacherCache(tmp_path, {"config": {"top_k": k, "temperature": t},
+                                    "shards": [{"file": "part.arrow", "rows": 1}]})
+    ids, values, lse, tail = cache.batch([0], n + 1, "cpu")
+    assert torch.equal(ids[0], z_t.topk(k, -1).indices)
+    h_s = torch.cat([z_s.float(), z_s.float()[:1]])[None].requires_grad_(True)  # (1, n + 1, V)
+    input_ids = torch.cat([torch.zeros(1, dtype=torch.long), labels])[None]
+    out = kd_loss_topk(h_s, identity_head(v).float(), ids, values, lse, tail, input_ids, torch.ones_like(input_ids),
+                       temperature=t)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref_loss.item(), rel=2e-4)
+    grad, ref_grad = h_s.grad[0, :n].double(), ref_input.grad
+    outside = torch.ones(n, v, dtype=torch.bool).scatter(-1, ids[0], False)
+    torch.testing.assert_close(grad[outside], ref_grad[outside], rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=1e-3 * ref_grad.abs().max().item())
+
+
 # -- the fused pass: exact against autograd, nothing kept, nothing recomputed ---------------------------
 
 
@@ -370,3 +424,78 @@ def test_the_graph_keeps_no_vocabulary_sized_activation():
         out = kd_loss(h_s, h_t, head_s, head_t, ids, mask, chunk=8)
     assert saved and max(math.prod(s) for s in saved) == h_s.numel()  # (B, T, d), not (B, c, V) or more
     out.loss.backward()
+
+
+# -- the sampled form (teacher-logits --sample): unbiased where top-k is not ----------------------------
+
+
+def _sampled(z_t: torch.Tensor, t: float, n: int, streams: range, seed: int = 0):
+    """What a sampled cache holds for teacher logits z_t (P, V), drawn once per stream (as for one
+    sequence each): ids and counts (S, P, n), the teacher's entropy (S, P)."""
+    from bltool.train.teacher_cache import padded_samples, sample_uniforms, teacher_sample_rows
+
+    p, v = z_t.shape
+    uniforms = torch.cat([sample_uniforms(seed, s, p, n) for s in streams])
+    ids, counts, unique, entropy = teacher_sample_rows(z_t.repeat(len(streams), 1), identity_head(v), t, uniforms,
+                                                       chunk=4096)
+    ids, counts = padded_samples(ids.numpy(), counts.numpy(), unique.numpy(), n)
+    return (torch.from_numpy(ids).view(len(streams), p, n), torch.from_numpy(counts).double().view(len(streams), p, n),
+            entropy.view(len(streams), p))
+
+
+def test_sampled_cache_gradient_is_unbiased_where_topk_is_biased():
+    """Averaged over 3000 independent caches (N = 8 draws per position), the sampled form's gradient with
+    respect to the student's logits converges to the full-KD gradient: every element's mean lies within
+    5 standard errors of it and the mean squared z-score is ≈ 1. The top-k form with k = 8 (as many ids)
+    misses it by far more than that, on the same case: a teacher with a few large logits and a broad tail
+    that the student spreads differently."""
+    g = torch.Generator().manual_seed(7)
+    p, v, t, n, draws = 4, 40, 3.0, 8, 3000
+    z_t = torch.randn(p, v, generator=g, dtype=torch.float64) * 2.0
+    z_t[:, :3] += 6.0
+    z_s = torch.randn(p, v, generator=g, dtype=torch.float64) * 1.5
+    input_ids = torch.randint(0, v, (1, p + 1), generator=g)
+    mask = torch.ones_like(input_ids)
+    pad = lambda z: torch.cat([z, z[:1]])[None]  # noqa: E731 — p + 1 positions, the last predicts nothing
+
+    h = pad(z_s).requires_grad_(True)  # identity heads: the hidden states are the logits
+    full = kd_loss_reference(h, pad(z_t), input_ids, mask, temperature=t)
+    (want,) = torch.autograd.grad(full.loss, h)
+    want = want[0, :p]
+
+    ids, counts, entropy = _sampled(z_t, t, n, range(draws))
+    hs = pad(z_s).repeat(draws, 1, 1).requires_grad_(True)  # one copy of the student per cache
+    out = kd_loss_sampled(hs, identity_head(v), ids, counts, entropy, input_ids.repeat(draws, 1),
+                          mask.repeat(draws, 1), temperature=t, chunk=4096, normalizer=p)  # Σ of each copy's mean
+    (each,) = torch.autograd.grad(out.loss, hs)
+    each = each[:, :p]  # (draws, p, V): the gradient of each cache's loss
+    mean, se = each.mean(0), each.std(0) / math.sqrt(draws)
+    drawn = se > 0  # every token with mass worth drawing was drawn; the rest must be negligible
+    zscore = (mean - want)[drawn] / se[drawn]
+    assert float(zscore.abs().max()) < 5 and float(zscore.square().mean()) < 1.5
+    assert float((mean - want)[~drawn].abs().sum()) < 1e-4 * float(want.abs().max())
+    assert float((out.kl / draws - full.kl).abs()) < 0.05 * float(full.kl)  # the value is unbiased too
+
+    top = kd_loss_topk(h, identity_head(v), *teacher_topk(pad(z_t), identity_head(v), n, t), input_ids, mask,
+                       temperature=t)
+    (biased,) = torch.autograd.grad(top.loss, h)
+    assert float(((biased[0, :p] - want)[drawn] / se[drawn]).abs().max()) > 20
+
+
+@pytest.mark.parametrize("t", [1.0, 2.5])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_fused_sampled_equals_autograd_in_float64(t, chunk):
+    h_s, h_t, head_s, head_t, ids, mask = make_batch()
+    z_t = head_t(h_t)[:, :-1].detach()  # (2, 8, V)
+    sample_ids, counts, entropy = _sampled(z_t.reshape(-1, z_t.shape[-1]), t, 6, range(1))
+    cached = (sample_ids.view(2, 8, 6), counts.view(2, 8, 6), entropy.view(2, 8))
+    cached[1][1, 5:] = 0  # the cache's padding: no draws past the row's end
+    ref = kd_loss_sampled_reference(head_s(h_s), *cached, ids, mask, temperature=t, kd_weight=0.7)
+    out = kd_loss_sampled(h_s, head_s, *cached, ids, mask, temperature=t, kd_weight=0.7, chunk=chunk)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out.kl, ref.kl)
+    torch.testing.assert_close(out.ce, ref.ce)
+    fused = grads(out.loss, h_s, head_s)
+    for got, want in zip(fused, grads(ref.loss, h_s, head_s)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    assert fused[0][1, 5:].abs().max() == 0  # padding: no gradient

@@ -333,6 +333,11 @@ def test_cli_existing_out_needs_overwrite(tmp_path, corpus, tiny_llama):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text(encoding="utf-8") == "precious"
 
+    # --overwrite replaces only an earlier prepare-data output, never a folder of the user's
+    assert_refused(invoke(*args, "--overwrite"), "--out", str(out), "--overwrite", "not a bltool output")
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "precious"
+    (out / "keep.txt").unlink()
+    assert invoke(*args).exit_code == 0
     result = invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{out}\n"

@@ -43,22 +43,35 @@ def test_prefill_memory_by_hand(s, chunk, expected):
 
 
 def test_lifetime_memory_by_hand():
-    # s = 10, o = 3, ŝ = 4: prefill holds 4, 8, 10; decode holds 11, 12, 13
-    assert lifetime_memory(10, 3, 4) == 22 + 11 + 12 + 13 == 58
-    assert iterations(10, 3, 4) == 3 + 3
-    # when ŝ divides s the exact sum equals the paper's closed form (1 + s/ŝ)s/2 + so + (1 + o)o/2
-    assert lifetime_memory(8, 3, 4) == lifetime_memory_smooth(8, 3, 4) == 12 + 24 + 6
+    # s = 10, o = 3, ŝ = 4: prefill holds 4, 8, 10 (the last chunk emits the first token); the two decodes
+    # feed back tokens 1 and 2, holding 11 and 12 (token 3 is never written): 5 iterations, not the paper's 6
+    assert lifetime_memory(10, 3, 4) == 22 + 11 + 12 == 45
+    assert iterations(10, 3, 4) == 3 + 2
+    assert iterations(5, 1, 8) == 1  # one output token: the prefill alone
+    # in pages of 4 tokens each iteration holds whole pages: 4, 8, 12, then 12, 12
+    assert lifetime_memory(10, 3, 4, page_size=4) == 4 + 8 + 12 + 12 + 12
+    assert lifetime_memory(10, 3, 4, page_size=16) == 5 * 16  # one page of 16 throughout
+    assert lifetime_memory(10, 3, 4, page_size=1) == lifetime_memory(10, 3, 4)
+    # when ŝ divides s the exact sum equals the closed form (1 + s/ŝ)s/2 + s(o − 1) + o(o − 1)/2, the paper's
+    # (1 + s/ŝ)s/2 + so + (1 + o)o/2 less the s + o of the decode the servers do not run
+    assert lifetime_memory(8, 3, 4) == lifetime_memory_smooth(8, 3, 4) == 12 + 16 + 3
+    assert lifetime_memory_smooth(8, 3, 4) + 8 + 3 == (1 + 8 / 4) * 8 / 2 + 8 * 3 + (1 + 3) * 3 / 2
     # otherwise the closed form is off: it assumes s/ŝ chunks
-    assert lifetime_memory_smooth(10, 3, 4) != 58
+    assert lifetime_memory_smooth(10, 3, 4) != 45
 
 
 def test_lifetime_memory_matches_brute_force_on_arrays():
+    """Held tokens iteration by iteration (prefill chunks, then decodes i = 1..o − 1), each rounded up to whole
+    pages, summed; chunks that divide into pages, and chunks whose ends fall inside a page."""
     rng = np.random.default_rng(0)
     s, o = rng.integers(1, 300, size=200), rng.integers(1, 100, size=200)
     for chunk in (1, 7, 16, 64, 512):
-        brute = [sum(min(j * chunk, si) for j in range(1, math.ceil(si / chunk) + 1)) + sum(si + i for i in
-                 range(1, oi + 1)) for si, oi in zip(s.tolist(), o.tolist())]
-        assert lifetime_memory(s, o, chunk).tolist() == brute
+        for page in (1, 4, 16, 128):
+            brute = [sum(math.ceil(held / page) * page for held in
+                         [min(j * chunk, si) for j in range(1, math.ceil(si / chunk) + 1)] +
+                         [si + i for i in range(1, oi)]) for si, oi in zip(s.tolist(), o.tolist())]
+            assert lifetime_memory(s, o, chunk, page).tolist() == brute, (chunk, page)
+            assert lifetime_memory(int(s[0]), int(o[0]), chunk, page) == brute[0]
 
 
 def test_expected_g_over_correlated_lengths_exceeds_g_at_means():
@@ -113,8 +126,8 @@ def test_kv_capacity_by_hand():
 def test_rates_and_gpus_by_hand():
     assert service_rate(100_000, 0.05, 20_000) == pytest.approx(100.0)  # 1e5 / (0.05 · 2e4)
     assert memory_slack(2_000, 100_000) == 0.02
-    # 1 / (300/3000 + 100/1000) = 5 requests/s
-    assert token_throughput_bound(300, 100, 3000, 1000) == pytest.approx(5.0)
+    # 1 / (300/3000 + 100/1000) = 5 requests/s: 101 output tokens, the first from the prefill, 100 decoded
+    assert token_throughput_bound(300, 101, 3000, 1000) == pytest.approx(5.0)
     # 8 sequences, each 40 iterations of 0.05 s: 8 / 2 s = 4 requests/s
     assert concurrency_bound(8, 0.05, 40) == pytest.approx(4.0)
     assert gpus_needed(40, 10, 0.8) == 5  # 40 / 8 per GPU
@@ -145,20 +158,29 @@ def test_iteration_model_bounds_reduce_to_the_constant_formulas():
 def test_iteration_model_bounds_by_hand():
     """b = 10 ms + 0.1 ms per prompt token + 1 ms per decoding sequence + 1 ns per query × KV token. Requests of
     E[s] = 100, E[o] = 20, E[iterations] = 21, E[g] = 3,000 (given): with 7 resident requests the batch holds
-    p = 7·100/21 = 33.3 prompt tokens, d = 7·20/21 = 6.67 decodes and k = 7·E[g]/21 KV tokens."""
+    p = 7·100/21 = 33.3 prompt tokens, d = 7·19/21 = 6.33 decodes (a request decodes o − 1 times: its first
+    token comes out of its last prefill chunk) and k = 7·E[g]/21 KV tokens."""
     b = IterationModel(intercept_s=0.01, prefill_token_s=1e-4, decode_seq_s=1e-3, attention_s=1e-9)
     mean_g = 3_000.0
     bounds, batch = iteration_model_bounds(b, 900, 7, mean_s=100.0, mean_o=20.0, mean_g=mean_g, mean_iterations=21.0)
-    p, d, k = 7 * 100 / 21, 7 * 20 / 21, 7 * mean_g / 21
+    p, d, k = 7 * 100 / 21, 7 * 19 / 21, 7 * mean_g / 21
     seconds = 0.01 + 1e-4 * p + 1e-3 * d + 1e-9 * (p + d) * k
     assert bounds.sequences == pytest.approx(7 / (21 * seconds))
     n_m = 900 * 21 / mean_g  # 6.3 resident requests fill the cache: memory binds before the cap
-    p_m, d_m, k_m = n_m * 100 / 21, n_m * 20 / 21, n_m * mean_g / 21
+    p_m, d_m, k_m = n_m * 100 / 21, n_m * 19 / 21, n_m * mean_g / 21
     seconds_m = 0.01 + 1e-4 * p_m + 1e-3 * d_m + 1e-9 * (p_m + d_m) * k_m
     assert bounds.memory == pytest.approx(n_m / (21 * seconds_m))
     assert bounds.binding == "memory" and bounds.max_stable_rate == bounds.memory
     assert batch.requests == pytest.approx(n_m) and batch.iteration_s == pytest.approx(seconds_m)
-    assert bounds.tokens == pytest.approx(1 / (1e-4 * 100 + 1e-3 * 20))
+    assert bounds.tokens == pytest.approx(1 / (1e-4 * 100 + 1e-3 * 19))
+    # memory counted in whole pages: E[g] of 3,600 page-token·iterations leaves room for 900·21/3,600 = 5.25
+    # residents, while the batch still attends over the tokens (k from the 3,000 of E[g] in tokens)
+    paged, batch = iteration_model_bounds(b, 900, 7, mean_s=100.0, mean_o=20.0, mean_g=mean_g, mean_iterations=21.0,
+                                          mean_g_paged=3_600.0)
+    n_p = 900 * 21 / 3_600
+    p_p, d_p, k_p = n_p * 100 / 21, n_p * 19 / 21, n_p * mean_g / 21
+    assert batch.requests == pytest.approx(n_p) and batch.kv_tokens == pytest.approx(k_p)
+    assert paged.memory == pytest.approx(n_p / (21 * (0.01 + 1e-4 * p_p + 1e-3 * d_p + 1e-9 * (p_p + d_p) * k_p)))
     assert bounds.tokens > bounds.sequences > bounds.memory  # per-iteration costs only lower the rate
 
 
@@ -169,5 +191,5 @@ def test_a_cap_the_worker_never_reaches_does_not_bind():
     bounds, batch = iteration_model_bounds(b, 50 * 1000, 8, mean_s=100.0, mean_o=10.0, mean_g=1000.0,
                                            mean_iterations=11.0)
     assert batch.requests == 8 and bounds.binding == "sequences"
-    rate_at_8 = 8 / (11 * float(b.seconds(8 * 100 / 11, 8 * 10 / 11, 8 * 1000 / 11)))
+    rate_at_8 = 8 / (11 * float(b.seconds(8 * 100 / 11, 8 * 9 / 11, 8 * 1000 / 11)))
     assert bounds.max_stable_rate == pytest.approx(rate_at_8)

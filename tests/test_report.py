@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -132,17 +133,52 @@ def test_bad_input(runs, tmp_path, case):
     assert "Traceback" not in result.stderr
 
 
-def test_paper_claims_are_computed_from_the_rows(report):
+def test_paper_claims_are_computed_from_the_rows(runs, report):
+    """The moderate-budget sentence on real eval-ppl runs: the ratio with its paired SE, computed here by hand
+    from both runs' windows.arrow (per-document sums of NLL differences), and the verdict those numbers give."""
     with open(report / "report.csv", newline="", encoding="utf-8") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     ratio = float(rows["budgeted-lora"]["perplexity"]) / float(rows["kd-lora"]["perplexity"])
+    a, b = (_read_table(runs / name / "ppl" / "windows.arrow") for name in ("bl", "lora"))
+    assert [(r["window"], r["document"], r["tokens"]) for r in a] == [(r["window"], r["document"], r["tokens"])
+                                                                      for r in b]
+    differences: dict[int, list[float]] = {}
+    for x, y in zip(a, b):
+        differences.setdefault(x["document"], [0.0, 0])
+        differences[x["document"]][0] += x["nll"] - y["nll"]
+        differences[x["document"]][1] += x["tokens"]
+    se = _hand_se(*zip(*differences.values()))
+    assert len(differences) > 5
     text = (report / "report.md").read_text()
     assert "### Against the paper's claims" in text
-    claim = next(line for line in text.splitlines() if line.startswith("- **Moderate budget.**"))
-    assert f"({ratio:.2f}×," in claim
-    assert ("lands near" in claim) == (ratio <= 1.10)
+    claim = _claim(text.splitlines(), "Moderate budget")
+    assert f"ratio {ratio:.3f} ± {ratio * se:.3f} (paired SE, {len(differences)} documents)" in claim, claim
+    high, low = ratio * math.exp(2 * se), ratio * math.exp(-2 * se)
+    verdict = "lands near" if high <= 1.10 else "does not land near" if low > 1.10 else "cannot yet be said"
+    assert f"F = 0.5 {verdict}" in claim, claim
+    assert f"({low:.3f} to {high:.3f})" in claim
     assert "- **Aggressive budget.**" not in text  # one budget only: nothing to say about the extremes
     assert "- **ICL probes.**" not in text  # kd-lora has no ICL result in these runs
+    # the table shows the perplexity with its standard error, as eval-ppl recorded it
+    se_bl = json.loads((runs / "bl" / "ppl" / "result.json").read_text())["perplexity_se"]
+    assert f"| {float(rows['budgeted-lora']['perplexity']):,.2f} ± {se_bl:,.2f} |" in text
+    assert float(rows["budgeted-lora"]["perplexity_se"]) == pytest.approx(se_bl)
+
+
+def test_two_real_icl_runs_at_the_floor_are_not_informative(runs, tmp_path):
+    """kd-lora's compressed student asked bl's queries (same --n, --shots, --seeds, tasks): both tiny random
+    students score at or below the baseline, so the ICL sentences say "not informative", never "within noise"."""
+    other = tmp_path / "lora-icl"
+    cli("eval-icl", runs / "lora" / "compressed", "--n", "2", "--seeds", "2", "--shots", "2",
+        "--tasks", "capitalize,next_item", "--out", other / "icl")
+    out = Path(cli("report", runs, other, "--out", tmp_path / "rep"))
+    text = (out / "report.md").read_text()
+    with open(out / "report.csv", newline="", encoding="utf-8") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert all(float(rows[m]["icl_composite"]) <= float(rows[m]["icl_baseline"]) for m in ("kd-lora", "budgeted-lora"))
+    claim = _claim(text.splitlines(), "ICL probes")
+    assert "(not informative against kd-lora; both at or below their ICL baseline" in claim, claim
+    assert "within noise" not in claim
 
 
 @pytest.mark.slow
@@ -182,60 +218,255 @@ def _claim(lines: list[str], heading: str) -> str:
     return line
 
 
-# kd-lora's ICL 0.300 ± 0.030 and a budgeted run's se 0.040: the difference's se is 0.05, so "higher" or
-# "lower" needs a difference beyond 0.1. The seed spreads are 0: the old rule (seed std of both) would
-# call any difference at all higher or lower.
-LORA_ICL = {"icl_composite": 0.30, "icl_se": 0.03, "icl_seed_std": 0.0}
+def _read_table(path: Path) -> list[dict]:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
 
 
-@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"),
-                                           (0.21, "within noise of"), (0.19, "lower than")])
-def test_icl_claim_uses_the_standard_error(icl, word):
+def _hand_se(sums, tokens) -> float:
+    """The delta method's SE of Σ sums / Σ tokens over k units, written out."""
+    k, mean = len(sums), sum(sums) / sum(tokens)
+    return math.sqrt(k / (k - 1) * sum((s - mean * n) ** 2 for s, n in zip(sums, tokens))) / sum(tokens)
+
+
+# Four documents in three windows (documents 1 and 2 straddle two windows), 100 tokens each; kd-lora's
+# per-document NLL sums vary a lot from document to document (their difficulty), which a paired SE cancels.
+LAYOUT = [(0, 0, 100), (0, 1, 40), (1, 1, 60), (1, 2, 30), (2, 2, 70), (2, 3, 100)]
+BASE = [300.0, 350.0, 250.0, 420.0]
+
+
+def _ppl_run(root: Path, name: str, per_document: list[float], layout=LAYOUT) -> Path:
+    """An eval-ppl run's windows.arrow, hand-made: each document's NLL sum spread over its pieces by tokens."""
+    from bltool.artifacts import write_arrow
+    from bltool.stats import Pieces
+
+    tokens = {d: sum(n for _, e, n in layout if e == d) for _, d, _ in layout}
+    pieces = [{"window": w, "document": d, "tokens": n, "bytes": n, "nll": per_document[d] * n / tokens[d]}
+              for w, d, n in layout]
+    (root / name).mkdir(parents=True)
+    write_arrow(root / name / "windows.arrow", Pieces.from_rows(pieces).table())
+    return root / name
+
+
+def _scored(root: Path, name: str, method: str, budget=None, per_document=None, predictions=None, **values):
+    """A row whose perplexity (and ICL) values come with their eval-ppl windows (eval-icl predictions)."""
+    from bltool.artifacts import Stage
+
+    row = _row(name, method, budget, **values)
+    if per_document is not None:
+        row.sources[Stage.EVAL_PPL] = _ppl_run(root, f"{name}-ppl", per_document)
+        row.settings[Stage.EVAL_PPL] = {"held-out data": "h", "--max-tokens": 10_000}
+        row.values["perplexity"] = math.exp(sum(per_document) / 400)
+    if predictions is not None:
+        row.sources[Stage.EVAL_ICL] = _icl_run(root, f"{name}-icl", predictions)
+    return row
+
+
+def _shifted(log_ratio: float, se: float) -> list[float]:
+    """Per-document NLL sums whose log perplexity ratio to BASE is `log_ratio` with paired SE `se`: the
+    differences are 100·log_ratio ± h (h = 100·√3·se), so their residuals are ±h."""
+    h = 100 * math.sqrt(3) * se
+    return [b + 100 * log_ratio + e for b, e in zip(BASE, (h, -h, h, -h))]
+
+
+def test_paired_se_of_the_log_ratio_is_the_formula_on_known_vectors(tmp_path):
+    from bltool.stats import paired_log_ratio, read_pieces
+
+    mine = [310.0, 362.0, 251.0, 433.0]
+    paired = paired_log_ratio(read_pieces(_ppl_run(tmp_path, "a", mine)), read_pieces(_ppl_run(tmp_path, "b", BASE)))
+    d = [x - y for x, y in zip(mine, BASE)]  # per document; 100 tokens each
+    log_ratio = sum(d) / 400
+    se = math.sqrt(4 / 3 * sum((x - log_ratio * 100) ** 2 for x in d)) / 400
+    assert (paired.unit, paired.units) == ("documents", 4) and not paired.identical
+    assert paired.estimate == pytest.approx(log_ratio) and paired.se == pytest.approx(se)
+    assert se == pytest.approx(_hand_se(d, [100] * 4))
+    unpaired = math.hypot(_hand_se(mine, [100] * 4), _hand_se(BASE, [100] * 4))
+    assert unpaired > 5 * se  # the documents' own difficulty, which pairing cancels
+
+
+@pytest.mark.parametrize(("log_ratio", "se", "verdict", "noise"), [
+    (0.019, 0.01, "lands near", "within noise of kd-lora's"),  # z = 1.9
+    (0.021, 0.01, "lands near", "above kd-lora's by more than 2 paired SEs"),  # z = 2.1
+    (-0.021, 0.01, "lands near", "below kd-lora's by more than 2 paired SEs"),
+    (math.log(1.10) - 0.02 - 1e-3, 0.01, "lands near", "above"),  # the upper bound just under 1.10
+    (math.log(1.10) - 0.02 + 1e-3, 0.01, "cannot yet be said to land near", "above"),  # just over
+    (math.log(1.10) + 0.02 + 1e-3, 0.01, "does not land near", "above"),  # the lower bound over 1.10
+    (0.0, 0.1, "cannot yet be said to land near", "within noise of kd-lora's"),  # noisy: near is not shown
+])
+def test_moderate_budget_claim_flips_at_the_paired_standard_error(tmp_path, log_ratio, se, verdict, noise):
+    """Per-document NLL built to give a known log ratio and paired SE: the verdicts flip on both sides of 2
+    paired SEs and of the 10% tolerance (at the 2-SE upper bound). The unpaired SE here is far larger."""
     from bltool.stages.report import comparison
 
-    rows = [_row("lora", "kd-lora", **LORA_ICL),
-            _row("bl", "budgeted-lora", 0.4, icl_composite=icl, icl_se=0.04, icl_seed_std=0.0)]
+    rows = [_scored(tmp_path, "lora", "kd-lora", per_document=BASE),
+            _scored(tmp_path, "bl", "budgeted-lora", 0.4, per_document=_shifted(log_ratio, se), mac_speedup=1.5)]
+    claim = _claim(comparison(rows), "Moderate budget")
+    ratio = math.exp(log_ratio)
+    assert f"F = 0.4 {verdict} kd-lora's perplexity" in claim, claim
+    assert f"ratio {ratio:.3f} ± {ratio * se:.3f} (paired SE, 4 documents), {noise}" in claim, claim
+    low, high = ratio * math.exp(-2 * se), ratio * math.exp(2 * se)
+    assert f"near means at most 1.10× even 2 paired SEs up ({low:.3f} to {high:.3f})" in claim
+
+
+def test_perplexity_claims_without_windows_or_on_other_windows_make_no_verdict(tmp_path):
+    from bltool.stages.report import comparison
+
+    lora = _scored(tmp_path, "lora", "kd-lora", per_document=BASE, mac_speedup=1.0)
+    old = _row("bl", "budgeted-lora", 0.4, perplexity=104.0, mac_speedup=1.5)  # eval-ppl before windows.arrow
+    claim = _claim(comparison([lora, old]), "Moderate budget")
+    assert "F = 0.4 is not judged against kd-lora's perplexity" in claim, claim
+    assert "no standard error recorded; re-run eval-ppl" in claim and "near means" not in claim
+    other = _scored(tmp_path, "bl0", "budgeted-lora", 0.0, per_document=BASE, mac_speedup=3.0)
+    other.sources["eval-ppl"] = _ppl_run(tmp_path, "shifted", BASE, layout=[(0, 0, 100), (0, 1, 100), (1, 2, 100),
+                                                                             (2, 3, 100)])
+    claim = _claim(comparison([lora, other]), "Aggressive budget")
+    assert "(not comparable: not scored on the same windows)" in claim, claim
+    elsewhere = _scored(tmp_path, "bl5", "budgeted-lora", 0.5, per_document=BASE, mac_speedup=2.0)
+    elsewhere.settings["eval-ppl"]["held-out data"] = "other"
+    claim = _claim(comparison([lora, elsewhere]), "Moderate budget")
+    assert "(1.00×; not comparable: scored on other held-out data)" in claim, claim
+
+
+# ICL: two tasks of 10 queries under 2 seeds. kd-lora's answers, per task and seed (1 = correct).
+LORA_GRID = {"a": [[1] * 5 + [0] * 5] * 2, "b": [[0] * 5 + [1] * 5] * 2}
+
+
+def _icl_run(root: Path, name: str, grids: dict[str, list[list[int]]]) -> Path:
+    """An eval-icl run's predictions.arrow, hand-made."""
+    from bltool.artifacts import write_arrow
+
+    rows = [{"task": t, "seed": s, "query": j, "input": f"{t}{j}", "target": f"T{j}", "answer": "", "correct": bool(c)}
+            for t, grid in grids.items() for s, row in enumerate(grid) for j, c in enumerate(row)]
+    (root / name).mkdir(parents=True)
+    write_arrow(root / name / "predictions.arrow", rows)
+    return root / name
+
+
+def _paired_hand(mine, theirs) -> tuple[float, float]:
+    """The composite difference and its paired SE, by hand: per task, each query's difference averaged
+    over seeds, SE = sd/√n; composite √(Σ se²) / tasks."""
+    import statistics
+
+    diffs, ses = [], []
+    for task in mine:
+        per_query = [statistics.fmean(mine[task][s][j] - theirs[task][s][j] for s in range(2)) for j in range(10)]
+        diffs.append(statistics.fmean(per_query))
+        ses.append(statistics.stdev(per_query) / math.sqrt(10))
+    return statistics.fmean(diffs), math.sqrt(sum(x * x for x in ses)) / len(ses)
+
+
+def _composite(grids) -> float:
+    return sum(sum(map(sum, g)) / 20 for g in grids.values()) / len(grids)
+
+
+def _own_se(grids) -> float:
+    """A run's own (unpaired) composite SE, as eval-icl records it."""
+    from bltool.probes import composite_se, standard_error
+
+    return composite_se([standard_error(g) for g in grids.values()])
+
+
+def _icl_rows(tmp_path, grid, baseline=0.1):
+    lora = _scored(tmp_path, "lora", "kd-lora", predictions=LORA_GRID, icl_composite=_composite(LORA_GRID),
+                   icl_se=_own_se(LORA_GRID), icl_baseline=baseline)
+    bl = _scored(tmp_path, "bl", "budgeted-lora", 0.4, predictions=grid, icl_composite=_composite(grid),
+                 icl_se=_own_se(grid), icl_baseline=baseline)
+    return [lora, bl]
+
+
+# right where kd-lora is, plus 3 more queries per task under both seeds: 0.3 higher, paired SE 0.108 (z = 2.8);
+# unpaired, √(0.118² + 0.094²) = 0.151, the difference would be within 2 SEs (0.302)
+HIGHER = {"a": [[1] * 8 + [0] * 2] * 2, "b": [[1] * 3 + [0] * 2 + [1] * 5] * 2}
+NOISY = {"a": [[1] * 6 + [0] * 4] * 2, "b": LORA_GRID["b"]}  # one more query right, in task a
+LOWER = {"a": [[0] * 10] * 2, "b": [[0] * 10] * 2}
+
+
+@pytest.mark.parametrize(("grid", "word"), [(HIGHER, "higher than"), (NOISY, "within noise of"),
+                                            (LOWER, "lower than")])
+def test_icl_claim_uses_the_paired_standard_error(tmp_path, grid, word):
+    """The ICL difference is judged against the paired SE over the same queries, checked by hand; for HIGHER
+    the unpaired √(se₁² + se₂²) of the two runs' own SEs would say "within noise"."""
+    from bltool.stages.report import comparison
+
+    claim = _claim(comparison(_icl_rows(tmp_path, grid)), "ICL probes")
+    diff, se = _paired_hand(grid, LORA_GRID)
+    if grid is HIGHER:
+        assert 2 * se < diff < 2 * math.hypot(_own_se(grid), _own_se(LORA_GRID))
+    assert f"({word} kd-lora; paired difference {diff:+.3f} ± {se:.3f} over 20 queries, " \
+           f"2 paired SEs = {2 * se:.3f})" in claim, claim
+    assert (diff > 2 * se, diff < -2 * se) == (word == "higher than", word == "lower than")
+
+
+@pytest.mark.parametrize("case", ["both zero", "answers alike", "both under the baseline"])
+def test_icl_at_the_floor_is_not_informative(tmp_path, case):
+    """Both at or below the baseline, or the same answer to every query: "not informative", not "within
+    noise" (their paired differences are all 0, or say nothing about in-context learning)."""
+    from bltool.stages.report import comparison
+
+    zero = {t: [[0] * 10, [0] * 10] for t in LORA_GRID}
+    if case == "both zero":
+        rows = [_scored(tmp_path, "lora", "kd-lora", predictions=zero, icl_composite=0.0, icl_se=0.0,
+                        icl_baseline=0.05),
+                _scored(tmp_path, "bl", "budgeted-lora", 0.4, predictions=zero, icl_composite=0.0, icl_se=0.0,
+                        icl_baseline=0.05)]
+        needle = "both at or below their ICL baseline, 0.050 and 0.050"
+    elif case == "answers alike":
+        rows = _icl_rows(tmp_path, LORA_GRID)
+        needle = "the two answer all 20 queries alike under every seed"
+    else:
+        rows = _icl_rows(tmp_path, LOWER, baseline=0.6)
+        needle = "both at or below their ICL baseline, 0.600 and 0.600"
     claim = _claim(comparison(rows), "ICL probes")
-    assert f"{icl:.3f} ± 0.040 ({word} kd-lora;" in claim, claim
-    assert "2 standard errors = 0.100" in claim
+    assert f"(not informative against kd-lora; {needle}" in claim, claim
+    assert "within noise" not in claim
 
 
-def test_icl_claim_without_a_standard_error_makes_no_verdict():
+def test_icl_claim_without_predictions_or_on_other_queries_makes_no_verdict(tmp_path):
     from bltool.stages.report import comparison
 
-    rows = [_row("lora", "kd-lora", icl_composite=0.3, icl_se=None),
+    rows = [_row("lora", "kd-lora", icl_composite=0.3, icl_se=0.1),
             _row("bl", "budgeted-lora", 0.4, icl_composite=0.9, icl_se=0.01)]
     claim = _claim(comparison(rows), "ICL probes")
-    assert "not comparable with kd-lora" in claim and "higher" not in claim
+    assert "not comparable with kd-lora; no paired standard error recorded (predictions.arrow); re-run eval-icl" \
+        in claim and "higher" not in claim, claim
+    rows = _icl_rows(tmp_path, HIGHER)
+    other = {"a": LORA_GRID["a"], "c": LORA_GRID["b"]}  # another task
+    rows[1].sources["eval-icl"] = _icl_run(tmp_path, "other", other)
+    claim = _claim(comparison(rows), "ICL probes")
+    assert "(not comparable with kd-lora; not asked the same queries)" in claim, claim
 
 
-@pytest.mark.parametrize(("ppl", "near"), [(109.0, True), (111.0, False)])
-@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"), (0.19, "lower than")])
-def test_moderate_budget_claim_on_both_sides(ppl, near, icl, word):
+@pytest.mark.parametrize(("grid", "word"), [(HIGHER, "higher than"), (NOISY, "within noise of")])
+@pytest.mark.parametrize(("log_ratio", "verdict"), [(0.05, "lands near"), (0.12, "does not land near")])
+def test_moderate_budget_claim_on_both_sides(tmp_path, grid, word, log_ratio, verdict):
     from bltool.stages.report import comparison
 
-    rows = [_row("lora", "kd-lora", perplexity=100.0, **LORA_ICL),
-            _row("bl", "budgeted-lora", 0.4, perplexity=ppl, mac_speedup=1.5, icl_composite=icl, icl_se=0.04)]
-    claim = _claim(comparison(rows), "Moderate budget")
-    assert ("F = 0.4 lands near" in claim) == near and ("does not land near" in claim) == (not near), claim
-    assert f"({ppl / 100:.2f}×" in claim
-    assert f"its ICL composite {icl:.3f} ± 0.040 is {word} kd-lora's 0.300 ± 0.030" in claim, claim
+    lora = _scored(tmp_path, "lora", "kd-lora", per_document=BASE, predictions=LORA_GRID,
+                   icl_composite=_composite(LORA_GRID), icl_se=0.118, icl_baseline=0.1)
+    bl = _scored(tmp_path, "bl", "budgeted-lora", 0.4, per_document=_shifted(log_ratio, 0.005),
+                 predictions=grid, mac_speedup=1.5, icl_composite=_composite(grid), icl_se=0.1, icl_baseline=0.1)
+    claim = _claim(comparison([lora, bl]), "Moderate budget")
+    assert f"F = 0.4 {verdict} kd-lora's perplexity" in claim, claim
+    assert f"its ICL composite {_composite(grid):.3f} ± 0.100 is {word} kd-lora's 0.500 ± 0.118" in claim, claim
 
 
-@pytest.mark.parametrize(("icl", "word"), [(0.41, "higher than"), (0.39, "within noise of"), (0.19, "lower than")])
+@pytest.mark.parametrize(("grid", "word"), [(HIGHER, "higher than"), (NOISY, "within noise of"),
+                                            (LOWER, "lower than")])
 @pytest.mark.parametrize("largest", [True, False])
-def test_aggressive_budget_claim_on_both_sides(icl, word, largest):
+def test_aggressive_budget_claim_on_both_sides(tmp_path, grid, word, largest):
     from bltool.stages.report import comparison
 
-    rows = [_row("lora", "kd-lora", perplexity=100.0, mac_speedup=1.0, **LORA_ICL),
-            _row("bl0", "budgeted-lora", 0.0, perplexity=150.0, mac_speedup=3.0, icl_composite=icl, icl_se=0.04),
-            _row("bl5", "budgeted-lora", 0.5, perplexity=105.0, mac_speedup=2.0 if largest else 4.0,
-                 icl_composite=0.3, icl_se=0.04)]
-    claim = _claim(comparison(rows), "Aggressive budget")
+    lora = _scored(tmp_path, "lora", "kd-lora", per_document=BASE, predictions=LORA_GRID, mac_speedup=1.0,
+                   icl_composite=_composite(LORA_GRID), icl_se=0.118, icl_baseline=0.1)
+    bl0 = _scored(tmp_path, "bl0", "budgeted-lora", 0.0, per_document=_shifted(math.log(1.5), 0.01),
+                  predictions=grid, mac_speedup=3.0, icl_composite=_composite(grid), icl_se=0.1, icl_baseline=0.1)
+    bl5 = _row("bl5", "budgeted-lora", 0.5, perplexity=105.0, mac_speedup=2.0 if largest else 4.0)
+    claim = _claim(comparison([lora, bl0, bl5]), "Aggressive budget")
     assert claim.startswith("- **Aggressive budget.** F = 0 gives 3.00×")
     assert ("(the largest MAC speedup here)" in claim) == largest, claim
-    assert "its perplexity is 1.50× kd-lora's" in claim
-    assert f"its ICL composite {icl:.3f} ± 0.040 is {word} kd-lora's 0.300 ± 0.030" in claim, claim
+    assert "its perplexity is 1.50× kd-lora's: ratio 1.500 ± 0.015 (paired SE, 4 documents), above kd-lora's by " \
+           "more than 2 paired SEs" in claim, claim
+    assert f"its ICL composite {_composite(grid):.3f} ± 0.100 is {word} kd-lora's 0.500 ± 0.118" in claim, claim
 
 
 def test_markdown_shows_the_standard_error_not_the_seed_spread():
@@ -350,20 +581,45 @@ def test_frontier_names_runs_in_a_legend_not_beside_points():
     plt.close(fig)
 
 
+def _curve(tmp_path, name, method, budget, curve, eval_tokens=128):
+    """A distilled run's log with held-out evaluations (eval_nll_se 0.05), scored on the first
+    `eval_tokens` held-out tokens of data "h"."""
+    from bltool.artifacts import write_arrow
+
+    log = tmp_path / f"{name}.arrow"
+    write_arrow(log, [{"step": i + 1, "tokens": 100 * (i + 1), "eval_ppl": p,
+                       "eval_nll": None if p is None else math.log(p), "eval_nll_se": None if p is None else 0.05}
+                      for i, p in enumerate(curve)])
+    row = _row(name, method, budget)
+    row.log = log
+    row.settings["distill"] = {"held-out data": "h", "--eval-tokens": eval_tokens}
+    return row
+
+
+def _teacher(tmp_path, max_tokens=10_000, layout=((0, 0, 63), (1, 0, 30), (1, 1, 33), (2, 1, 63))):
+    """A teacher row with its eval-ppl's windows.arrow: windows of 64 tokens (63 scored), NLL 2.5 a token
+    in window 0, 3.0 in the others; it scored the whole split (192 tokens) under `max_tokens`."""
+    from bltool.artifacts import Stage, write_arrow
+    from bltool.stats import Pieces
+
+    pieces = [{"window": w, "document": d, "tokens": n, "bytes": n, "nll": (2.5 if w == 0 else 3.0) * n}
+              for w, d, n in layout]
+    directory = tmp_path / f"teacher-ppl-{max_tokens}"
+    directory.mkdir()
+    write_arrow(directory / "windows.arrow", Pieces.from_rows(pieces).table())
+    row = _row("teacher", "teacher", perplexity=12.0)
+    row.sources[Stage.EVAL_PPL] = directory
+    row.settings[Stage.EVAL_PPL] = {"held-out data": "h", "--max-tokens": max_tokens}
+    return row
+
+
 def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_path):
     from bltool.artifacts import write_arrow
     from bltool.figures import COLORS, learning_curves_figure
 
-    def run(name, method, budget, curve):
-        log = tmp_path / f"{name}.arrow"
-        write_arrow(log, [{"step": i + 1, "tokens": 100 * (i + 1), "eval_ppl": p} for i, p in enumerate(curve)])
-        row = _row(name, method, budget)
-        row.log = log
-        return row
-
-    rows = [run("lora", "kd-lora", None, [900.0, None, 400.0, None]),
-            run("bl", "budgeted-lora", 0.4, [950.0, None, 600.0, 500.0]),
-            _row("teacher", "teacher", perplexity=12.0)]
+    rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, None, 400.0, None]),
+            _curve(tmp_path, "bl", "budgeted-lora", 0.4, [950.0, None, 600.0, 500.0]),
+            _teacher(tmp_path)]
     no_eval = tmp_path / "plain.arrow"
     write_arrow(no_eval, [{"step": 1, "tokens": 100}])
     rows.append(_row("plain", "kd-full"))
@@ -374,9 +630,48 @@ def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_
     assert list(lines["lora (kd-lora)"].get_ydata()) == [900.0, 400.0]
     assert list(lines["bl (budgeted-lora F=0.4)"].get_xdata()) == [100, 300, 400]
     assert lines["bl (budgeted-lora F=0.4)"].get_color() == COLORS["budgeted-lora"]
-    assert list(lines["teacher (eval-ppl)"].get_ydata()) == [12.0, 12.0]
+    # the teacher on the curves' slice (the first 128 tokens: windows 0 and 1), not its eval-ppl's 12.0
+    mean = (2.5 * 63 + 3.0 * 63) / 126
+    (teacher,) = [line for label, line in lines.items() if label.startswith("teacher")]
+    assert teacher.get_label() == "teacher, same slice (first 128 held-out tokens)"
+    assert list(teacher.get_ydata()) == pytest.approx([math.exp(mean)] * 2)
+    # ± 1 SE bands: one per run with evaluations (exp(nll ± se)), and the teacher's, over its 2 documents
+    bands = [c for c in ax.collections if c.get_paths()]
+    assert len(bands) == 2
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert (min(ys), max(ys)) == pytest.approx((400.0 * math.exp(-0.05), 900.0 * math.exp(0.05)))  # lora's
+    (span,) = ax.patches
+    se = _hand_se([2.5 * 63 + 3.0 * 30, 3.0 * 33], [93, 33])
+    assert (span.get_y(), span.get_y() + span.get_height()) == pytest.approx((math.exp(mean - se), math.exp(mean + se)))
     assert not any("plain" in label for label in lines)  # a run without evaluations draws nothing
     assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert ax.get_title() == "learning curves"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+@pytest.mark.parametrize(("eval_tokens", "max_tokens", "drawn"), [
+    (150, 10_000, False),  # the slice cuts window 2 to 22 tokens; the teacher scored all 64
+    (150, 150, True),  # eval-ppl --max-tokens 150 cut it the same way
+    (192, 10_000, True),  # the whole split, which the teacher's eval-ppl also covered
+    (300, 150, False),  # the slice reaches past what the teacher scored
+    (151, 150, False),  # one token past: the slice's window 2 has 23 tokens, the teacher's 22
+])
+def test_learning_curves_draw_the_teacher_only_on_the_curves_slice(tmp_path, eval_tokens, max_tokens, drawn):
+    from bltool.figures import learning_curves_figure
+
+    layout = ((0, 0, 63), (1, 0, 30), (1, 1, 33), (2, 1, 21 if max_tokens == 150 else 63))
+    rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, 400.0], eval_tokens=eval_tokens),
+            _teacher(tmp_path, max_tokens, layout)]
+    fig, ax = learning_curves_figure(rows)
+    teacher = [line for line in ax.get_lines() if line.get_label().startswith("teacher")]
+    assert bool(teacher) == drawn
+    if drawn:
+        assert teacher[0].get_label() == f"teacher, same slice (first {eval_tokens} held-out tokens)"
+    else:
+        assert "teacher not drawn: its eval-ppl did not score the curves' slice (eval-ppl --max-tokens " \
+               f"{eval_tokens})" in ax.get_title()
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -385,10 +680,47 @@ def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_
 def test_moderate_budget_claim_names_what_bench_measured_and_only_that():
     from bltool.stages.report import comparison
 
-    lora = _row("lora", "kd-lora", perplexity=100.0, **LORA_ICL)
+    lora = _row("lora", "kd-lora", perplexity=100.0, icl_composite=0.3, icl_se=0.03)
     bare = _row("bl", "budgeted-lora", 0.4, perplexity=120.0, mac_speedup=1.5)
     assert "(speed not measured: no `bench` run)" in _claim(comparison([lora, bare]), "Moderate budget")
     benched = _row("bl", "budgeted-lora", 0.4, perplexity=120.0, mac_speedup=1.5, module_speedup=1.4,
                    prefill_speedup=1.2)
     claim = _claim(comparison([lora, benched]), "Moderate budget")
     assert "(1.40× measured, 1.20× end to end at prefill)" in claim and "—" not in claim, claim
+
+
+def test_report_refuses_a_row_that_mixes_the_distilled_and_compressed_forms(runs, tmp_path):
+    """kd-lora's perplexity is measured on its compressed form; ICL measured on its distilled form would fill
+    the same row from another model (SVD makes the two differ): refused, or marked with --allow-mixed."""
+    other = tmp_path / "distilled-icl"
+    cli("eval-icl", runs / "lora" / "distilled", "--n", "2", "--seeds", "2", "--shots", "2",
+        "--tasks", "capitalize,next_item", "--out", other / "lora-icl")
+    result = CliRunner().invoke(app, ["report", str(runs), str(other), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a row mixes measurements" in lines[0], result.stderr
+    assert "lora: eval-icl measured the distilled form" in lines[0] and "the compressed form" in lines[0]
+    assert "--allow-mixed" in lines[0] and not (tmp_path / "rep").exists()
+
+    out = Path(cli("report", runs, other, "--out", tmp_path / "mixed", "--allow-mixed"))
+    text = (out / "report.md").read_text()
+    assert "| lora † | kd-lora |" in text and "| bl | budgeted-lora |" in text
+    assert any(line.startswith("† Rows marked on their name mix measurements") and "lora: eval-icl" in line
+               for line in text.splitlines())
+    assert any("lora: eval-icl measured the distilled form" in m
+               for m in json.loads((out / "manifest.json").read_text())["mixed"])
+
+
+def test_report_refuses_two_evaluations_of_one_model(runs, tmp_path):
+    """A second eval-ppl of bl's compressed student, evaluated the same way: which one the row shows must
+    not be silent. Refused; with --allow-mixed the newest is used and the row is marked."""
+    other = tmp_path / "again"
+    second = Path(cli("eval-ppl", runs / "bl" / "compressed", "--data", runs / "data", "--out", other / "bl-ppl"))
+    result = CliRunner().invoke(app, ["report", str(runs), str(other), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2, result.stderr
+    line = result.stderr.strip()
+    assert "bl: 2 eval-ppl results for one model" in line, line
+    assert f"used the newest, {second}, not {(runs / 'bl' / 'ppl').resolve()}" in line, line
+
+    out = Path(cli("report", runs, other, "--out", tmp_path / "mixed", "--allow-mixed"))
+    assert "| bl † | budgeted-lora |" in (out / "report.md").read_text()

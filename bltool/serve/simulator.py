@@ -5,8 +5,9 @@ Requests arrive as a Poisson process of rate λ, with (prompt, output) lengths d
 from the workload's rows (the empirical joint distribution). The queue is served first come, first
 served. Within the batch every request advances every iteration, exactly as in the model behind
 `queueing.lifetime_memory`: a prefilling request adds a chunk of up to ŝ prompt tokens to its KV cache
-(holding min(j·ŝ, s) after its j-th chunk), a decoding request adds one token (holding s + i after its
-i-th output token), and a request leaves, freeing its cache, at the end of its last decode iteration.
+(holding min(j·ŝ, s) after its j-th chunk; the last chunk emits the first output token), a decoding
+request feeds back its previous token (holding s + i in its i-th decode iteration, i = 1..o − 1), and a
+request leaves, freeing its cache, at the end of the iteration that emits its last token.
 
 Memory accounting. `F[k]` is the number of KV tokens the batch holds during iteration k, the sum of
 the trajectories above of the requests admitted so far. Summed over the iterations a request spends in
@@ -44,8 +45,8 @@ soft-reset offloading), so that it can be set beside a real run:
 * Tokens. A request's first output token comes at the end of the iteration that completes its prefill;
   each decode iteration feeds back the previous token and yields the next, so a request of o output
   tokens spends its prefill iterations and then o − 1 decode iterations in the batch, and holds
-  s + o − 1 KV tokens at the end (its last token is never fed back). Compared with `simulate`, which
-  holds s + i after its i-th of o decodes, a request lives one iteration less and holds one token less.
+  s + o − 1 KV tokens at the end (its last token is never fed back): the count `simulate` and
+  `queueing.iterations` / `queueing.lifetime_memory` use.
 
 Throughput of a run is measured over its steady window: from the arrival of request ⌊n/4⌋ to the
 arrival of the last one. Arrivals are open loop, so inside it the offered rate is steady; before it the
@@ -102,19 +103,20 @@ class SimulationResult:
 
 
 def trajectory(s: int, o: int, chunk: int) -> np.ndarray:
-    """KV tokens a request holds in each of its iterations: min(j·ŝ, s) for j = 1..⌈s/ŝ⌉, then s + i."""
+    """KV tokens a request holds in each of its iterations: min(j·ŝ, s) for j = 1..⌈s/ŝ⌉ (the last chunk
+    emits the first output token), then s + i for its decode iterations i = 1..o − 1."""
     prefill = np.minimum(np.arange(1, -(-s // chunk) + 1, dtype=np.int64) * chunk, s)
-    return np.concatenate([prefill, s + np.arange(1, o + 1, dtype=np.int64)])
+    return np.concatenate([prefill, s + np.arange(1, o, dtype=np.int64)])
 
 
 def simulate(prompt: np.ndarray, output: np.ndarray, *, rate: float, m_tokens: int, chunk: int,
              iteration_s: float, horizon_s: float, max_seqs: int | None = None, seed: int = 0,
              drain: bool = False) -> SimulationResult:
     """Run the worker for `horizon_s` seconds of Poisson arrivals at `rate` (then, with `drain`, until
-    every arrived request has completed). Every request must fit alone: s + o ≤ M."""
+    every arrived request has completed). Every request must fit alone: s + o − 1 ≤ M."""
     prompt = np.asarray(prompt, dtype=np.int64)
     output = np.asarray(output, dtype=np.int64)
-    if int((prompt + output).max()) > m_tokens:
+    if int((prompt + output).max()) - 1 > m_tokens:
         raise ValueError("a request is larger than the KV memory M")
     rng = np.random.default_rng(seed)
     expected = rate * horizon_s
@@ -128,7 +130,7 @@ def simulate(prompt: np.ndarray, output: np.ndarray, *, rate: float, m_tokens: i
     sizes_s, sizes_o = prompt[rows], output[rows]
     n_arrivals = len(arrival_times)
 
-    longest = int((-(-prompt // chunk) + output).max())
+    longest = int((-(-prompt // chunk) + output - 1).max())
     capacity = int(horizon_s / iteration_s) + 2 * longest + 16
     held = np.zeros(capacity, dtype=np.int64)  # F[k]
     ends = np.zeros(capacity, dtype=np.int64)  # requests finishing at the end of iteration k

@@ -44,9 +44,9 @@ from bltool.compression import layer_macs, layer_weight_bytes
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
 from bltool.lora import GatedLoRALinear
-from bltool.lowrank import KERNELS, set_kernel
+from bltool.lowrank import KERNELS, LowRankLinear, set_kernel
 from bltool.lowrank_models import family_of
-from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.models import load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
@@ -117,6 +117,11 @@ def check_baseline(model, baseline, modules: list[dict], spec: str) -> None:
         except AttributeError:
             raise UsageError(f"--baseline: {spec} has no module {entry['name']}") from None
         mine = model.get_submodule(entry["name"])
+        if isinstance(dense, (GatedLoRALinear, LowRankLinear)):
+            kind = "a gated LoRA module" if isinstance(dense, GatedLoRALinear) else "low-rank"
+            raise UsageError(f"--baseline: {spec}'s {entry['name']} is {kind}, not dense; pass the dense model MODEL "
+                             "replaces (the `bltool build-student` output), or a student's `bltool compress "
+                             "--densify` form")
         if not isinstance(dense, nn.Linear) or (dense.in_features, dense.out_features) != (
                 mine.in_features, mine.out_features):
             raise UsageError(f"--baseline: {spec}'s {entry['name']} is not a dense linear of MODEL's shape")
@@ -247,10 +252,12 @@ def run(config: BenchConfig) -> Path:
 
 
 def _run(config: BenchConfig) -> Path:
+    ref = resolve_model(config.model, flag="MODEL", convert=False)  # no GGUF converted before the check
+    out = Path(config.out) if config.out else default_out(config, ref.label)
+    check_output_dir(out, config.overwrite, stage=Stage.BENCH,
+                     inputs=[*model_inputs("MODEL", config.model), *model_inputs("--baseline", config.baseline)])
     ref = resolve_model(config.model, flag="MODEL")
     base_ref = resolve_model(config.baseline, flag="--baseline")
-    out = Path(config.out) if config.out else default_out(config, ref.label)
-    check_output_dir(out, config.overwrite)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.threads is not None:

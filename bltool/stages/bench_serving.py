@@ -28,7 +28,14 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import checkpoint_parameters, load_model, model_content_hash, resolve_model
+from bltool.models import (
+    checkpoint_parameters,
+    load_model,
+    model_content_hash,
+    model_inputs,
+    refuse_adapted,
+    resolve_model,
+)
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
 from bltool.serve.serving import ServingSettings, TransformersServer, kv_tokens_needed, measure
 from bltool.serve.timing import machine_info
@@ -83,8 +90,10 @@ class BenchServingConfig:
 
 def run(config: BenchServingConfig) -> Path:
     out = Path(config.out)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, stage=Stage.BENCH_SERVING, inputs=model_inputs("MODEL", config.model))
     ref = resolve_model(config.model, flag="MODEL")
+    if config.engine == "vllm":
+        refuse_adapted(ref, "MODEL", "vLLM")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     settings = replace(config.settings, page_size=page_size(config, device))
@@ -96,7 +105,8 @@ def run(config: BenchServingConfig) -> Path:
             f"{settings.repeats} repeat(s) on {device}")
     measured = measure(server, settings)
     iteration_records = measured.pop("iterations")
-    g = lifetime_memory(settings.prompt_len, settings.output_len, settings.chunk)
+    # in whole pages, as the cache holds it
+    g = lifetime_memory(settings.prompt_len, settings.output_len, settings.chunk, settings.page_size)
     result = {
         "model": config.model,
         "model_path": str(ref.path),

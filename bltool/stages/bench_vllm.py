@@ -30,7 +30,7 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_json, write_manifest
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import load_model, model_content_hash, resolve_model
+from bltool.models import load_model, model_content_hash, model_inputs, refuse_adapted, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
@@ -195,10 +195,14 @@ def summarize(vllm_rows: list[dict], hf_rows: list[dict]) -> list[dict]:
 
 def run(config: BenchVllmConfig) -> Path:
     LLM, SamplingParams = _import_vllm()
+    ref = resolve_model(config.model, flag="MODEL", convert=False)  # no GGUF converted before the check
+    out = Path(config.out) if config.out else ref.path.absolute().parent / "bench" / f"{ref.label}-vllm"
+    check_output_dir(out, config.overwrite, stage=Stage.BENCH,
+                     inputs=[*model_inputs("MODEL", config.model), *model_inputs("--baseline", config.baseline)])
     ref = resolve_model(config.model, flag="MODEL")
     base_ref = resolve_model(config.baseline, flag="--baseline")
-    out = Path(config.out) if config.out else ref.path.absolute().parent / "bench" / f"{ref.label}-vllm"
-    check_output_dir(out, config.overwrite)
+    refuse_adapted(ref, "MODEL", "vLLM")
+    refuse_adapted(base_ref, "--baseline", "vLLM")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     dtype_name = str(dtype).replace("torch.", "")

@@ -1,5 +1,7 @@
 """build-student: copy chosen teacher layers, plus embeddings, final norm and LM head, into a smaller
-model that is a plain Hugging Face checkpoint (docs/method.md §1).
+model that is a plain Hugging Face checkpoint (docs/method.md §1). A teacher that bltool made (a distilled
+or compressed student) is first made the plain model computing the same function: adapters merged, low-rank
+layers multiplied out.
 
 The student is constructed from a copy of the teacher's config with `num_hidden_layers = n` (and
 per-layer config lists such as `layer_types` cut to the chosen layers), so transformers numbers its
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
+from bltool.compression import as_dense
 from bltool.errors import UsageError
 from bltool.layer_selection import canonical_mode, select_layers
 from bltool.models import (
@@ -23,6 +26,7 @@ from bltool.models import (
     load_model,
     load_tokenizer,
     model_content_hash,
+    model_inputs,
     resolve_model,
     tokenizer_identity,
 )
@@ -72,9 +76,11 @@ def student_state_dict(teacher_state: dict, indices: list[int]) -> dict:
 
 
 def run(config: BuildStudentConfig) -> Path:
-    check_output_dir(Path(config.out), config.overwrite)
+    check_output_dir(Path(config.out), config.overwrite, stage=Stage.BUILD_STUDENT,
+                     inputs=model_inputs("--teacher", config.teacher))
     teacher_ref = resolve_model(config.teacher, flag="--teacher")
     teacher = load_model(teacher_ref, flag="--teacher")
+    merged = as_dense(teacher)  # a distilled or compressed teacher: the plain model computing the same function
     tokenizer = load_tokenizer(teacher_ref, flag="--teacher")
     n_teacher = teacher.config.num_hidden_layers
     indices = select_layers(n_teacher, config.layers, config.mode)
@@ -96,7 +102,7 @@ def run(config: BuildStudentConfig) -> Path:
             config=asdict(config),
             inputs=[{"role": "teacher", **teacher_ref.describe(), "content": model_content_hash(teacher_ref)}],
             teacher={"layers": n_teacher, "parameters": count_parameters(teacher), "model_type":
-                     teacher.config.model_type},
+                     teacher.config.model_type, "merged_modules": merged},
             student={"layers": len(indices), "teacher_layers": indices, "mode": config.mode,
                      "parameters": count_parameters(student), "dtype": str(student.dtype).replace("torch.", "")},
             tokenizer=tokenizer_identity(tokenizer),

@@ -1,21 +1,22 @@
 """capacity: from a model (or its bench-serving measurement) and a workload to a serving plan under
 KV-cache memory (docs/method.md §8), optionally checked by simulation.
 
-For each model: KV bytes per token, weight bytes, KV capacity M, E[g] over the workload's joint
-length distribution, b̄, μ = M / (b̄ · E[g]), δ, the token-throughput and concurrent-sequences bounds,
-which one binds, the maximum stable rate, and the GPUs needed for --rate at --target-util. With
---validate, a simulator of the continuous-batching server (`bltool.serve.simulator.replay`: admission by
-prompt, KV growing per token in pages, the scheduler's margin, preemption, b(p, d, k) per iteration)
-runs each model at 0.8, 1.0 and 1.2 times its predicted rate and far above it (the simulated capacity);
-and each `bench-serving` input is served for real at 0.5 to 1.6 times the formula's rate for that
-server, beside the simulator's replay of the same requests (`bltool.serve.validation`).
+For each model: KV bytes per token, weight bytes, KV capacity M, E[g] over the workload's joint length
+distribution (memory counted in whole pages, as the engines allocate it), b̄, μ = M / (b̄ · E[g]), δ, the
+token-throughput and concurrent-sequences bounds, which one binds, the maximum stable rate, and the GPUs
+needed for --rate at --target-util. With --validate, a simulator of the continuous-batching server
+(`bltool.serve.simulator.replay`: admission by prompt, KV growing per token in pages, the scheduler's
+margin, preemption, b(p, d, k) per iteration) runs each model at 0.8, 1.0 and 1.2 times its predicted rate
+and far above it (the simulated capacity); and each `bench-serving` input is served for real at 0.5 to 1.6
+times the formula's rate for that server, with a KV cache small enough that memory, not the sequence cap,
+binds, beside the simulator's replay of the same requests (`bltool.serve.validation`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.errors import ArtifactError, UsageError
-from bltool.models import checkpoint_parameters, load_model, model_content_hash, resolve_model
+from bltool.models import checkpoint_parameters, load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve.iteration import IterationModel
 from bltool.serve.queueing import (
     DTYPE_BYTES,
@@ -60,11 +61,15 @@ from bltool.serve.serving import SAFETY_MARGIN, TransformersServer
 from bltool.serve.simulator import ServerSpec, simulate_server
 from bltool.serve.validation import (
     LIVE_LOADS,
+    REPEATED_LOAD,
+    fit_error,
     knee,
     measure_load,
+    memory_bound_cache,
     offered_loads,
     server_spec,
     simulate_load,
+    speed_factor,
     warm_up,
 )
 from bltool.serve.validation import row as validation_row
@@ -102,7 +107,7 @@ class CapacityConfig:
     max_seqs: int | None = None  # --max-seqs: concurrent-sequence cap (default: the concurrency b̄ was measured at)
     validate: bool = False  # --validate: simulate (and, for bench-serving inputs, serve) at several offered loads
     validate_requests: int = 64  # --validate-requests: requests per offered load on the measured server
-    page_size: int = 16  # --page-size: KV page size the simulator rounds to (bench-serving inputs: theirs)
+    page_size: int = 16  # --page-size: KV page size memory is counted in (bench-serving inputs: theirs)
     overwrite: bool = False  # --overwrite: replace an existing --out
 
     def __post_init__(self):
@@ -197,13 +202,15 @@ def measured_iteration(measured: dict, stat: str, label: str) -> tuple[Iteration
 
 def rate_bounds(iteration: IterationModel | None, b_bar: float, m_tokens: int, max_seqs: int | None,
                 prefill_tps: float | None, decode_tps: float | None, mean_s: float, mean_o: float, mean_g: float,
-                mean_iterations: float) -> tuple[Bounds, SaturatedBatch | None]:
+                mean_iterations: float, mean_g_paged: float) -> tuple[Bounds, SaturatedBatch | None]:
     """docs/method.md §8's bounds: with a fitted b(p, d, k), evaluated at the saturated batch
-    (`queueing.iteration_model_bounds`); else with the constant b̄ and the measured P and D."""
+    (`queueing.iteration_model_bounds`); else with the constant b̄ and the measured P and D. Memory is
+    counted in pages: `m_tokens` the cache's whole pages, `mean_g_paged` E[g] in whole pages."""
     if iteration is not None:
-        return iteration_model_bounds(iteration, m_tokens, max_seqs, mean_s, mean_o, mean_g, mean_iterations)
+        return iteration_model_bounds(iteration, m_tokens, max_seqs, mean_s, mean_o, mean_g, mean_iterations,
+                                      mean_g_paged)
     return Bounds(
-        memory=service_rate(m_tokens, b_bar, mean_g),
+        memory=service_rate(m_tokens, b_bar, mean_g_paged),
         tokens=token_throughput_bound(mean_s, mean_o, prefill_tps, decode_tps) if prefill_tps and decode_tps
         else None,
         sequences=concurrency_bound(max_seqs, b_bar, mean_iterations) if max_seqs else None,
@@ -223,9 +230,13 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
             f"weights need {weight_bytes / 2**30:.2f} GiB ({config.dtype}) and --activation-reserve "
             f"{config.activation_reserve / 2**30:.2f} GiB"
         )
-    check_fits(workload, m_tokens, info.label)
-
     measured = info.measured
+    # memory as the engines allocate it: whole pages (E[g] in pages, and the cache's whole pages); every
+    # request must fit alone
+    page = int(measured["settings"]["page_size"]) if measured is not None else config.page_size
+    m_paged = m_tokens // page * page
+    check_fits(workload, m_paged, info.label)
+
     iteration = None  # the fitted b(p, d, k), when used
     if measured is not None:
         iteration, b_bar, b_source = measured_iteration(measured, config.iteration_stat, info.label)
@@ -253,6 +264,7 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
     s, o = workload.prompt, workload.output
     g = lifetime_memory(s, o, config.chunk)
     mean_g = float(g.mean())
+    mean_g_paged = float(lifetime_memory(s, o, config.chunk, page).mean())
     mean_s, mean_o = float(s.mean()), float(o.mean())
     mean_iterations = float(iterations(s, o, config.chunk).mean())
     # the concurrency the KV cache allows (M / E[s + o]); b̄ measured far below it is extrapolated there
@@ -264,8 +276,8 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
                 f"(M / E[s + o]) but b̄ was measured at {measured_concurrency}: the memory bound μ is extrapolated; "
                 f"measure at that concurrency with `bltool bench-serving --concurrency "
                 f"{round(implied_concurrency)}`")
-    bounds, batch = rate_bounds(iteration, b_bar, m_tokens, max_seqs, prefill_tps, decode_tps,
-                                mean_s, mean_o, mean_g, mean_iterations)
+    bounds, batch = rate_bounds(iteration, b_bar, m_paged, max_seqs, prefill_tps, decode_tps,
+                                mean_s, mean_o, mean_g, mean_iterations, mean_g_paged)
     if batch is not None:
         b_bar = batch.iteration_s
     delta = memory_slack(int((s + o).max()), m_tokens)
@@ -277,7 +289,9 @@ def plan(info: ModelInfo, workload: Workload, config: CapacityConfig) -> dict:
         **{f"kv_{k}": v for k, v in info.shape.as_dict().items()},
         "kv_bytes_per_token": kv_bytes,
         "kv_capacity_tokens": m_tokens,
+        "page_size": page,
         "mean_lifetime_memory": mean_g,
+        "mean_lifetime_memory_paged": mean_g_paged,
         "lifetime_memory_at_means": lifetime_memory_smooth(mean_s, mean_o, config.chunk),
         "mean_iterations": mean_iterations,
         "iteration_s": b_bar,
@@ -354,19 +368,30 @@ def validate(row: dict, workload: Workload, config: CapacityConfig, measured: di
     return summary, series
 
 
-def server_prediction(measured: dict, spec: ServerSpec, workload: Workload, stat: str = "fit") -> dict:
-    """The formula for the server bench-serving measured (its own cache and settings): the memory, token
-    and sequence bounds, which binds, the maximum stable rate."""
+def server_prediction(measured: dict, spec: ServerSpec, workload: Workload, stat: str = "fit",
+                      iteration: IterationModel | None = None) -> dict:
+    """The formula for the server the check serves with (its cache in whole pages, its settings): the
+    memory, token and sequence bounds, which binds, the maximum stable rate, and the resident requests the
+    cache holds by the formula (n_M; memory binds when it is below the sequence cap). With `iteration`,
+    that b(p, d, k) instead of the one --iteration-stat takes from the measurement."""
     chunk = spec.max_batch_tokens - spec.max_seqs
     s, o = workload.prompt, workload.output
-    iteration, b_bar, _ = measured_iteration(measured, stat, "the measured server")
+    if iteration is None:
+        iteration, b_bar, _ = measured_iteration(measured, stat, "the measured server")
+    else:
+        b_bar = float(measured["iteration_s"])  # replaced by the fit
     mean_g = float(lifetime_memory(s, o, chunk).mean())
-    bounds, batch = rate_bounds(iteration, b_bar, spec.kv_tokens, spec.max_seqs, measured["prefill_tokens_per_s"],
+    mean_g_paged = float(lifetime_memory(s, o, chunk, spec.page_size).mean())
+    mean_iterations = float(iterations(s, o, chunk).mean())
+    m_paged = spec.pages * spec.page_size
+    bounds, batch = rate_bounds(iteration, b_bar, m_paged, spec.max_seqs, measured["prefill_tokens_per_s"],
                                 measured["decode_tokens_per_s"], float(s.mean()), float(o.mean()), mean_g,
-                                float(iterations(s, o, chunk).mean()))
+                                mean_iterations, mean_g_paged)
     return {"chunk": chunk, "iteration_s": batch.iteration_s if batch is not None else b_bar,
-            "mean_lifetime_memory": mean_g, "memory_rate": bounds.memory, "token_rate": bounds.tokens,
-            "sequence_rate": bounds.sequences, "binding": bounds.binding, "max_stable_rate": bounds.max_stable_rate}
+            "mean_lifetime_memory": mean_g, "mean_lifetime_memory_paged": mean_g_paged,
+            "mean_iterations": mean_iterations, "memory_residents": m_paged * mean_iterations / mean_g_paged,
+            "memory_rate": bounds.memory, "token_rate": bounds.tokens, "sequence_rate": bounds.sequences,
+            "binding": bounds.binding, "max_stable_rate": bounds.max_stable_rate}
 
 
 def measured_server(ref, measured: dict, spec: ServerSpec, longest: int):
@@ -382,16 +407,17 @@ def measured_server(ref, measured: dict, spec: ServerSpec, longest: int):
 
 
 def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig) -> tuple[dict, list[dict]]:
-    """Serve the workload on the engine and model bench-serving measured, at LIVE_LOADS × the formula's
-    rate, and replay the same requests in the simulator (`bltool.serve.validation`)."""
+    """Serve the workload on the engine and model bench-serving measured, with a KV cache in which memory
+    binds (`validation.memory_bound_cache`), at LIVE_LOADS × the formula's rate (the highest load twice, for
+    the run's own noise), and replay the same requests in the simulator (`bltool.serve.validation`)."""
     measured = info.measured
-    spec = server_spec(measured)
+    measured_spec = server_spec(measured)
     largest = int((workload.prompt + workload.output).max())
-    if -(-largest // spec.page_size) > spec.kv_tokens // spec.page_size:
+    if -(-largest // measured_spec.page_size) > measured_spec.pages:
         raise UsageError(
             f"--validate: requests of up to {largest:,} tokens do not fit the KV cache of {info.spec} "
-            f"({spec.kv_tokens:,} tokens, measured with --concurrency {spec.max_seqs}); measure with a larger "
-            "--concurrency or --output-len, or validate on a workload of shorter requests")
+            f"({measured_spec.kv_tokens:,} tokens, measured with --concurrency {measured_spec.max_seqs}); measure "
+            "with a larger --concurrency or --output-len, or validate on a workload of shorter requests")
     device = measured["device"]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--validate: {info.spec} was measured on {device}, and this machine has no CUDA device")
@@ -400,20 +426,32 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
     if recorded is not None and recorded != model_content_hash(ref):
         raise ArtifactError(f"MODELS: {measured['model_path']} changed since {info.spec} measured it; "
                             "run bench-serving again")
-    prediction = server_prediction(measured, spec, workload, config.iteration_stat)
-    rate = prediction["max_stable_rate"]
-    loads = offered_loads(workload, [m * rate for m in LIVE_LOADS], config.validate_requests, config.seed)
-    server = measured_server(ref, measured, spec, int((workload.prompt + workload.output).max()))
-    rows = []
+    # bench-serving's cache holds --concurrency requests at their peak, so there the sequence cap binds: the
+    # check serves with a cache in which memory does
+    spec = replace(measured_spec, kv_tokens=memory_bound_cache(measured_spec, workload.prompt, workload.output))
+    chunk = spec.max_batch_tokens - spec.max_seqs
+    strata = lifetime_memory(workload.prompt, workload.output, chunk, spec.page_size)
+    server = measured_server(ref, measured, spec, largest)
+    rows, runs, records = [], [], []  # each load's measured run and iterations
     try:
-        warm_up(server, spec)
+        spec = replace(spec, kv_tokens=warm_up(server, spec))  # the cache as the engine allocated it
+        prediction = server_prediction(measured, spec, workload, config.iteration_stat)
+        rate = prediction["max_stable_rate"]
+        loads = offered_loads(workload, [m * rate for m in LIVE_LOADS], config.validate_requests, config.seed,
+                              strata)
         for multiple, load in zip(LIVE_LOADS, loads):
             ui.info(f"{info.label}: serving {len(load.arrival_s)} requests at {load.rate:.3g} req/s "
-                    f"({multiple:g} × the formula's {rate:.3g})")
-            served, error = measure_load(server, load, spec, config.seed)
+                    f"({multiple:g} × the formula's {rate:.3g}; KV cache {spec.kv_tokens:,} tokens, "
+                    f"{prediction['binding']} bind)")
+            served, its = measure_load(server, load, spec, config.seed)
+            runs.append(served)
+            records.append(its)
             replayed = simulate_load(load, spec)
-            rows += [{"label": info.label, **validation_row("measured", load, multiple, served), "fit_error": error},
+            rows += [{"label": info.label, **validation_row("measured", load, multiple, served),
+                      "fit_error": fit_error(its, spec.iteration)},
                      {"label": info.label, **validation_row("simulator", load, multiple, replayed), "fit_error": None}]
+        ui.info(f"{info.label}: serving the {REPEATED_LOAD:g} × load again, for the run's own noise")
+        repeat, _ = measure_load(server, loads[LIVE_LOADS.index(REPEATED_LOAD)], spec, config.seed)
     finally:
         server.close()  # the next model's server (a vLLM engine reserves its cache) starts with the memory free
     long_run = simulate_server(workload.prompt, workload.output, rate=OVERLOAD * rate, server=spec,
@@ -426,8 +464,12 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
     pairs = list(zip(measured_rows, [r for r in rows if r["source"] == "simulator"]))
     offered = server_prediction(measured, spec, Workload(loads[0].prompt, loads[0].output, "offered requests"),
                                 config.iteration_stat)
+    first = next(r["throughput"] for r in measured_rows if r["load"] == REPEATED_LOAD)
+    again = repeat.throughput()
     summary = {
         "server": spec_dict(spec),
+        "measured_kv_tokens": measured_spec.kv_tokens,  # bench-serving's cache, where the sequence cap binds
+        "binding": prediction["binding"],
         "prediction": prediction,
         "loads": list(LIVE_LOADS),
         "requests_per_load": config.validate_requests,
@@ -440,8 +482,8 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
         "formula_vs_simulator": rate / simulated_capacity,
         "formula_vs_measured_below": [min(r["window_offered_rate"], rate) / r["throughput"] for r in below],
         "formula_vs_measured_knee": rate / measured_knee,
-        # the formula on the requests actually offered (their own E[g]): a few dozen requests drawn from a
-        # heavy-tailed workload can hold much less memory than its mean, and the measured knee is theirs
+        # diagnostic: the formula on the requests actually offered (their own E[g]; drawn stratified by g, they
+        # hold the workload's E[g] to a few percent)
         "offered_prediction": offered,
         "offered_formula_vs_measured_knee": offered["max_stable_rate"] / measured_knee,
         "simulator_vs_measured_knee": replay_knee / measured_knee,
@@ -450,16 +492,48 @@ def validate_server(info: ModelInfo, workload: Workload, config: CapacityConfig)
         "simulator_vs_measured_latency_p90": [s["latency_p90_s"] / m["latency_p90_s"] for m, s in pairs],
         # how well b(p, d, k), fitted on bench-serving's fixed-length runs, times this workload's iterations
         "live_fit_error": float(np.mean([r["fit_error"] for r in measured_rows if r["fit_error"] is not None])),
+        # the highest load served twice, the same requests at the same times: how far the server's throughput
+        # moves between two runs of this check (the machine's own noise)
+        "noise": {"load": REPEATED_LOAD, "throughput": [first, again],
+                  "spread": abs(first - again) / ((first + again) / 2)},
+        "in_run": in_run_check(measured, spec, workload, loads, runs, records, measured_rows, rate),
     }
-    # the knee is judged on the requests actually served: the formula on their own lengths (a few dozen
-    # requests from a heavy-tailed workload can need much less memory and time than its mean)
     summary["targets"] = {
         "formula_vs_simulator_within_10pct": abs(summary["formula_vs_simulator"] - 1) <= 0.10,
         "formula_vs_measured_below_within_15pct": all(abs(x - 1) <= 0.15 for x in summary["formula_vs_measured_below"]),
-        "knee_within_15pct": abs(summary["offered_formula_vs_measured_knee"] - 1) <= 0.15,
+        "knee_within_15pct": abs(summary["formula_vs_measured_knee"] - 1) <= 0.15,
     }
     summary["within_targets"] = all(summary["targets"].values())
     return summary, rows
+
+
+def in_run_check(measured: dict, spec: ServerSpec, workload: Workload, loads: list, runs: list,
+                 records: list[list[dict]], measured_rows: list[dict], rate: float) -> dict:
+    """The formula and the simulator judged within one run: each load's b(p, d, k) scaled by how much slower or
+    faster the server ran during that load than bench-serving's fit says (`validation.speed_factor`), so a
+    machine busier or idler than when bench-serving ran, or than during another load, moves both sides alike.
+    Each load is replayed with its own scaling, and the knee is set beside the replay of its own load; the
+    formula (its rate divides by the factor) is taken at the knee's load too, as min(λ, rate) with λ the
+    rate offered in that load's steady window (a server faster than bench-serving measured may keep up even
+    at the highest load, and then the knee is λ, not its capacity)."""
+    factors = [speed_factor(its, run, spec.iteration) for its, run in zip(records, runs)]
+    throughputs = [simulate_load(load, replace(spec, iteration=spec.iteration.scaled(f))).throughput()
+                   if f is not None else None for load, f in zip(loads, factors)]
+    measured_knee = knee(measured_rows)
+    at = max(range(len(measured_rows)), key=lambda i: measured_rows[i]["throughput"])  # the knee's load
+    offered = measured_rows[at]["window_offered_rate"]
+    formula = rate / factors[at] if factors[at] is not None else None
+    return {
+        "speed_factors": factors,
+        "simulator_vs_measured_throughput": [t / r["throughput"] if t is not None else None
+                                             for t, r in zip(throughputs, measured_rows)],
+        "knee_load": measured_rows[at]["load"],
+        "replayed_at_knee_load": throughputs[at],
+        "simulator_vs_measured_knee": throughputs[at] / measured_knee if throughputs[at] is not None else None,
+        "knee_saturated": measured_knee < 0.9 * offered,  # the server fell behind what was offered there
+        "formula_rate": formula,
+        "formula_vs_measured_knee": min(offered, formula) / measured_knee if formula is not None else None,
+    }
 
 
 def spec_dict(spec: ServerSpec) -> dict:
@@ -494,6 +568,7 @@ def print_table(rows: list[dict], workload: Workload, config: CapacityConfig) ->
         ("parameters", "parameters", COUNT), ("weights (GiB)", lambda r: r["weight_bytes"] / 2**30, SHORT),
         ("KV bytes / token", "kv_bytes_per_token", COUNT), ("M (KV tokens)", "kv_capacity_tokens", COUNT),
         ("E[g] (token·iterations)", "mean_lifetime_memory", COUNT),
+        ("E[g] in whole pages", "mean_lifetime_memory_paged", COUNT),
         ("g(E[s], E[o])", "lifetime_memory_at_means", COUNT),
         ("b̄ (ms)", lambda r: r["iteration_s"] * 1e3, RATE), ("b̄ source", "iteration_source", TEXT),
         ("μ = M/(b̄·E[g]) (req/s)", "memory_rate", RATE), ("δ = max(s+o)/M", "delta", SHORT),
@@ -515,6 +590,7 @@ def print_table(rows: list[dict], workload: Workload, config: CapacityConfig) ->
 
         lines += [("server: M (KV tokens)", lambda r: r["server_validation"]["server"]["kv_tokens"]
                    if "server_validation" in r else None, COUNT),
+                  ("server: binds", served("binding"), TEXT),
                   ("server: formula rate (req/s)", lambda r: r["server_validation"]["prediction"]["max_stable_rate"]
                    if "server_validation" in r else None, RATE),
                   ("server: simulated capacity (req/s)", served("simulated_capacity"), RATE),
@@ -523,6 +599,8 @@ def print_table(rows: list[dict], workload: Workload, config: CapacityConfig) ->
                   ("server: formula / measured knee", served("formula_vs_measured_knee"), "{:.3f}"),
                   ("server: formula on offered / measured knee", served("offered_formula_vs_measured_knee"), "{:.3f}"),
                   ("server: simulator / measured knee", served("simulator_vs_measured_knee"), "{:.3f}"),
+                  ("server: knee noise (load served twice)", lambda r: r["server_validation"]["noise"]["spread"]
+                   if "server_validation" in r else None, "{:.3f}"),
                   ("server: within targets", served("within_targets"), TEXT)]
     for name, key, spec in lines:
         values = [key(r) if callable(key) else r[key] for r in rows]
@@ -601,7 +679,9 @@ def default_out(config: CapacityConfig) -> Path:
 
 def run(config: CapacityConfig) -> Path:
     out = Path(config.out) if config.out else default_out(config)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, stage=Stage.CAPACITY,
+                     inputs=[*(i for m in config.models for i in model_inputs("MODELS", m)),
+                             ("--workload", config.workload)])
     workload = load_workload(config)
     infos = [load_model_info(spec) for spec in config.models]
     seen: dict[str, int] = {}
@@ -634,7 +714,8 @@ def run(config: CapacityConfig) -> Path:
                                   f"{tag}_max_queue": run_["max_queue"], f"{tag}_latency_p90_s": run_["latency_p90_s"]})
             if "server_validation" in row:
                 v = row["server_validation"]
-                entry.update(server_formula_rate=v["prediction"]["max_stable_rate"],
+                entry.update(server_formula_rate=v["prediction"]["max_stable_rate"], server_binding=v["binding"],
+                             server_kv_tokens=v["server"]["kv_tokens"],
                              server_simulated_capacity=v["simulated_capacity"], server_measured_knee=v["measured_knee"],
                              server_within_targets=v["within_targets"])
             flat.append(entry)

@@ -30,7 +30,7 @@ from bltool.compression import (
     save_compressed,
 )
 from bltool.errors import ArtifactError, UsageError
-from bltool.models import count_parameters, load_model, load_tokenizer, resolve_model
+from bltool.models import count_parameters, load_model, load_tokenizer, model_inputs, resolve_model
 
 METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 
@@ -70,7 +70,7 @@ def distill_method(manifest: dict, path: Path) -> str:
 
 def run(config: CompressConfig) -> Path:
     out = Path(config.out)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, stage=Stage.COMPRESS, inputs=model_inputs("MODEL", config.model))
     path = Path(config.model)
     if not path.is_dir():
         raise UsageError(f"MODEL: {config.model} is not a directory; give the output of `bltool distill`")

@@ -1,10 +1,10 @@
 """distill: KD-Full, KD-LoRA and Budgeted LoRA (docs/method.md §2–4, §7).
 
-A teacher (or its cached top-k logits) supervises a student on the prepared training split with the
-loss of §4. `kd-full` trains every student weight; `kd-lora` freezes the student and trains LoRA on the
-target projections; `budgeted-lora` adds per-rank gates and the budget controller, which lowers each
-module's dense retention ρ along the schedule until the dense cost is the budget F (modules at ρ = 0
-stop computing their dense matmul, so training gets cheaper as it goes).
+A teacher (or its `teacher-logits` cache: top-k logits or samples) supervises a student on the prepared
+training split with the loss of §4. `kd-full` trains every student weight; `kd-lora` freezes the student
+and trains LoRA on the target projections; `budgeted-lora` adds per-rank gates and the budget controller,
+which lowers each module's dense retention ρ along the schedule until the dense cost is the budget F
+(modules at ρ = 0 stop computing their dense matmul, so training gets cheaper as it goes).
 
 The loop, per optimizer step: read the step's sequences (a pure function of seed and step, so a data
 position is a step count), run the teacher under no_grad, the student's loss over sequence chunks,
@@ -32,7 +32,9 @@ from bltool.adapters import adapter_section, save_adapted
 from bltool.artifacts import (
     Stage,
     atomic_output,
+    check_apart,
     check_output_dir,
+    check_replaceable,
     read_manifest,
     recover_output,
     remove_stale_temporaries,
@@ -51,15 +53,16 @@ from bltool.models import (
     load_model,
     load_tokenizer,
     model_content_hash,
+    model_inputs,
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import heldout_windows, hidden_states, token_nll
+from bltool.nll import PieceCounter, document_separator, heldout_windows, hidden_states, token_nll
 from bltool.train import distributed, trainstate
 from bltool.train.accounting import ComputeMeter
 from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices, positions_to_indices
 from bltool.train.budget import BudgetConfig, BudgetController
-from bltool.train.losses import check_kd_args, chunk_positions, kd_loss, kd_loss_topk
+from bltool.train.losses import check_kd_args, chunk_positions, kd_loss, kd_loss_sampled, kd_loss_topk
 from bltool.train.signals import StopSignals
 from bltool.train.teacher_cache import TeacherCache
 
@@ -68,6 +71,10 @@ DEFAULT_LR = {"kd-full": 1e-4, "kd-lora": 3e-4, "budgeted-lora": 3e-4}
 # Fields that may differ between a run and its resumption (they do not change what is computed).
 RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "device", "compile", "eval_every",
                "eval_tokens", "activation_checkpointing")
+# ... and the peak learning rate, which may be changed on --resume (lowered after a non-finite loss): the
+# schedule's warm-up and cosine decay go on at the same step, scaled by the new peak (`_set_peak_lr`), and
+# the checkpoint and the output's manifest record from which step each value was used (`lr_history`).
+RESUME_RESCALE = ("lr",)
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ class DistillConfig:
     save_every: int = 200  # checkpoint every N steps (0: only when stopped)
     checkpoint_dir: str | None = None  # default: OUT.checkpoint
     resume: bool = False  # continue the run whose checkpoint is in --checkpoint-dir
-    teacher_logits: str | None = None  # a teacher-logits output: read cached top-k logits instead of the teacher
+    teacher_logits: str | None = None  # a teacher-logits output (top-k or sampled): read it instead of the teacher
     chunk: int = 512  # tokens (rows × positions) per LM-head chunk in the loss (bounds logits memory)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # frozen weights (teacher; the student's base for LoRA methods): auto = bf16 on CUDA
@@ -173,12 +180,14 @@ class Objective(torch.nn.Module):
         self.kw = {"temperature": config.temperature, "kd_weight": config.kd_weight, "chunk": config.chunk}
 
     def forward(self, input_ids, attention_mask, normalizer, padded=True, teacher_hidden=None, teacher_head=None,
-                topk=None):
+                topk=None, sampled=None):
         hidden = hidden_states(self.student, input_ids, attention_mask if padded else None)  # (B, T, d)
         head = self.student.get_output_embeddings()
         kw = {**self.kw, "normalizer": normalizer}
         if topk is not None:
             return kd_loss_topk(hidden, head, *topk, input_ids, attention_mask, **kw)
+        if sampled is not None:
+            return kd_loss_sampled(hidden, head, *sampled, input_ids, attention_mask, **kw)
         return kd_loss(hidden, teacher_hidden, head, teacher_head, input_ids, attention_mask, **kw)
 
 
@@ -248,9 +257,14 @@ def _check_models(student, teacher_config, vocab: int) -> None:
 
 
 def _check_paths(config: DistillConfig) -> None:
-    """--out must be free; a checkpoint must exist for --resume and must not be clobbered without it."""
+    """--out must be free; a checkpoint must exist for --resume and must not be clobbered without it; neither
+may be over an input, and --overwrite deletes only an earlier run's checkpoint."""
     ckpt = config.checkpoint_path
-    check_output_dir(Path(config.out), config.overwrite)
+    inputs = [*model_inputs("--student", config.student), ("--data", config.data),
+              *model_inputs("--teacher", config.teacher), ("--teacher-logits", config.teacher_logits)]
+    check_output_dir(Path(config.out), config.overwrite, stage=Stage.DISTILL,
+                     inputs=[*inputs, ("--checkpoint-dir", ckpt)])
+    check_apart(ckpt, inputs, "--checkpoint-dir")
     if config.resume and not (ckpt / "manifest.json").is_file():
         raise UsageError(f"--resume: no checkpoint in {ckpt} (set --checkpoint-dir to where it is)")
     if config.resume:  # every file of it whole, before any work
@@ -258,6 +272,8 @@ def _check_paths(config: DistillConfig) -> None:
     if not config.resume and ckpt.exists() and not config.overwrite:
         raise UsageError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier run; pass --resume to "
                          "continue it or --overwrite to start over")
+    if not config.resume and ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):  # --overwrite deletes it
+        check_replaceable(ckpt, Stage.DISTILL_CHECKPOINT, "--checkpoint-dir")
 
 
 def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -> tuple[int, int]:
@@ -341,6 +357,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     seconds: float = 0.0  # training wall time so far, over every resumption
     stop_requested: bool = False  # a stop signal reached some rank during the last step (all ranks agree)
+    lr_history: list[dict] = field(default_factory=list)  # [{"step": s, "lr": peak}]: peak lr from step s + 1
     prefetch: Prefetcher | None = None  # builds the coming micro-batches in the background (`_run`)
 
 
@@ -454,7 +471,8 @@ def setup(run: Run) -> TrainState:
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup, run.steps)
     state = TrainState(student, student, params, optimizer, scheduler, controller, adapted, costs,
-                       ComputeMeter(config.method, costs, lora_macs))
+                       ComputeMeter(config.method, costs, lora_macs),
+                       lr_history=[{"step": 0, "lr": config.learning_rate}])
     if config.resume:
         _resume(run, state)
     if config.activation_checkpointing:
@@ -499,13 +517,15 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
                 result = state.model(ids, mask, normalizer, padded, **targets)
             result.loss.backward()
         stats[:3] += torch.stack([result.loss.detach().float(), result.kl, result.ce])
-    stats[3] = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip).detach().float() * world.size
+    # the norm of the all-reduced gradient: the same on every rank, so the mean below is that norm
+    stats[3] = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip).detach().float()
     if stop is not None and stop.received is not None:
         stats[4] = 1.0
     loss, kl, ce, grad_norm, stops = (distributed.sum_tensor(world, stats) / world.size).tolist()
     state.stop_requested = stops > 0
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same verdict on every rank
         state.optimizer.zero_grad(set_to_none=True)
+        trainstate.set_local_rng_state(rng)  # the generators as the step found them: exactly "after step N"
         save_checkpoint(run, state)
         raise BltoolError(
             f"non-finite loss or gradient at step {state.step + 1}; stopped. The last good state (after step "
@@ -529,7 +549,7 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
     return state.log[-1]
 
 
-_NO_EVAL = {"eval_nll": None, "eval_ppl": None}
+_NO_EVAL = {"eval_nll": None, "eval_ppl": None, "eval_nll_se": None, "eval_ppl_se": None}
 
 
 def _eval_due(run: Run, step: int) -> bool:
@@ -538,25 +558,29 @@ def _eval_due(run: Run, step: int) -> bool:
 
 def evaluate_heldout(run: Run, state: TrainState) -> dict:
     """The student's mean NLL and perplexity on the held-out slice (--eval-tokens: the first tokens of the
-    held-out split, the same for every run on this data), dropout off; rank 0 scores, the others go on."""
+    held-out split, the same for every run on this data), with their standard errors as eval-ppl computes
+    them (over the slice's documents, or windows: `bltool.stats`), dropout off; rank 0 scores, the others go
+    on."""
     if not run.world.main:
         return dict(_NO_EVAL)
     config, data = run.config, run.inputs.data
     windows = [ids for ids, _ in heldout_windows(data, config.eval_tokens)]
     if not windows:
         raise UsageError(f"--eval-every: {data.path} has no held-out tokens to score")
-    total, count = 0.0, 0
+    counter = PieceCounter(document_separator(data))
     state.student.eval()
     try:
         with torch.no_grad(), run.autocast():
             for start in range(0, len(windows), config.batch_size):
                 ids, mask = collate(windows[start: start + config.batch_size], run.pad_id, run.world.device)
                 positions = chunk_positions(config.chunk, ids.shape[0])  # --chunk counts tokens over the rows
-                total += float(token_nll(state.student, ids, mask, chunk=positions).double().sum())
-                count += int(mask[:, 1:].sum())
+                counter.add(windows[start: start + config.batch_size],
+                            token_nll(state.student, ids, mask, chunk=positions))
     finally:
         state.student.train()
-    return {"eval_nll": total / count, "eval_ppl": math.exp(total / count)}
+    summary = counter.pieces().summary()
+    return {"eval_nll": summary["mean_nll"], "eval_ppl": summary["perplexity"], "eval_nll_se": summary["mean_nll_se"],
+            "eval_ppl_se": summary["perplexity_se"]}
 
 
 def _step_tokens(run: Run, step: int) -> tuple[int, int]:
@@ -570,7 +594,7 @@ def _step_tokens(run: Run, step: int) -> tuple[int, int]:
 
 def _host_batch(run: Run, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
     """Micro-batch `key` = (step, micro) of this rank on the host: token ids and mask (B, T), whether any
-    row is padded, and with --teacher-logits the cached top-k (ids, logits, lse, tail)."""
+    row is padded, and with --teacher-logits the cache's tensors (`TeacherCache.batch`)."""
     config, world, train = run.config, run.world, run.inputs.train
     step, micro = key
     index = [int(i) for i in micro_batch_indices(step, micro, world.rank, world.size, config.batch_size,
@@ -591,15 +615,15 @@ def _prefetcher(run: Run, start: int) -> Prefetcher:
 
 def _micro_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor, bool, dict]:
     """A micro-batch's token ids and mask (B, T) on the device, whether it is padded, and the teacher's
-    side of the loss: the live teacher's final hidden states and head, or the cached top-k logits."""
+    side of the loss: the live teacher's final hidden states and head, or the cache's top-k logits or samples."""
     key = (state.step, micro)
     if state.prefetch is not None:
-        ids, mask, padded, *topk = state.prefetch.get(key)
+        ids, mask, padded, *cached = state.prefetch.get(key)
     else:
-        ids, mask, padded, *topk = (t.to(run.world.device) if isinstance(t, torch.Tensor) else t
-                                    for t in _host_batch(run, key))
-    if topk:
-        return ids, mask, padded, {"topk": tuple(topk)}
+        ids, mask, padded, *cached = (t.to(run.world.device) if isinstance(t, torch.Tensor) else t
+                                      for t in _host_batch(run, key))
+    if cached:
+        return ids, mask, padded, {run.inputs.cache.form: tuple(cached)}  # topk= or sampled= of the Objective
     with torch.no_grad(), run.autocast():
         teacher_hidden = hidden_states(run.teacher, ids, mask if padded else None)  # (B, T, d_T)
     return ids, mask, padded, {"teacher_hidden": teacher_hidden,
@@ -627,7 +651,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
         meta = {"step": state.step, "total_steps": run.steps, "scheduler": state.scheduler.state_dict(),
                 "controller": state.controller.state_dict() if state.controller else None,
                 "meter": state.meter.state_dict(), "log": state.log, "world_size": run.world.size,
-                "seconds": state.seconds}
+                "seconds": state.seconds, "lr_history": state.lr_history}
         trainstate.save(run.config.checkpoint_path, state.student, state.optimizer, rng, meta, run.config.record())
     distributed.barrier(run.world)
 
@@ -642,7 +666,7 @@ def _resume(run: Run, state: TrainState) -> None:
     ckpt, record, world = run.config.checkpoint_path, run.config.record(), run.world
     saved_state, trainable, optim, rng = trainstate.load(ckpt)
     saved = read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")["config"]
-    differing = [k for k in record if k not in RESUME_FREE and saved.get(k) != record[k]]
+    differing = [k for k in record if k not in RESUME_FREE + RESUME_RESCALE and saved.get(k) != record[k]]
     if differing:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {record[k]!r} here)"
                           for k in differing)
@@ -655,6 +679,14 @@ def _resume(run: Run, state: TrainState) -> None:
             "process(es)")
     trainstate.restore(state.student, state.optimizer, trainable, optim, saved_state["param_groups"])
     state.scheduler.load_state_dict(saved_state["scheduler"])
+    saved_lr = saved["lr"] if saved.get("lr") is not None else DEFAULT_LR[saved["method"]]
+    state.lr_history = list(saved_state.get("lr_history") or [{"step": 0, "lr": saved_lr}])
+    if run.config.learning_rate != saved_lr:
+        _set_peak_lr(state, run.config.learning_rate)
+        step = int(saved_state["step"])  # a second change at the same step replaces the first
+        state.lr_history = [h for h in state.lr_history if h["step"] < step] + [
+            {"step": step, "lr": run.config.learning_rate}]
+        ui.info(f"--lr {run.config.learning_rate:g} (was {saved_lr:g}) from step {step + 1} on")
     state.meter.load_state_dict(saved_state["meter"])
     if state.controller is not None:
         state.controller.load_state_dict(saved_state["controller"])
@@ -667,6 +699,17 @@ def _resume(run: Run, state: TrainState) -> None:
         ui.info(f"the run in {ckpt} finished its {run.steps} steps; writing its output")
     else:
         ui.info(f"resuming at step {state.step} of {run.steps} from {ckpt}")
+
+
+def _set_peak_lr(state: TrainState, lr: float) -> None:
+    """Rescale the restored schedule to the peak `lr`: the same warm-up and cosine factor at the same step,
+    in the scheduler (which sets every later step's lr) and in the optimizer (which the next step uses)."""
+    scheduler = state.scheduler
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(state.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
 
 
 def _progress(world: distributed.World):
@@ -731,6 +774,7 @@ def save(run: Run, state: TrainState) -> None:
             adapters=adapter_section(config.lora_spec(), adapted) if adapted else None,
             budget=asdict(config.budget_config()) if controller else None,
             schedule={"steps": run.steps, "warmup_steps": run.warmup, "lr": config.learning_rate,
+                      "lr_history": state.lr_history,
                       "scheduler": "cosine", "sequences_per_step": world.size * config.batch_size * config.grad_accum,
                       "seq_len": inputs.data.seq_len, "world_size": world.size},
             training={"tokens_seen": meter.tokens, "steps": run.steps, "seconds": round(seconds, 3),
@@ -742,7 +786,9 @@ def save(run: Run, state: TrainState) -> None:
             compute=compute,
             evaluation={"every": config.eval_every, "tokens": config.eval_tokens, "split": "heldout",
                         "data": inputs.data.manifest["hash"],
-                        "rule": "the first --eval-tokens tokens of the held-out split, windows in file order"}
+                        "rule": "the first --eval-tokens tokens of the held-out split, windows in file order",
+                        "se": "eval_nll_se, eval_ppl_se: the delta method over the slice's documents (its windows "
+                              "where the data does not mark them), as eval-ppl; docs/method.md §6"}
             if config.eval_every else None,
             controller={"rho": list(controller.rho), "modules_dropped": sum(r == 0 for r in controller.rho)}
             if controller else None,

@@ -23,7 +23,14 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, sha256_file, write_json, write_manifest
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import check_vocab_fits, load_model, load_tokenizer, model_content_hash, resolve_model
+from bltool.models import (
+    check_vocab_fits,
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    model_inputs,
+    resolve_model,
+)
 
 INSTALL = "pip install 'bltool[harness]'"
 
@@ -104,9 +111,11 @@ def headline(results: dict) -> dict[str, dict[str, float | None]]:
 
 def run(config: EvalHarnessConfig) -> Path:
     lm_eval, evaluator, TaskManager, HFLM = import_lm_eval()
+    label = resolve_model(config.model, flag="MODEL", convert=False).label  # no GGUF converted before the check
+    out = Path(config.out) if config.out else Path("harness") / label
+    check_output_dir(out, config.overwrite, stage=Stage.EVAL_HARNESS,
+                     inputs=[*model_inputs("MODEL", config.model), ("--include-path", config.include_path)])
     ref = resolve_model(config.model, flag="MODEL")
-    out = Path(config.out) if config.out else Path("harness") / ref.label
-    check_output_dir(out, config.overwrite)
     manager = TaskManager(include_path=config.include_path) if config.include_path else TaskManager()
     known = set(manager.all_tasks)
     unknown = [t for t in config.tasks if t not in known]

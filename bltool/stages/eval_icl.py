@@ -54,7 +54,14 @@ from bltool.icl import (
     newline_token_ids,
     standard_error,
 )
-from bltool.models import check_vocab_fits, load_model, load_tokenizer, model_content_hash, resolve_model
+from bltool.models import (
+    check_vocab_fits,
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    model_inputs,
+    resolve_model,
+)
 from bltool.probes import BUILTIN, Task, composite_se, load_tasks, vocabulary
 
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
@@ -215,9 +222,12 @@ def _probe_inputs(tasks: list[Task]) -> list[dict]:
 
 
 def run(config: EvalIclConfig) -> Path:
+    label = resolve_model(config.model, flag="MODEL", convert=False).label  # no GGUF converted before the check
+    out = Path(config.out) if config.out else Path("icl") / label
+    check_output_dir(out, config.overwrite, stage=Stage.EVAL_ICL,
+                     inputs=[*model_inputs("MODEL", config.model),
+                             *(("--probes", p) for p in config.probes if p != BUILTIN)])
     ref = resolve_model(config.model, flag="MODEL")
-    out = Path(config.out) if config.out else Path("icl") / ref.label
-    check_output_dir(out, config.overwrite)
     tasks = load_tasks(config.probes, config.tasks)
     planned = plan(tasks, config)  # refuses impossible task files before the model loads
     tokenizer = load_tokenizer(ref)

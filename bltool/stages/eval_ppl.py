@@ -10,6 +10,11 @@ token of a window except its first is predicted from the tokens before it in the
 Perplexity depends on the tokenizer; bits-per-byte does not, so it compares models with different
 vocabularies. Every scored token counts in both sums, the separator included (it stands for 0 bytes, so the
 cost of predicting document boundaries is charged to the text's bytes).
+
+Uncertainty: `perplexity_se` is the delta method's standard error over the held-out documents (the unit the
+split samples), or over the windows when the data does not mark its documents exactly (`bltool.stats`).
+`windows.arrow` keeps Σ NLL, tokens and bytes per (window, document) piece, so `report` can compare two
+models scored on the same windows by the paired standard error of their perplexities' log ratio.
 """
 
 from __future__ import annotations
@@ -31,17 +36,22 @@ from bltool.models import (
     load_model,
     load_tokenizer,
     model_content_hash,
+    model_inputs,
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import heldout_windows, token_nll
+from bltool.nll import PieceCounter, document_separator, heldout_windows, token_nll
+from bltool.stats import WINDOWS, Pieces
+
+SE_RULE = ("delta method on the mean NLL, a ratio of sums over units: the held-out documents (null `document` "
+           "in windows.arrow: not known; then the windows), se(ppl) = ppl * se(mean NLL); docs/method.md §6")
 
 
 @dataclass(frozen=True)
 class EvalPplConfig:
     model: str  # model path, .gguf or alias
     data: str  # a prepare-data output directory
-    out: str | None = None  # output directory (default: DATA/ppl/<model name>)
+    out: str | None = None  # output directory (default: ppl/<model name>)
     max_tokens: int = 10_000_000  # token budget (capped by the held-out split)
     batch_size: int = 8  # windows per forward pass
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
@@ -83,17 +93,20 @@ def _collate(batch, pad_id: int, device: str):
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device), nbytes
 
 
-def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> dict:
-    """Σ NLL, tokens and bytes scored over the budgeted windows."""
+def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> tuple[dict, Pieces]:
+    """Σ NLL, tokens and bytes scored over the budgeted windows, the standard error of the perplexity, and
+    the sums per (window, document) piece they come from (windows.arrow)."""
     pad_id = int(data.tokenizer["eos_token_id"])
     available = sum(len(ids) for ids, _ in heldout_windows(data, config.max_tokens))
     nll_sum, scored, scored_bytes, windows, window_tokens = 0.0, 0, 0, 0, 0
+    counter = PieceCounter(document_separator(data))
     watch = ui.Stopwatch()
     with ui.token_progress() as progress:
         task = progress.add_task(Stage.EVAL_PPL, total=available, tokens=0)
         for batch in _batches(heldout_windows(data, config.max_tokens), config.batch_size):
             ids, mask, nbytes = _collate(batch, pad_id, device)
             nll = token_nll(model, ids, mask, chunk=config.chunk)  # (B, T-1) float32
+            counter.add([window_ids for window_ids, _ in batch], nll, [window_bytes for _, window_bytes in batch])
             nll_sum += float(nll.double().sum())
             scored += int(mask[:, 1:].sum())
             scored_bytes += int(nbytes[:, 1:].sum())
@@ -104,11 +117,15 @@ def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> d
     if scored == 0:
         raise UsageError(f"--data: {data.path} has no held-out tokens to score")
     mean = nll_sum / scored
+    pieces = counter.pieces()
+    summary = pieces.summary()
     return {
         "perplexity": math.exp(mean),
         "bits_per_byte": nll_sum / (math.log(2) * scored_bytes) if scored_bytes else None,
         "mean_nll": mean,
         "nll_sum": nll_sum,
+        "perplexity_se": summary["perplexity_se"],
+        "mean_nll_se": summary["mean_nll_se"],
         "protocol": {
             "split": "heldout",
             "seq_len": data.seq_len,
@@ -118,21 +135,26 @@ def evaluate(model, data: PreparedData, config: EvalPplConfig, device: str) -> d
             "bytes_scored": scored_bytes,
             "max_tokens": config.max_tokens,
             "rule": "non-overlapping windows in file order; the first token of each window is not scored",
+            "se_unit": summary["se_unit"],
+            "se_units": summary["se_units"],
+            "se": SE_RULE,
         },
         "seconds": round(seconds, 3),
         "tokens_per_s": round(window_tokens / seconds, 1) if seconds > 0 else None,
-    }
+    }, pieces
 
 
 def default_out(config: EvalPplConfig, label: str) -> Path:
-    return Path(config.data) / "ppl" / label
+    return Path("ppl") / label
 
 
 def run(config: EvalPplConfig) -> Path:
     data = PreparedData.open(Path(config.data))
+    label = resolve_model(config.model, flag="MODEL", convert=False).label  # no GGUF converted before the check
+    out = Path(config.out) if config.out else default_out(config, label)
+    check_output_dir(out, config.overwrite, stage=Stage.EVAL_PPL,
+                     inputs=[*model_inputs("MODEL", config.model), ("--data", config.data)])
     ref = resolve_model(config.model, flag="MODEL")
-    out = Path(config.out) if config.out else default_out(config, ref.label)
-    check_output_dir(out, config.overwrite)
     tokenizer = load_tokenizer(ref)
     identity = tokenizer_identity(tokenizer)
     data.check_tokenizer(identity, what=config.model)
@@ -141,7 +163,7 @@ def run(config: EvalPplConfig) -> Path:
     model = load_model(ref, dtype=dtype, device=device)
     check_vocab_fits(model.config, tokenizer, "MODEL")
 
-    result = evaluate(model, data, config, device)
+    result, pieces = evaluate(model, data, config, device)
     result.update(
         model=config.model,
         model_path=str(ref.path),
@@ -155,18 +177,21 @@ def run(config: EvalPplConfig) -> Path:
         row = {k: v for k, v in result.items() if k != "protocol"}
         row.update({f"protocol_{k}": v for k, v in result["protocol"].items()})
         write_arrow(tmp / "result.arrow", [row])
+        write_arrow(tmp / WINDOWS, pieces.table())
         write_manifest(
             tmp,
             Stage.EVAL_PPL,
             config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)}, data.ref()],
-            result={k: result[k] for k in ("perplexity", "bits_per_byte", "mean_nll")},
+            result={k: result[k] for k in ("perplexity", "bits_per_byte", "mean_nll", "perplexity_se")},
         )
     p = result["protocol"]
     bpb = "n/a" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"  # no bytes scored
     rate = "n/a" if result["tokens_per_s"] is None else f"{result['tokens_per_s']:,.0f}"
+    se = ("" if result["perplexity_se"] is None else
+          f" ± {result['perplexity_se']:.3f} (se over {p['se_units']} {p['se_unit']})")
     ui.info(
-        f"{config.model}: perplexity {result['perplexity']:.3f}, bits/byte {bpb} "
+        f"{config.model}: perplexity {result['perplexity']:.3f}{se}, bits/byte {bpb} "
         f"({p['tokens_scored']:,} tokens scored in {p['windows']} windows of ≤{p['seq_len']}; "
         f"{rate} tok/s on {device} {result['dtype']})"
     )

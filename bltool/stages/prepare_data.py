@@ -16,7 +16,7 @@ from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manif
 from bltool.corpus import CorpusReader, Document
 from bltool.data import SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
 from bltool.errors import UsageError
-from bltool.models import load_tokenizer, resolve_model, tokenizer_identity
+from bltool.models import load_tokenizer, model_inputs, resolve_model, tokenizer_identity
 
 BATCH_CHARS = 4_000_000  # tokenize about this much text per call
 # Pretraining document separators, preferred (in this order) over the EOS when the vocabulary has one: an
@@ -85,7 +85,8 @@ def _batches(docs, limit: int):
 
 
 def run(config: PrepareDataConfig) -> Path:
-    check_output_dir(Path(config.out), config.overwrite)
+    check_output_dir(Path(config.out), config.overwrite, stage=Stage.PREPARE_DATA,
+                     inputs=[*(("INPUT", p) for p in config.inputs), *model_inputs("--tokenizer", config.tokenizer)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     reader = CorpusReader([Path(p) for p in config.inputs], config.glob, config.text_field, config.id_field)
     model = resolve_model(config.tokenizer, flag="--tokenizer")

@@ -10,23 +10,33 @@ the figures, so a README's results are generated from the runs, never typed by h
 Rows are compared only if they were evaluated the same way: the same held-out data (by content) and
 token budget for perplexity, the same `--n`, `--shots`, `--seeds` and probe set for ICL, read from each
 run's evaluation manifests. Otherwise `report` refuses, naming the setting and the runs, or with
-`--allow-mixed` marks the column (†) and says under the table what differs.
+`--allow-mixed` marks the column (†) and says under the table what differs. A row that mixes the
+distilled and the compressed form of a student (one evaluated, the other benched, say), or that has two
+evaluations of one model by the same stage, is refused the same way, or marked (†) on its name.
 
-The claim sentences judge a difference in ICL composite against its standard error (`se`, which counts
-query and demonstration sampling; docs/icl.md): "higher" / "lower" only when the difference exceeds
-NOISE_Z standard errors of the difference, √(se₁² + se₂²); "within noise" otherwise.
+The claim sentences judge differences against their paired standard errors (`bltool.stats`): two models'
+perplexities by the log of their ratio over the same held-out documents (windows.arrow, matched by
+window and document), two ICL composites by the differences of their answers to the same queries
+(predictions.arrow, matched by task, seed and query). "Above" / "below", "higher" / "lower" only beyond
+NOISE_Z paired standard errors; "within noise" otherwise. The paired SE is far smaller than √(se₁² + se₂²),
+which counts the units' own difficulty twice although both models met the same units. "Lands near" also
+needs a practical tolerance, PPL_NEAR: a tiny slice would make any ratio "within noise", so near means
+that the ratio is at most PPL_NEAR even at its upper NOISE_Z-SE bound. Two ICL runs both at or below their
+baseline, or answering every query alike, are "not informative", never "within noise". Results without
+the per-unit files (written before bltool recorded them) get no verdict: re-run the evaluation.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bltool import figures, ui
+from bltool import figures, stats, ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, now_iso, write_arrow, write_json, write_manifest
 from bltool.errors import UsageError
 from bltool.runs import (
@@ -40,8 +50,8 @@ from bltool.runs import (
 )
 
 START, END = "<!-- bltool-report:start -->", "<!-- bltool-report:end -->"
-NOISE_Z = 2.0  # a difference is "higher" / "lower" beyond this many standard errors of the difference
-PPL_NEAR = 1.10  # "lands near" kd-lora's perplexity: at most this ratio
+NOISE_Z = 2.0  # a difference is "higher" / "lower" (above / below) beyond this many paired standard errors
+PPL_NEAR = 1.10  # "lands near" kd-lora's perplexity: the ratio at most this, even NOISE_Z paired SEs up
 MIXED = "†"  # marks a column whose rows were not evaluated the same way (--allow-mixed)
 FIGURES = ("frontier.png", "icl.png", "dense_fraction.png", "learning_curves.png")
 HEADERS = {
@@ -125,12 +135,22 @@ def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".", mixe
         icl = _fmt("icl_composite", d["icl_composite"])
         if d["icl_se"] is not None and d["icl_composite"] is not None:
             icl += f" ± {d['icl_se']:.3f}"
-        cells = [icl if c == "icl_composite" else _fmt(c, d[c]) for c in columns]
+        ppl = _fmt("perplexity", d["perplexity"])
+        if d["perplexity_se"] is not None and d["perplexity"] is not None:
+            ppl += f" ± {_fmt('perplexity', d['perplexity_se'])}"
+        cells = [icl if c == "icl_composite" else ppl if c == "perplexity" else _fmt(c, d[c]) for c in columns]
+        if row.conflicts:
+            cells[columns.index("name")] += f" {MIXED}"
         lines.append("| " + " | ".join(cells) + " |")
     if mixed:
         lines += ["", f"{MIXED} Not evaluated the same way (`--allow-mixed`), so these columns do not compare "
                   "like with like: " + "; ".join(mixed_notes(mixed)) + "."]
-    lines += ["", "Perplexity and bits/byte on the held-out split; ICL is the macro composite of the probes "
+    conflicts = [note for row in rows for note in row.conflicts]
+    if conflicts:
+        lines += ["", f"{MIXED} Rows marked on their name mix measurements (`--allow-mixed`): "
+                  + "; ".join(conflicts) + "."]
+    lines += ["", "Perplexity (± its standard error over the held-out documents) and bits/byte on the held-out "
+              "split; ICL is the macro composite of the probes "
               "(± its standard error, which counts both query and demonstration sampling; ICL baseline is the "
               "better of the best constant answer and copying a random list item, averaged over the probes); "
               "training compute is docs/method.md §7's proxy and the dense MACs "
@@ -149,17 +169,66 @@ def value(row: Row | None, key: str):
     return row.values.get(key) if row is not None else None
 
 
+def _noise(estimate: float, se: float, above: str, below: str) -> str:
+    """`above` / `below` beyond NOISE_Z paired standard errors, "within noise of" otherwise."""
+    return above if estimate > NOISE_Z * se else below if estimate < -NOISE_Z * se else "within noise of"
+
+
+def paired_ppl(row: Row, base: Row) -> stats.Paired | str:
+    """log(ppl_row / ppl_base) with its paired standard error over the documents (or windows) both were
+    scored on, from their windows.arrow; why there is none (str) otherwise."""
+    a, b = (stats.read_pieces(r.sources.get(Stage.EVAL_PPL)) for r in (row, base))
+    if a is None or b is None:
+        return "no standard error recorded; re-run eval-ppl"
+    data = [r.settings.get(Stage.EVAL_PPL, {}).get("held-out data") for r in (row, base)]
+    if data[0] != data[1]:
+        return "not comparable: scored on other held-out data"
+    paired = stats.paired_log_ratio(a, b)
+    if isinstance(paired, str):
+        return f"not comparable: {paired}"
+    if paired.se is None:
+        return f"no standard error: a single {paired.unit.rstrip('s')} scored"
+    return paired
+
+
+def ppl_evidence(row: Row, base: Row, name: str = "kd-lora") -> tuple[stats.Paired | None, str]:
+    """The ratio of `row`'s perplexity to `base`'s with its paired SE (delta method: ratio · se of the log
+    ratio) and whether it stands out of the noise, as a phrase: "ratio 1.040 ± 0.012 (paired SE, 57
+    documents), above kd-lora's by more than 2 paired SEs"; with the paired comparison, or with None and
+    the reason there is no verdict as the phrase."""
+    ratio = value(row, "perplexity") / value(base, "perplexity")
+    paired = paired_ppl(row, base)
+    if isinstance(paired, str):
+        return None, paired
+    if paired.identical:
+        return paired, f"ratio {ratio:.3f}, equal to {name}'s on every one of the {paired.units} {paired.unit}"
+    word = _noise(paired.estimate, paired.se, "above", "below")
+    where = (f"within noise of {name}'s" if word == "within noise of"
+             else f"{word} {name}'s by more than {NOISE_Z:g} paired SEs")
+    return paired, f"ratio {ratio:.3f} ± {ratio * paired.se:.3f} (paired SE, {paired.units} {paired.unit}), {where}"
+
+
 def icl_verdict(row: Row, base: Row) -> tuple[str, str]:
-    """How `row`'s ICL composite compares with `base`'s, judged against the standard error of their
-    difference: ("higher" | "lower" | "within noise of" | "not comparable with", the evidence)."""
-    a, b = value(row, "icl_composite"), value(base, "icl_composite")
-    sa, sb = value(row, "icl_se"), value(base, "icl_se")
-    if sa is None or sb is None:
-        return "not comparable with", "no standard error recorded; re-run eval-icl"
-    se = (sa**2 + sb**2) ** 0.5
-    diff = a - b
-    word = "higher than" if diff > NOISE_Z * se else "lower than" if diff < -NOISE_Z * se else "within noise of"
-    return word, f"difference {diff:+.3f}, {NOISE_Z:g} standard errors = {NOISE_Z * se:.3f}"
+    """How `row`'s ICL composite compares with `base`'s, judged against the paired standard error of their
+    difference over the queries both asked: ("higher than" | "lower than" | "within noise of" |
+    "not informative" | "not comparable with", the evidence)."""
+    a, b = (stats.read_predictions(r.sources.get(Stage.EVAL_ICL)) for r in (row, base))
+    if a is None or b is None:
+        return "not comparable with", "no paired standard error recorded (predictions.arrow); re-run eval-icl"
+    paired = stats.paired_icl(a, b)
+    if isinstance(paired, str):
+        return "not comparable with", paired
+    floors = [(value(r, "icl_composite"), value(r, "icl_baseline")) for r in (row, base)]
+    if all(floor is not None and score <= floor for score, floor in floors):
+        return "not informative", (f"both at or below their ICL baseline, {floors[0][1]:.3f} and {floors[1][1]:.3f}; "
+                                   "a difference there says nothing about in-context learning")
+    if paired.identical:
+        return "not informative", f"the two answer all {paired.units} queries alike under every seed"
+    if paired.se is None:
+        return "not comparable with", "no paired standard error: a task has a single query"
+    word = _noise(paired.estimate, paired.se, "higher than", "lower than")
+    return word, (f"paired difference {paired.estimate:+.3f} ± {paired.se:.3f} over {paired.units} queries, "
+                  f"{NOISE_Z:g} paired SEs = {NOISE_Z * paired.se:.3f}")
 
 
 def _icl_clause(row: Row, lora: Row | None, marker: str) -> str:
@@ -167,6 +236,8 @@ def _icl_clause(row: Row, lora: Row | None, marker: str) -> str:
     if lora is None or value(row, "icl_composite") is None or value(lora, "icl_composite") is None:
         return ""
     word, evidence = icl_verdict(row, lora)
+    if word == "not informative":
+        return f"; its ICL composite {_icl(row)} and kd-lora's {_icl(lora)} are not informative ({evidence}){marker}"
     return (f"; its ICL composite {_icl(row)} is {word} kd-lora's {_icl(lora)} ({evidence}){marker}")
 
 
@@ -179,9 +250,9 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
     """The paper's three claims checked on these runs, as sentences computed from the table: Budgeted
     LoRA at a moderate budget lands near KD-LoRA's perplexity with a speedup; the most aggressive budget
     gives the largest speedup at a perplexity cost; Budgeted LoRA keeps more ICL behaviour than KD-LoRA.
-    ICL differences are judged against their standard error (`icl_verdict`); a claim that rests on a
-    column whose rows were evaluated differently (`--allow-mixed`) is marked. Only claims whose rows
-    exist are stated."""
+    Differences are judged against their paired standard errors (`ppl_evidence`, `icl_verdict`); a claim
+    that rests on a column whose rows were evaluated differently (`--allow-mixed`) is marked. Only claims
+    whose rows exist are stated."""
     mixed = mixed or {}
     ppl_mark = f" {MIXED}" if Stage.EVAL_PPL in mixed else ""
     icl_mark = f" {MIXED}" if Stage.EVAL_ICL in mixed else ""
@@ -194,10 +265,18 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
     if base and moderate:
         r = min(moderate, key=lambda r: abs(r.budget - 0.4))
         ratio = value(r, "perplexity") / base
-        verdict = "lands near" if ratio <= PPL_NEAR else "does not land near"
+        paired, evidence = ppl_evidence(r, lora)
+        if paired is None:
+            verdict, rule = "is not judged against", f" ({ratio:.2f}×; {evidence})"
+        else:
+            low, high = (ratio * math.exp(z * NOISE_Z * paired.se) for z in (-1, 1))
+            verdict = ("lands near" if high <= PPL_NEAR else "does not land near" if low > PPL_NEAR
+                       else "cannot yet be said to land near")
+            rule = (f", {evidence}; near means at most {PPL_NEAR:.2f}× even {NOISE_Z:g} paired SEs up "
+                    f"({low:.3f} to {high:.3f})")
         lines.append(
             f"- **Moderate budget.** F = {r.budget:g} {verdict} kd-lora's perplexity: {value(r, 'perplexity'):,.1f} "
-            f"against {base:,.1f} ({ratio:.2f}×, near means within {PPL_NEAR - 1:.0%}){ppl_mark}, with a "
+            f"against {base:,.1f}{rule}{ppl_mark}, with a "
             f"{_fmt('mac_speedup', value(r, 'mac_speedup'))} MAC "
             f"speedup of the adapted modules{_measured_clause(r)}"
             f"{_icl_clause(r, lora, icl_mark)}. Paper: F = 0.4 matches KD-LoRA at 1.74× on its student.")
@@ -205,8 +284,11 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
     if budgeted and speeds and value(budgeted[0], "mac_speedup") and (len(budgeted) > 1 or budgeted[0].budget == 0):
         low = budgeted[0]
         largest = max(speeds, key=lambda r: value(r, "mac_speedup"))
-        cost = (f"; its perplexity is {value(low, 'perplexity') / base:.2f}× kd-lora's{ppl_mark}"
-                if base and value(low, "perplexity") else "")
+        cost = ""
+        if base and value(low, "perplexity"):
+            paired, evidence = ppl_evidence(low, lora)
+            cost = (f"; its perplexity is {value(low, 'perplexity') / base:.2f}× kd-lora's"
+                    + (f": {evidence}" if paired else f" ({evidence})") + ppl_mark)
         lines.append(
             f"- **Aggressive budget.** F = {low.budget:g} gives {_fmt('mac_speedup', value(low, 'mac_speedup'))} "
             f"({'the largest' if largest is low else 'not the largest'} MAC speedup here){cost}"
@@ -219,10 +301,11 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
             if value(r, "icl_composite") is None:
                 continue
             word, evidence = icl_verdict(r, lora)
-            parts.append(f"F = {r.budget:g}: {_icl(r)} ({word} kd-lora; {evidence})")
+            against = "not informative against" if word == "not informative" else word
+            parts.append(f"F = {r.budget:g}: {_icl(r)} ({against} kd-lora; {evidence})")
         lines.append(f"- **ICL probes.** kd-lora scores {_icl(lora)}; budgeted-lora {'; '.join(parts)}{icl_mark}. "
-                     f"Higher or lower means by more than {NOISE_Z:g} standard errors of the difference. Paper: "
-                     "Budgeted LoRA retains more probe accuracy than KD-LoRA.")
+                     f"Higher or lower means by more than {NOISE_Z:g} paired standard errors of the difference "
+                     "over the same queries. Paper: Budgeted LoRA retains more probe accuracy than KD-LoRA.")
     return lines
 
 
@@ -240,7 +323,7 @@ def _update_readme(path: Path, section: str) -> None:
 
 def run(config: ReportConfig) -> Path:
     out = Path(config.out)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, stage=Stage.REPORT, holders=[("RUN_DIR", r) for r in config.runs])
     artifacts = find_artifacts([Path(r) for r in config.runs])
     rows = build_rows(artifacts)
     if not rows:
@@ -252,6 +335,10 @@ def run(config: ReportConfig) -> Path:
             f"RUN_DIR: the runs were not evaluated the same way ({stage} {describe_difference(setting, values)}); "
             "evaluate them alike, or pass --allow-mixed to report them with the column marked"
         )
+    conflicts = [note for row in rows for note in row.conflicts]
+    if conflicts and not config.allow_mixed:
+        raise UsageError(f"RUN_DIR: a row mixes measurements ({conflicts[0]}); keep one evaluation per model and "
+                         "form, or pass --allow-mixed to report it with the row marked")
     note = config.note or f"Generated by `bltool report` on {now_iso()}."
     with atomic_output(out, config.overwrite) as tmp:
         write_arrow(tmp / "report.arrow", rows_table(rows))
@@ -265,7 +352,7 @@ def run(config: ReportConfig) -> Path:
         write_manifest(tmp, Stage.REPORT, config=asdict(config),
                        inputs=[{"role": "run", "path": str(a.path), "stage": a.stage, "hash": a.hash}
                                for a in artifacts if a.stage in REPORTED],
-                       rows=len(rows), mixed=mixed_notes(mixed))
+                       rows=len(rows), mixed=mixed_notes(mixed) + conflicts)
     if config.readme:
         readme = Path(config.readme)
         figure_dir = readme.parent / "docs" / "results"

@@ -1,10 +1,16 @@
-"""teacher-logits: run the teacher once and store its top-k logits for the sequences distillation reads.
+"""teacher-logits: run the teacher once and store what it says about the sequences distillation reads.
+
+Two forms: `--top-k K` (the default, K = 64) keeps the K largest logits of each position with the mass of
+the rest; `--sample N` keeps N draws from the teacher's distribution at the distillation temperature (their
+distinct ids and counts), from which the loss's gradient is unbiased (`losses.kd_loss_sampled`).
 
 The sequences are those at positions [0, ⌈tokens / seq_len⌉) of the run order for `--seed` (see
 `bltool.train.batches`), so any `distill --teacher-logits DIR` with the same data, seed and temperature and at
 most `--tokens` tokens finds every sequence it needs, whatever its batch size or number of processes.
-A sweep over budgets then pays for the teacher once. See `bltool.train.teacher_cache` for the file format and
-`losses.kd_loss_topk` for how the loss treats the tail beyond the top k.
+A sweep over budgets then pays for the teacher once. See `bltool.train.teacher_cache` for the file format,
+`losses.kd_loss_topk` for how the loss treats the tail beyond the top k and `losses.kd_loss_sampled` for the
+sampled estimate. The draws of the sampled form are a pure function of (--seed, sequence), so they too are
+the same whatever the batches, processes or resumptions.
 
 Work and files. The covered sequences, in run order, are cut into batches of `--batch-size`; batch b is
 always the same sequences, so the stored rows do not depend on how the batches are spread over processes
@@ -41,6 +47,7 @@ from bltool.artifacts import (
     MANIFEST,
     Stage,
     atomic_output,
+    check_apart,
     check_output_dir,
     recover_output,
     remove_stale_temporaries,
@@ -52,13 +59,31 @@ from bltool.data import PreparedData
 from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.kernels import use_onednn
-from bltool.models import load_model, load_tokenizer, model_content_hash, resolve_model, tokenizer_identity
+from bltool.models import (
+    load_model,
+    load_tokenizer,
+    model_content_hash,
+    model_inputs,
+    resolve_model,
+    tokenizer_identity,
+)
 from bltool.nll import hidden_states
 from bltool.train import distributed
 from bltool.train.batches import PackedSequences, collate, positions_to_indices
 from bltool.train.losses import check_kd_args
 from bltool.train.signals import StopSignals
-from bltool.train.teacher_cache import RUN_FILE, CacheWriter, partial_path, teacher_topk_rows
+from bltool.train.teacher_cache import (
+    ESTIMATORS,
+    MAX_SAMPLES,
+    RUN_FILE,
+    SAMPLED,
+    TOPK,
+    CacheWriter,
+    partial_path,
+    sample_uniforms,
+    teacher_sample_rows,
+    teacher_topk_rows,
+)
 
 SHARDS = "shards"  # the part files, in OUT.partial while the run works and in OUT when it is finished
 # Fields that may differ between a run and its resumption (they do not change what is stored).
@@ -72,8 +97,9 @@ class TeacherLogitsConfig:
     out: str  # output directory
     tokens: int = 2_000_000  # cover the sequences a run of this many tokens reads
     seed: int = 0  # the data order of the distill runs that will use the cache
-    top_k: int = 64  # logits kept per position
-    temperature: float = 3.0  # the distillation temperature (the tail's mass depends on it)
+    top_k: int | None = None  # the top-k form: logits kept per position (64 when --sample is not given)
+    sample: int | None = None  # the sampled form: draws per position from the teacher at --temperature
+    temperature: float = 3.0  # the distillation temperature (the tail's mass and the draws depend on it)
     batch_size: int = 8  # sequences per teacher forward pass (also the unit of work and of resuming)
     chunk: int = 256  # positions of each sequence per LM-head chunk: (batch, chunk, V) logits at a time
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
@@ -91,10 +117,23 @@ class TeacherLogitsConfig:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: --resume continues OUT.partial, "
                              "--overwrite starts over")
-        if self.top_k < 1:
+        if self.top_k is not None and self.sample is not None:
+            raise UsageError("--top-k and --sample choose two different caches: give one of them (--top-k K keeps "
+                             "the K largest logits, --sample N keeps N draws from the teacher)")
+        if self.sample is None and self.top_k is None:
+            object.__setattr__(self, "top_k", 64)
+        if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.sample is not None and not 1 <= self.sample <= MAX_SAMPLES:
+            raise UsageError(f"--sample must be between 1 and {MAX_SAMPLES} (draws per position; their counts are "
+                             f"stored in one byte), got {self.sample}")
         check_kd_args(self.temperature, 0.5, self.chunk)
         check_dtype(self.dtype)
+
+    @property
+    def form(self) -> str:
+        """The cache's form: sampled with --sample, else top-k."""
+        return SAMPLED if self.sample is not None else TOPK
 
 
 def covered_sequences(tokens: int, seq_len: int, n: int, seed: int) -> np.ndarray:
@@ -130,7 +169,7 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
         _check_resume(partial, record)
     device = world.device if world.distributed else resolve_device(config.device)
     teacher = load_model(ref, dtype=resolve_dtype(config.dtype, device), device=device, flag="--teacher")
-    if config.top_k > teacher.config.vocab_size:
+    if config.top_k is not None and config.top_k > teacher.config.vocab_size:
         raise UsageError(f"--top-k {config.top_k} is larger than the vocabulary ({teacher.config.vocab_size})")
     use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.kernels)
     if config.compile:
@@ -173,13 +212,20 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
                 if step < len(mine):
                     index, rows = rows_of(mine[step])
                     if part is None:
-                        part = _Part(partial, mine[step], config.batch_size, len(sequences), world.rank)
+                        part = _Part(partial, mine[step], config.batch_size, len(sequences), world.rank,
+                                     teacher.config.vocab_size if config.form == SAMPLED else None)
                     ids, mask = collate(rows, pad_id, device)
                     hidden = hidden_states(teacher, ids, mask)  # (B, T, d)
                     predicting = hidden[:, :-1][mask[:, 1:].bool()]  # (Σ len − 1, d), row after row
-                    top = teacher_topk_rows(predicting, head, config.top_k, config.temperature,
-                                            len(rows) * config.chunk)
                     lengths = [len(r) for r in rows]
+                    if config.form == SAMPLED:
+                        uniforms = torch.cat([sample_uniforms(config.seed, i, n - 1, config.sample)
+                                              for i, n in zip(index, lengths)])
+                        top = teacher_sample_rows(predicting, head, config.temperature, uniforms,
+                                                  len(rows) * config.chunk)
+                    else:
+                        top = teacher_topk_rows(predicting, head, config.top_k, config.temperature,
+                                                len(rows) * config.chunk)
                     part.write(mine[step], index, top, lengths)
                     computed += sum(lengths)
                     progress.update(task, advance=sum(lengths), tokens=computed)
@@ -221,7 +267,22 @@ def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str
     tokens = sum(p["tokens"] for p in parts)
     positions = sum(p["predicted"] for p in parts)
     mean_tail = sum(p["tail_mass"] for p in parts) / positions if positions else None
+    mean_distinct = sum(p.get("distinct", 0) for p in parts) / positions if positions else None
     size = sum(p["bytes"] for p in parts)
+    bytes_per_token = round(size / max(tokens, 1), 1)
+    sampled = config.form == SAMPLED
+    cache = {"form": config.form, "temperature": config.temperature, "bytes_per_token": bytes_per_token,
+             "estimator": ESTIMATORS[config.form],
+             **({"samples": config.sample, "mean_distinct": mean_distinct,
+                 "what": "N draws with replacement from the teacher's softmax(z/T) per position, kept as distinct "
+                         "ids and counts; the loss's gradient uses p̂ = counts / N, unbiased (losses.kd_loss_sampled)"}
+                if sampled else
+                {"top_k": config.top_k,
+                 "what": "the teacher's k largest logits per position and the mass beyond them as one bucket "
+                         "(losses.kd_loss_topk)"})}
+    sections = ({} if sampled else
+                {"tail": {"mean_mass": mean_tail, "temperature": config.temperature,
+                          "what": "the teacher's probability mass beyond its top k, mean over positions"}})
     with atomic_output(out, config.overwrite) as tmp:
         (tmp / SHARDS).mkdir()
         for p in parts:
@@ -232,22 +293,23 @@ def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str
             teacher={**ref.describe(), "content": content, "vocab_size": vocab},
             coverage={"positions": math.ceil(config.tokens / data.seq_len), "sequences": sequences,
                       "tokens": tokens},
-            tail={"mean_mass": mean_tail, "temperature": config.temperature,
-                  "what": "the teacher's probability mass beyond its top k, mean over positions"},
+            cache=cache, **sections,
             tokenizer=data.tokenizer,
             shards=[{"file": p["file"], "rank": p["rank"], "rows": p["rows"], "positions": p["positions"],
                      "tokens": p["tokens"]} for p in parts],
             timing={"seconds": round(seconds, 3), "tokens": computed,
                     "tokens_per_s": round(computed / seconds, 1) if seconds else None,
-                    "bytes_per_token": round(size / max(tokens, 1), 1), "device": device,
+                    "bytes_per_token": bytes_per_token, "device": device,
                     "processes": world.size, "resumed": config.resume},
             run_id=run_id,
         )
     shutil.rmtree(partial, ignore_errors=True)
-    ui.info(f"teacher-logits: top-{config.top_k} of {sequences:,} sequences ({tokens:,} tokens, "
+    what = (f"{config.sample} draws per position" if sampled else f"top-{config.top_k}")
+    detail = (f"mean distinct ids per position: {mean_distinct or 0:.1f}" if sampled else
+              f"mean tail mass beyond the top {config.top_k}: {mean_tail or 0:.4f}")
+    ui.info(f"teacher-logits: {what} of {sequences:,} sequences ({tokens:,} tokens, "
             f"{size / max(tokens, 1):,.0f} bytes/token, {len(parts)} part(s)); {computed:,} tokens computed in "
-            f"{seconds:,.1f} s on {world.size} process(es); mean tail mass beyond the top {config.top_k}: "
-            f"{mean_tail or 0:.4f} at T = {config.temperature:g}")
+            f"{seconds:,.1f} s on {world.size} process(es); {detail} at T = {config.temperature:g}")
     return out
 
 
@@ -259,11 +321,13 @@ class _Part:
     """One part of a rank's shard: whole batches streamed into `shards/part-B.arrow.tmp` (B: its first
     batch), completed by making it durable, renaming it and then writing its record `part-B.json`."""
 
-    def __init__(self, partial: Path, first: int, batch_size: int, sequences: int, rank: int):
+    def __init__(self, partial: Path, first: int, batch_size: int, sequences: int, rank: int,
+                 vocab: int | None = None):
         self.partial, self.batch_size, self.sequences, self.rank = partial, batch_size, sequences, rank
+        self.vocab = vocab  # given: the sampled form
         self.file = f"{SHARDS}/part-{first:09d}.arrow"
         self.tmp = partial / f"{self.file}.tmp"
-        self.writer = CacheWriter(self.tmp)
+        self.writer = CacheWriter(self.tmp, vocab)
         self.batches: list[int] = []
         self.tokens = 0
         self.whole = True  # holds whole batches only
@@ -271,7 +335,10 @@ class _Part:
 
     def write(self, batch: int, index: list[int], top, lengths: list[int]) -> None:
         self.whole = False  # until the batch is in the stream: a failure in between leaves it unusable
-        self.writer.write_rows(index, *top, lengths)
+        if self.vocab is None:
+            self.writer.write_rows(index, *top, lengths)
+        else:
+            self.writer.write_samples(index, *top, lengths)
         self.batches.append(batch)
         self.tokens += sum(lengths)
         self.whole = True
@@ -287,6 +354,7 @@ class _Part:
             "file": self.file, "rank": self.rank, "rows": self.writer.rows,
             "positions": [[start * b, min(stop * b, self.sequences)] for start, stop in _runs(self.batches)],
             "tokens": self.tokens, "predicted": self.writer.positions, "tail_mass": self.writer.tail_mass,
+            "distinct": self.writer.distinct,
             "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - self.began, 3),
         })
         return None
@@ -376,7 +444,9 @@ def _check_paths(config: TeacherLogitsConfig, out: Path, partial: Path) -> None:
     if not config.resume and partial.exists() and not config.overwrite:
         raise UsageError(f"--out {out}: {partial} holds an unfinished teacher-logits run; pass --resume to "
                          "continue it or --overwrite to start over")
-    check_output_dir(out, config.overwrite)
+    inputs = [*model_inputs("--teacher", config.teacher), ("--data", config.data)]
+    check_output_dir(out, config.overwrite, stage=Stage.TEACHER_LOGITS, inputs=inputs)
+    check_apart(partial, inputs)  # --overwrite deletes an unfinished run there
 
 
 def _check_resume(partial: Path, record: dict) -> None:

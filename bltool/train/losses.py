@@ -23,9 +23,10 @@ intermediates, and activation checkpointing would run both heads twice; for Smol
 head is the most expensive matmul of a small student). This is the approach of Liger-Kernel's fused
 linear cross-entropy and distillation losses. Padding needs no host sync: padded positions get weight 0.
 
-The top-k form (a `teacher-logits` cache) has the same structure with the coarse-grained KL of
-`kd_loss_topk`; its gradient is derived there. `kd_loss_reference` and `kd_loss_topk_reference` are the
-plain autograd forms from full logits, for tests and comparisons.
+The cached forms (a `teacher-logits` cache) have the same structure: the top-k form with the
+coarse-grained KL of `kd_loss_topk`, the sampled form with the unbiased estimate of `kd_loss_sampled`; their
+gradients are derived there. `kd_loss_reference`, `kd_loss_topk_reference` and `kd_loss_sampled_reference`
+are the plain autograd forms from full logits, for tests and comparisons.
 """
 
 from __future__ import annotations
@@ -249,6 +250,40 @@ def kd_loss_topk(student_hidden: torch.Tensor, student_head: torch.nn.Module, to
                   (topk_ids, topk_logits, teacher_lse, teacher_log_tail))
 
 
+def kd_loss_sampled(student_hidden: torch.Tensor, student_head: torch.nn.Module, sample_ids: torch.Tensor,
+                    sample_counts: torch.Tensor, teacher_entropy: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8,
+                    chunk: int = 512, normalizer: float | None = None) -> KDLoss:
+    """The §4 loss with a sampled teacher cache (`bltool teacher-logits --sample N`,
+    `teacher_cache.teacher_sample_rows`), fused with the student's head like `kd_loss`: `sample_ids` /
+    `sample_counts` (B, T-1, m) are the distinct token ids drawn from the teacher's softmax(z_T/T) at each
+    predicting position and how often each was drawn (N draws in all; padding entries have count 0), and
+    `teacher_entropy` (B, T-1) the teacher's entropy at T.
+
+    The estimator (random-sampling KD, Anshumann et al., "Sparse Logit Sampling", ACL 2025, with the
+    teacher's own distribution as the proposal, so every importance weight is 1): the teacher's
+    distribution is replaced by the empirical one of its draws, p̂_j = count_j / N, whose expectation is
+    p_j. The KL's gradient with respect to z_S/T is q − p̂, so its expectation over the draws is the full
+    KD gradient q − p: unbiased, whatever the student. The loss's value, KL̂ = −H(p) − Σ_j p̂_j log q_j,
+    is unbiased for the KL too (and can be negative at a position). The CE term needs no teacher.
+    """
+    check_kd_args(temperature, kd_weight, chunk)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+
+    def chunk_terms(z: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor):
+        ids = ids.long()
+        w = _fp32(counts)
+        w = (w / w.sum(-1, keepdim=True).clamp(min=1)).to(z.dtype)  # p̂ (n, m), 0 on padding entries
+        z = z.div_(temperature)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+        kl = -_fp32(entropy).to(z.dtype) - torch.linalg.vecdot(w, z.gather(-1, ids) - lse)
+        g = z.sub_(lse).exp_()  # q
+        return kl, g.scatter_add_(-1, ids, -w)  # q − p̂
+
+    return _fused(student_hidden, student_head, labels, chunk, temperature, kd_weight, normalizer, chunk_terms,
+                  (sample_ids, sample_counts, teacher_entropy))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Plain autograd forms from full logits
 
@@ -292,4 +327,19 @@ def kd_loss_topk_reference(student_logits: torch.Tensor, topk_ids: torch.Tensor,
     tail = torch.where(log_p_tail > float("-inf"), log_p_tail.exp() * (log_p_tail - log_q_tail), 0.0)
     kl = (log_p.exp() * (log_p - log_q)).sum() + tail.sum()
     ce = F.cross_entropy(z * temperature, labels[valid], reduction="sum")
+    return _combine(kl, ce, valid.sum(), temperature, kd_weight)
+
+
+def kd_loss_sampled_reference(student_logits: torch.Tensor, sample_ids: torch.Tensor, sample_counts: torch.Tensor,
+                              teacher_entropy: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              temperature: float = 3.0, kd_weight: float = 0.8) -> KDLoss:
+    """`kd_loss_sampled` from the student's full logits (B, T, V), unchunked, by autograd (tests)."""
+    check_kd_args(temperature, kd_weight)
+    labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
+    valid = labels != IGNORE_INDEX
+    z = _fp32(student_logits[:, :-1][valid])  # (N, V)
+    counts = _fp32(sample_counts[valid])
+    p_hat = torch.zeros_like(z).scatter_add_(-1, sample_ids[valid].long(), counts / counts.sum(-1, keepdim=True))
+    kl = -_fp32(teacher_entropy[valid]).sum() - (p_hat * F.log_softmax(z / temperature, dim=-1)).sum()
+    ce = F.cross_entropy(z, labels[valid], reduction="sum")
     return _combine(kl, ce, valid.sum(), temperature, kd_weight)

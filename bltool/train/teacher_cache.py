@@ -79,6 +79,16 @@ def teacher_topk(hidden: torch.Tensor, head, k: int, temperature: float, chunk: 
     return tuple(x.reshape(b, t, *x.shape[1:]) for x in out)
 
 
+def _block_logits(head, block: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """The head's logits for a block of rows in the working dtype, a tensor the caller may write into."""
+    z = head(block)
+    if z.dtype != work:
+        return z.to(work)
+    if z.untyped_storage().data_ptr() == block.untyped_storage().data_ptr():
+        return z.clone()  # a head that hands back its input: never write into the caller's tensor
+    return z
+
+
 @torch.no_grad()
 def teacher_topk_rows(rows: torch.Tensor, head, k: int, temperature: float, chunk: int):
     """`teacher_topk` for (N, d) hidden states, one per predicting position: (N, k) ids, (N, k) logits
@@ -98,11 +108,7 @@ def teacher_topk_rows(rows: torch.Tensor, head, k: int, temperature: float, chun
     inv = 1.0 / temperature
     for start in range(0, n, max(chunk, 1)):
         block = rows[start: start + chunk]
-        z = head(block)
-        if z.dtype != work:
-            z = z.to(work)
-        elif z.untyped_storage().data_ptr() == block.untyped_storage().data_ptr():
-            z = z.clone()  # a head that hands back its input: never write into the caller's tensor
+        z = _block_logits(head, block, work)
         top = z.topk(k, dim=-1)
         shifted = top.values - top.values[:, :1]  # (c, k), ≤ 0
         z.sub_(top.values[:, :1]).mul_(inv).exp_()  # exp((z − max) / T) ∈ (0, 1]
@@ -167,11 +173,7 @@ def teacher_sample_rows(rows: torch.Tensor, head, temperature: float, uniforms: 
     ids, counts, unique, entropy = [], [], [], []
     for start in range(0, r, max(chunk, 1)):
         block = rows[start: start + chunk]
-        z = head(block)
-        if z.dtype != work:
-            z = z.to(work)
-        elif z.untyped_storage().data_ptr() == block.untyped_storage().data_ptr():
-            z = z.clone()  # a head that hands back its input: never write into the caller's tensor
+        z = _block_logits(head, block, work)
         c, v = z.shape
         s = z.sub_(z.amax(-1, keepdim=True)).mul_(inv)  # (z − max) / T ≤ 0, in place
         e = s.exp()  # ∈ (0, 1], the largest 1

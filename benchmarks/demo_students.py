@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from bltool.adapters import adapter_section, save_adapted
+from bltool.adapt.adapters import adapter_section, save_adapted
+from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.artifacts import artifact_ref, atomic_output, read_manifest, write_manifest
-from bltool.lora import LoRASpec, inject_lora
-from bltool.models import load_model, load_tokenizer, resolve_model
+from bltool.models.loading import load_model, load_tokenizer, resolve_model
 from bltool.train.budget import BudgetConfig, BudgetController, scheduled_mean_retention
 
 

@@ -231,8 +231,8 @@ def plain_worker(spec: dict) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from bltool.data import PreparedData
-    from bltool.models import resolve_model
+    from bltool.data.prepared import PreparedData
+    from bltool.models.loading import resolve_model
     from bltool.train.batches import PackedSequences, collate, micro_batch_indices
 
     cfg = CONFIGS[spec["config"]]
@@ -467,7 +467,7 @@ def _corpus(args) -> tuple[str, str]:
 
 def prepare_inputs(args, settings: list[tuple[int, int]]) -> dict:
     """Data for each sequence length, the student, and a teacher-logits cache per data covering its steps."""
-    from bltool.data import PreparedData
+    from bltool.data.prepared import PreparedData
     from bltool.stages import build_student, prepare_data, teacher_logits
     from bltool.train.batches import PackedSequences, positions_to_indices
     from bltool.train.teacher_cache import TeacherCache

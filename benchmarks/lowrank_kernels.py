@@ -2,7 +2,7 @@
 
 Times every adapted module of a compressed student against the same-named dense module of its baseline
 (`bltool.stages.bench.bench_modules`: same inputs, warm-up, median of repeats, dense and compressed
-interleaved), once per low-rank kernel (`bltool.lowrank`: linear | mm | compile), at the prefill shape
+interleaved), once per low-rank kernel (`bltool.adapt.lowrank`: linear | mm | compile), at the prefill shape
 (1 × --prefill-tokens) and decode shapes (B × 1). Target: at prefill, Σ dense time / Σ compressed time
 ≥ 90% of the MAC ratio; at decode, reported against the weight-bytes ratio.
 
@@ -22,9 +22,9 @@ import sys
 import torch
 from torch import nn
 
-from bltool.devices import resolve_device, resolve_dtype
-from bltool.lowrank import LowRankLinear, set_kernel
-from bltool.models import load_model, resolve_model
+from bltool.adapt.lowrank import LowRankLinear, set_kernel
+from bltool.models.devices import resolve_device, resolve_dtype
+from bltool.models.loading import load_model, resolve_model
 from bltool.serve.timing import machine_info
 from bltool.stages.bench import BenchConfig, bench_modules, compared_modules, summarize_modules
 

@@ -3,7 +3,7 @@ of running the teacher, side by side in one run.
 
 Variants:
   eager-mkl       float32, eager, every linear through `F.linear` (MKL on x86): BLTOOL_ONEDNN=0
-  eager           float32, eager (the CPU default: the teacher's linears through oneDNN, bltool.kernels)
+  eager           float32, eager (the CPU default: the teacher's linears through oneDNN, bltool.adapt.kernels)
   compile         float32, `--compile` (regional torch.compile of the teacher's decoder layers)
   bf16            `--dtype bfloat16`, eager
   bf16-compile    `--dtype bfloat16 --compile`
@@ -42,11 +42,11 @@ VARIANTS = {"eager-mkl": ("float32", False), "eager": ("float32", False), "compi
 def worker(spec: dict) -> dict:
     import torch
 
-    from bltool.compiling import compile_layers
-    from bltool.data import PreparedData
-    from bltool.kernels import use_onednn
-    from bltool.models import load_model, resolve_model
-    from bltool.nll import hidden_states
+    from bltool.adapt.kernels import use_onednn
+    from bltool.data.prepared import PreparedData
+    from bltool.eval.nll import hidden_states
+    from bltool.models.compiling import compile_layers
+    from bltool.models.loading import load_model, resolve_model
     from bltool.train.batches import PackedSequences, collate
     from bltool.train.teacher_cache import teacher_topk_rows
 

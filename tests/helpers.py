@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from bltool.adapters import adapter_section, save_adapted
+from bltool.adapt.adapters import adapter_section, save_adapted
+from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.artifacts import Stage, write_manifest
-from bltool.lora import LoRASpec, inject_lora
-from bltool.models import load_model, load_tokenizer, resolve_model
-from bltool.probes import vocabulary
+from bltool.eval.probes import vocabulary
+from bltool.models.loading import load_model, load_tokenizer, resolve_model
 
 WORDS = (
     "the a model layer student teacher budget token data train held out perplexity python function "

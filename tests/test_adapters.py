@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import bltool
-from bltool.adapters import adapted_modules, adapter_section, load_adapted, merge_into_linear, save_adapted
+from bltool.adapt.adapters import adapted_modules, adapter_section, load_adapted, merge_into_linear, save_adapted
+from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.artifacts import write_manifest
 from bltool.errors import ArtifactError
-from bltool.lora import LoRASpec, inject_lora
-from bltool.models import load_model, load_tokenizer, resolve_model
+from bltool.models.loading import load_model, load_tokenizer, resolve_model
 
 
 def adapted_student(path, tiny_llama, gated=True, seed=0):

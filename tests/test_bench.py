@@ -209,8 +209,8 @@ def test_decode_bytes_count_each_weight_once_and_the_kv_cache_per_sequence(tiny_
     """A decode step of B sequences over c cached positions moves every weight once (tied embeddings: the
     head's matrix, read once), one embedding row per sequence and 2 · layers · kv heads · head dim values
     per position (c read, one written) per sequence; a gated module at ρ = 0 does not read its dense weight."""
-    from bltool.lora import LoRASpec, inject_lora
-    from bltool.models import load_model, resolve_model
+    from bltool.adapt.lora import LoRASpec, inject_lora
+    from bltool.models.loading import load_model, resolve_model
 
     model = load_model(resolve_model(str(tiny_llama)))
     cfg = model.config

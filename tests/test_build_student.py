@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest
 from bltool.cli import app
-from bltool.models import load_model, resolve_model, tokenizer_identity
+from bltool.models.loading import load_model, resolve_model, tokenizer_identity
 from bltool.stages.build_student import BuildStudentConfig, run, student_config
 
 MIXED_6_OF_12 = [0, 2, 4, 7, 9, 11]

@@ -12,7 +12,7 @@ from helpers import assert_refused
 from typer.testing import CliRunner
 
 from bltool.cli import app
-from bltool.models import checkpoint_parameters, count_parameters, load_model, resolve_model
+from bltool.models.loading import checkpoint_parameters, count_parameters, load_model, resolve_model
 from bltool.units import parse_bytes
 
 MIB = 2**20

@@ -1,4 +1,4 @@
-"""`distill --activation-checkpointing` (bltool.compiling.checkpoint_layers): the backward recomputes each
+"""`distill --activation-checkpointing` (bltool.models.compiling.checkpoint_layers): the backward recomputes each
 student layer, so the activations kept between forward and backward shrink, and the loss and gradients
 equal the plain run's, dropout included (the recomputation draws the same masks)."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from bltool.compiling import checkpoint_layers
+from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.errors import UsageError
-from bltool.lora import LoRASpec, inject_lora
-from bltool.nll import hidden_states
+from bltool.eval.nll import hidden_states
+from bltool.models.compiling import checkpoint_layers
 from bltool.train.losses import kd_loss
 
 

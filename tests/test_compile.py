@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import save_tiny_model, tiny_config, write_corpus
 
-from bltool.compiling import compile_layers
-from bltool.lora import LoRASpec, inject_lora
+from bltool.adapt.lora import LoRASpec, inject_lora
+from bltool.models.compiling import compile_layers
 from bltool.stages import distill
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.build_student import run as build_student

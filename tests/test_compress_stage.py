@@ -11,9 +11,9 @@ from helpers import IDS, assert_refused, distilled_student, save_tiny_model
 from typer.testing import CliRunner
 
 import bltool
+from bltool.adapt.lowrank import LowRankLinear
 from bltool.artifacts import read_manifest
 from bltool.cli import app
-from bltool.lowrank import LowRankLinear
 
 
 def invoke(*args: str):

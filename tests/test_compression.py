@@ -12,8 +12,8 @@ from helpers import IDS, distilled_student
 from torch import nn
 
 import bltool
-from bltool.adapters import adapted_modules, merge_into_linear
-from bltool.compression import (
+from bltool.adapt.adapters import adapted_modules, merge_into_linear
+from bltool.adapt.compression import (
     CompressionPolicy,
     choose_form,
     compress_model,
@@ -24,10 +24,10 @@ from bltool.compression import (
     svd_rank,
     truncated_svd,
 )
+from bltool.adapt.lora import GatedLoRALinear
+from bltool.adapt.lowrank import KERNEL_ENV, LowRankLinear, set_kernel
 from bltool.errors import ArtifactError, UsageError
-from bltool.lora import GatedLoRALinear
-from bltool.lowrank import KERNEL_ENV, LowRankLinear, set_kernel
-from bltool.models import load_model, resolve_model
+from bltool.models.loading import load_model, resolve_model
 
 
 def gated_module(d_in=12, d_out=10, rank=4, rho=1.0, gate_logits=(4.0, 4.0, 4.0, 4.0), bias=False, seed=0):

@@ -1,4 +1,4 @@
-"""bltool.corpus: every input format built here, the document keys, the content hashes, and bad inputs."""
+"""bltool.data.corpus: every input format built here, the document keys, the content hashes, and bad inputs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bltool import corpus as corpus_module
-from bltool.corpus import CorpusReader
+from bltool.data import corpus as corpus_module
+from bltool.data.corpus import CorpusReader
 from bltool.errors import UsageError
 
 TEXTS = ["First document.\nWith two lines.", "Zweites Dokument: naïve café — 東京 😀", "third\r\nwith CRLF", ""]

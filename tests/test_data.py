@@ -1,4 +1,4 @@
-"""bltool.data: the held-out rule (docs/method.md §6), per-token byte counts, packing, and the Arrow files."""
+"""bltool.data.prepared: the held-out rule (docs/method.md §6), per-token byte counts, packing, and the Arrow files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from bltool.data import (
+from bltool.data.prepared import (
     HELDOUT_BUCKETS,
     Packer,
     PreparedData,
@@ -338,6 +338,6 @@ def test_prepared_data_open_needs_prepare_data_manifest(tmp_path):
 @pytest.mark.parametrize("fraction, buckets", [(0.0051, 51), (0.002, 20), (0.00515, 52), (0.2, 2000), (0.99999, 10000)])
 def test_heldout_threshold_is_exact_in_integers(fraction, buckets):
     """`bucket < 10000·p` without float error: 0.0051·10000 is 51.00000000000001 in floating point."""
-    from bltool.data import heldout_threshold
+    from bltool.data.prepared import heldout_threshold
 
     assert heldout_threshold(fraction) == buckets

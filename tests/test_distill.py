@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import bltool
-from bltool.adapters import adapted_modules
+from bltool.adapt.adapters import adapted_modules
 from bltool.artifacts import file_table, read_manifest, sha256_json
 from bltool.cli import app
 from bltool.errors import UsageError
-from bltool.nll import hidden_states
+from bltool.eval.nll import hidden_states
 from bltool.stages import distill as distill_stage
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.build_student import run as build_student
@@ -660,7 +660,7 @@ def test_bfloat16_frozen_base_trains_float32_adapters_and_saves_the_full_precisi
 
 
 def test_bfloat16_base_keeps_lora_parameters_float32_in_the_module():
-    from bltool.lora import GatedLoRALinear
+    from bltool.adapt.lora import GatedLoRALinear
 
     module = GatedLoRALinear(torch.nn.Linear(8, 6, dtype=torch.bfloat16), rank=2)
     assert module.lora_A.dtype == module.lora_B.dtype == module.gate_logits.dtype == torch.float32
@@ -708,8 +708,8 @@ def test_eval_every_logs_the_held_out_perplexity_of_the_student_as_it_is(setting
     assert scored == [3, 6, 7]  # every 3 steps and the last
     assert all(row["eval_nll"] is None for row in log if row["step"] not in scored)
     # the last figure is the saved student's own perplexity on the first 100 held-out tokens
-    from bltool.data import PreparedData
-    from bltool.nll import heldout_windows, token_nll
+    from bltool.data.prepared import PreparedData
+    from bltool.eval.nll import heldout_windows, token_nll
     from bltool.train.batches import collate as collate_rows
 
     data = PreparedData.open(Path(setting["data"]))

@@ -84,7 +84,7 @@ def write_task(root: Path, answers: list[int]) -> Path:
 
 def test_accuracy_equals_the_models_own_loglikelihoods(student, tmp_path):
     pytest.importorskip("lm_eval")
-    from bltool.models import load_model, load_tokenizer, resolve_model
+    from bltool.models.loading import load_model, load_tokenizer, resolve_model
 
     path, teacher, _ = student
     ref = resolve_model(str(path))

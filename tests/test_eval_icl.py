@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from bltool.artifacts import read_manifest
 from bltool.cli import app
 from bltool.errors import UsageError
-from bltool.icl import (
+from bltool.eval.icl import (
     NewlineStop,
     answer_text,
     build_queries,
@@ -32,7 +32,7 @@ from bltool.icl import (
     query_indices,
     standard_error,
 )
-from bltool.probes import TASK_NAMES, Task, builtin_task, load_tasks
+from bltool.eval.probes import TASK_NAMES, Task, builtin_task, load_tasks
 from bltool.stages.eval_icl import EvalIclConfig, composite_se, evaluate, plan
 
 

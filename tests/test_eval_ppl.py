@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest, write_manifest
 from bltool.cli import app
-from bltool.data import split_schema
+from bltool.data.prepared import split_schema
 from bltool.errors import UsageError
-from bltool.models import tokenizer_identity
-from bltool.nll import token_nll
+from bltool.eval.nll import token_nll
+from bltool.models.loading import tokenizer_identity
 from bltool.stages.eval_ppl import EvalPplConfig, run
 
 SEQ_LEN = 64

@@ -24,9 +24,9 @@ from helpers import save_tiny_model, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bltool import models
 from bltool.artifacts import read_manifest
 from bltool.cli import app
+from bltool.models import loading as models
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # a pipeline of real artifacts, damaged 66 ways, and subprocesses killed

@@ -1,4 +1,4 @@
-"""bltool.kernels: frozen linears through oneDNN on the CPU. They equal `F.linear` (values and, for
+"""bltool.adapt.kernels: frozen linears through oneDNN on the CPU. They equal `F.linear` (values and, for
 `frozen_linear`, the input's gradient), really run oneDNN's kernel where it applies (seen in the profiler),
 and fall back to `F.linear` where it does not: a gradient through the weight, float64, BLTOOL_ONEDNN=0."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bltool import kernels
-from bltool.kernels import InferenceLinear, frozen_linear, linear, use_onednn
+from bltool.adapt import kernels
+from bltool.adapt.kernels import InferenceLinear, frozen_linear, linear, use_onednn
 
 pytestmark = pytest.mark.skipif(not kernels.onednn_available(), reason="this PyTorch has no oneDNN linear")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bltool.errors import UsageError
-from bltool.layer_selection import MODES, canonical_mode, select_layers
+from bltool.models.layer_selection import MODES, canonical_mode, select_layers
 
 
 @pytest.mark.parametrize(

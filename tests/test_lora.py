@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from bltool.adapt.kernels import frozen_linear
+from bltool.adapt.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora
 from bltool.errors import UsageError
-from bltool.kernels import frozen_linear
-from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora
 
 
 def hand_set(rank=2, gated=True, rho=1.0, bias=False):
@@ -52,12 +52,12 @@ def test_starts_equal_to_dense_layer():
 
 
 def test_rho_zero_never_touches_dense_weight(monkeypatch):
-    import bltool.lora
+    import bltool.adapt.lora
 
     def exploding(x, weight, bias=None):
         raise AssertionError("the dense matmul ran at rho == 0")
 
-    monkeypatch.setattr(bltool.lora, "frozen_linear", exploding)  # the dense path's only matmul
+    monkeypatch.setattr(bltool.adapt.lora, "frozen_linear", exploding)  # the dense path's only matmul
     base = nn.Linear(6, 4)
     layer = GatedLoRALinear(base, rank=2, alpha=2.0, dropout=0.0)
     nn.init.normal_(layer.lora_B)

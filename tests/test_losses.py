@@ -97,7 +97,7 @@ def test_chunked_equals_unchunked():
 def test_chunk_counts_tokens_over_the_rows(monkeypatch):
     """--chunk is tokens (rows × positions), so a chunk's (n, V) logits stay at most `chunk` rows whatever
     the batch: 4 rows at chunk 8 run 2 positions at a time. Both heads are applied through
-    `bltool.kernels.linear`; the spy records the rows of every head application and calls the real one."""
+    `bltool.adapt.kernels.linear`; the spy records the rows of every head application and calls the real one."""
     import bltool.train.losses as losses
 
     rows, real = [], losses.linear

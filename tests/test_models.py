@@ -25,10 +25,10 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.cli import app
-from bltool.devices import resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
-from bltool.gguf import gguf_cache_dir
-from bltool.models import (
+from bltool.models.devices import resolve_device, resolve_dtype
+from bltool.models.gguf import gguf_cache_dir
+from bltool.models.loading import (
     check_checkpoint_dir,
     check_vocab_fits,
     count_parameters,
@@ -38,7 +38,7 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.registry import BUILTIN_ALIASES, load_registry, registry_path
+from bltool.models.registry import BUILTIN_ALIASES, load_registry, registry_path
 
 
 @pytest.fixture(scope="module")

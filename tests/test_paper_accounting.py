@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from bltool.compression import CompressionPolicy, compress_model
-from bltool.compression import summarize as summarize_records
-from bltool.lora import LoRASpec, inject_lora
-from bltool.lowrank import LowRankLinear
+from bltool.adapt.compression import CompressionPolicy, compress_model
+from bltool.adapt.compression import summarize as summarize_records
+from bltool.adapt.lora import LoRASpec, inject_lora
+from bltool.adapt.lowrank import LowRankLinear
 from bltool.train.budget import BudgetConfig, BudgetController
 
 D, FF, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 768, 3072, 12, 3, 64, 6

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import bltool
 from bltool.artifacts import read_manifest, sha256_file
 from bltool.cli import app
-from bltool.data import SPLIT_RULE, PreparedData, SplitWriter, is_heldout, token_byte_counts
+from bltool.data.prepared import SPLIT_RULE, PreparedData, SplitWriter, is_heldout, token_byte_counts
 from bltool.errors import UsageError
 from bltool.stages import prepare_data as stage
 from bltool.stages.prepare_data import PrepareDataConfig, run
@@ -88,7 +88,7 @@ def test_manifest(prepared, corpus, tiny_llama, tokenizer):
     assert entry == {"role": "corpus", "path": str(corpus.absolute()), "format": "text-dir", "files": 60,
                      "bytes": sum(p.stat().st_size for p in files), "documents": 60, "sha256": digest.hexdigest()}
 
-    from bltool.models import tokenizer_identity
+    from bltool.models.loading import tokenizer_identity
 
     ident = tokenizer_identity(tokenizer)
     assert manifest["tokenizer"]["fingerprint"] == ident["fingerprint"]
@@ -258,7 +258,7 @@ def assert_refused(result, *needles: str, only_line: bool = True):
 
 def tiny_corpus_outside_buckets(root: Path, below: int, n: int = 3) -> list[str]:
     """A few documents whose buckets are all >= `below`."""
-    from bltool.data import heldout_bucket
+    from bltool.data.prepared import heldout_bucket
 
     root.mkdir()
     texts = [t for t in (f"tiny document number {i}." for i in range(100)) if heldout_bucket(t) >= below][:n]
@@ -296,7 +296,7 @@ def test_cli_refusals_leave_nothing(tmp_path, corpus, tiny_llama, case):
         inputs = [str(tmp_path / "tiny")]
         options, needles, only_line = ["--heldout", "0.0001"], ["--heldout", "none of the 3 documents"], True
     elif case == "every-document-heldout":
-        from bltool.data import heldout_bucket
+        from bltool.data.prepared import heldout_bucket
 
         (tmp_path / "tiny").mkdir()
         texts = [t for t in (f"doc {i}" for i in range(50)) if heldout_bucket(t) < 9999][:3]

@@ -10,7 +10,7 @@ import pytest
 from helpers import NEXT, PREV, RULES, VOCAB, rule_answer
 
 from bltool.errors import UsageError
-from bltool.probes import (
+from bltool.eval.probes import (
     TASK_NAMES,
     WORD_LISTS,
     Task,

@@ -14,7 +14,7 @@ from helpers import save_tiny_model, write_corpus
 from typer.testing import CliRunner
 
 from bltool.cli import app
-from bltool.runs import COLUMNS
+from bltool.results.runs import COLUMNS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -208,7 +208,7 @@ def test_printed_table_keeps_every_column_in_a_log(runs, tmp_path):
 
 
 def _row(name, method, budget=None, **values):
-    from bltool.runs import Row
+    from bltool.results.runs import Row
 
     return Row(name, f"/runs/{name}", method, budget=budget, values=values)
 
@@ -238,7 +238,7 @@ BASE = [300.0, 350.0, 250.0, 420.0]
 def _ppl_run(root: Path, name: str, per_document: list[float], layout=LAYOUT) -> Path:
     """An eval-ppl run's windows.arrow, hand-made: each document's NLL sum spread over its pieces by tokens."""
     from bltool.artifacts import write_arrow
-    from bltool.stats import Pieces
+    from bltool.eval.stats import Pieces
 
     tokens = {d: sum(n for _, e, n in layout if e == d) for _, d, _ in layout}
     pieces = [{"window": w, "document": d, "tokens": n, "bytes": n, "nll": per_document[d] * n / tokens[d]}
@@ -270,7 +270,7 @@ def _shifted(log_ratio: float, se: float) -> list[float]:
 
 
 def test_paired_se_of_the_log_ratio_is_the_formula_on_known_vectors(tmp_path):
-    from bltool.stats import paired_log_ratio, read_pieces
+    from bltool.eval.stats import paired_log_ratio, read_pieces
 
     mine = [310.0, 362.0, 251.0, 433.0]
     paired = paired_log_ratio(read_pieces(_ppl_run(tmp_path, "a", mine)), read_pieces(_ppl_run(tmp_path, "b", BASE)))
@@ -361,7 +361,7 @@ def _composite(grids) -> float:
 
 def _own_se(grids) -> float:
     """A run's own (unpaired) composite SE, as eval-icl records it."""
-    from bltool.probes import composite_se, standard_error
+    from bltool.eval.probes import composite_se, standard_error
 
     return composite_se([standard_error(g) for g in grids.values()])
 
@@ -524,7 +524,7 @@ def test_report_refuses_perplexity_on_another_token_budget(runs, tmp_path):
 
 def test_old_icl_results_get_their_standard_error_from_the_predictions(runs):
     """An eval-icl run whose result.json predates `se`: the report recomputes it from predictions.arrow."""
-    from bltool.runs import icl_se_from_predictions
+    from bltool.results.runs import icl_se_from_predictions
 
     result = json.loads((runs / "bl" / "icl" / "result.json").read_text())
     assert icl_se_from_predictions(runs / "bl" / "icl") == pytest.approx(result["composite"]["se"])
@@ -533,7 +533,7 @@ def test_old_icl_results_get_their_standard_error_from_the_predictions(runs):
 
 def test_icl_se_from_hand_made_predictions(tmp_path):
     from bltool.artifacts import write_arrow
-    from bltool.runs import icl_se_from_predictions
+    from bltool.results.runs import icl_se_from_predictions
 
     rows = [{"task": t, "seed": s, "query": j, "correct": c}
             for t, grid in (("a", [[1, 0, 1], [1, 0, 0]]), ("b", [[0, 0, 1], [0, 1, 1]]))
@@ -555,7 +555,7 @@ def test_frontier_names_runs_in_a_legend_not_beside_points():
     legend entry whose colour and marker are those of its own point, and no two runs share both."""
     from matplotlib.colors import to_rgba
 
-    from bltool.figures import COLORS, frontier_figure
+    from bltool.results.figures import COLORS, frontier_figure
 
     rows = [_row("full", "kd-full", perplexity=50.0, mac_speedup=1.0),
             _row("lora", "kd-lora", perplexity=52.0, mac_speedup=1.0),
@@ -600,7 +600,7 @@ def _teacher(tmp_path, max_tokens=10_000, layout=((0, 0, 63), (1, 0, 30), (1, 1,
     """A teacher row with its eval-ppl's windows.arrow: windows of 64 tokens (63 scored), NLL 2.5 a token
     in window 0, 3.0 in the others; it scored the whole split (192 tokens) under `max_tokens`."""
     from bltool.artifacts import Stage, write_arrow
-    from bltool.stats import Pieces
+    from bltool.eval.stats import Pieces
 
     pieces = [{"window": w, "document": d, "tokens": n, "bytes": n, "nll": (2.5 if w == 0 else 3.0) * n}
               for w, d, n in layout]
@@ -615,7 +615,7 @@ def _teacher(tmp_path, max_tokens=10_000, layout=((0, 0, 63), (1, 0, 30), (1, 1,
 
 def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_path):
     from bltool.artifacts import write_arrow
-    from bltool.figures import COLORS, learning_curves_figure
+    from bltool.results.figures import COLORS, learning_curves_figure
 
     rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, None, 400.0, None]),
             _curve(tmp_path, "bl", "budgeted-lora", 0.4, [950.0, None, 600.0, 500.0]),
@@ -659,7 +659,7 @@ def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_
     (151, 150, False),  # one token past: the slice's window 2 has 23 tokens, the teacher's 22
 ])
 def test_learning_curves_draw_the_teacher_only_on_the_curves_slice(tmp_path, eval_tokens, max_tokens, drawn):
-    from bltool.figures import learning_curves_figure
+    from bltool.results.figures import learning_curves_figure
 
     layout = ((0, 0, 63), (1, 0, 30), (1, 1, 33), (2, 1, 21 if max_tokens == 150 else 63))
     rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, 400.0], eval_tokens=eval_tokens),

@@ -283,8 +283,8 @@ def test_sampled_cache_holds_the_teachers_draws_and_records_its_form(setting, sa
     """Every stored position holds exactly the N draws that the inverse CDF of the teacher's float64
     softmax(z/T) gives at that sequence's uniforms, and the teacher's entropy; the manifest names the form,
     N, T, the estimator and the bytes per token."""
-    from bltool.models import load_model, resolve_model
-    from bltool.nll import hidden_states
+    from bltool.eval.nll import hidden_states
+    from bltool.models.loading import load_model, resolve_model
     from bltool.train.batches import PackedSequences
     from bltool.train.teacher_cache import sample_uniforms
 

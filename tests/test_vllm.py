@@ -1,4 +1,4 @@
-"""Compressed students served by vLLM through bltool's plugin (bltool/vllm_models.py) against
+"""Compressed students served by vLLM through bltool's plugin (bltool/serve/vllm_models.py) against
 `bltool.load_model` (transformers): greedy generations token for token, prompt log-probabilities within
 tolerance, for Llama, Mistral, Qwen2 and Qwen3 students, one of them with vLLM's compiled graph. The class
 vLLM instantiated, and the form of each projection it built, are read from the engine's model. The same
@@ -184,7 +184,7 @@ def test_compressed_student_matches_transformers(served, name):
     assert any(n.endswith(("o_proj", "down_proj")) for n in lowrank)
     # the class vLLM instantiated is bltool's (not vLLM's transformers fallback), built as the config says
     assert config["architectures"][0].startswith("BltoolLowRank")
-    assert got["model_class"] == f"bltool.vllm_models.{config['architectures'][0]}"
+    assert got["model_class"] == f"bltool.serve.vllm_models.{config['architectures'][0]}"
     assert got["projections"] == expected_projections(lowrank, config["num_hidden_layers"])
     assert got["eager"] is (name != COMPILED)
     assert_same_as_transformers(path, got)

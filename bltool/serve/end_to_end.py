@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from bltool.compression import layer_weight_bytes, macs_per_token, projection_layers
-from bltool.lora import GatedLoRALinear
+from bltool.adapt.compression import layer_weight_bytes, macs_per_token, projection_layers
+from bltool.adapt.lora import GatedLoRALinear
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape
 from bltool.serve.timing import measure
 

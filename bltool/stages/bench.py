@@ -30,6 +30,10 @@ import torch
 from torch import nn
 
 from bltool import ui
+from bltool.adapt.compression import layer_macs, layer_weight_bytes
+from bltool.adapt.lora import GatedLoRALinear
+from bltool.adapt.lowrank import KERNELS, LowRankLinear, set_kernel
+from bltool.adapt.lowrank_models import family_of
 from bltool.artifacts import (
     MANIFEST,
     Stage,
@@ -40,13 +44,9 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
-from bltool.compression import layer_macs, layer_weight_bytes
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import ArtifactError, UsageError
-from bltool.lora import GatedLoRALinear
-from bltool.lowrank import KERNELS, LowRankLinear, set_kernel
-from bltool.lowrank_models import family_of
-from bltool.models import load_model, model_content_hash, model_inputs, resolve_model
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 

@@ -26,9 +26,9 @@ import transformers
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import (
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import (
     checkpoint_parameters,
     load_model,
     model_content_hash,

@@ -1,5 +1,5 @@
 """bench --engine vllm: the dense student and a compressed student served by the same vLLM, same workload,
-interleaved (bltool's vLLM plugin serves the compressed one; bltool/vllm_models.py).
+interleaved (bltool's vLLM plugin serves the compressed one; bltool/serve/vllm_models.py).
 
 Offline (vLLM's `LLM`, one engine per model, both alive for the whole run, prefix caching off so every
 repeat computes its prompt):
@@ -28,9 +28,9 @@ import torch
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_json, write_manifest
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import load_model, model_content_hash, model_inputs, refuse_adapted, resolve_model
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import load_model, model_content_hash, model_inputs, refuse_adapted, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 

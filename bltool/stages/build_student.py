@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bltool import ui
+from bltool.adapt.compression import as_dense
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
-from bltool.compression import as_dense
 from bltool.errors import UsageError
-from bltool.layer_selection import canonical_mode, select_layers
-from bltool.models import (
+from bltool.models.layer_selection import canonical_mode, select_layers
+from bltool.models.loading import (
     count_parameters,
     load_model,
     load_tokenizer,
@@ -30,7 +30,7 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.weights import quiet_transformers
+from bltool.models.weights import quiet_transformers
 
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -37,7 +37,7 @@ from bltool.artifacts import (
     write_manifest,
 )
 from bltool.errors import ArtifactError, UsageError
-from bltool.models import checkpoint_parameters, load_model, model_content_hash, model_inputs, resolve_model
+from bltool.models.loading import checkpoint_parameters, load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve.iteration import IterationModel
 from bltool.serve.queueing import (
     DTYPE_BYTES,

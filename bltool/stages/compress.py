@@ -4,7 +4,7 @@ Takes the output of `bltool distill` for every method:
 - kd-full        passes through (a plain dense student; nothing to compress),
 - kd-lora        merges each LoRA module into its dense weight (W + (α/r)BA): the same cost as the
                  dense student, which the summary says,
-- budgeted-lora  compresses each module into drop / SVD / keep from its final ρ (bltool.compression).
+- budgeted-lora  compresses each module into drop / SVD / keep from its final ρ (bltool.adapt.compression).
 
 The output is a Hugging Face checkpoint (config, tokenizer, model.safetensors) whose adapted modules are
 dense or two-factor low-rank linears; the manifest's `compressed` section lists each module's form, ρ,
@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bltool import ui
-from bltool.artifacts import Stage, artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
-from bltool.compression import (
+from bltool.adapt.compression import (
     CompressionPolicy,
     compress_model,
     compressed_section,
@@ -29,8 +28,9 @@ from bltool.compression import (
     merge_model,
     save_compressed,
 )
+from bltool.artifacts import Stage, artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
 from bltool.errors import ArtifactError, UsageError
-from bltool.models import count_parameters, load_model, load_tokenizer, model_inputs, resolve_model
+from bltool.models.loading import count_parameters, load_model, load_tokenizer, model_inputs, resolve_model
 
 METHODS = ("kd-full", "kd-lora", "budgeted-lora")
 

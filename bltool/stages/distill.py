@@ -28,7 +28,9 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from bltool import ui
-from bltool.adapters import adapter_section, save_adapted
+from bltool.adapt.adapters import adapter_section, save_adapted
+from bltool.adapt.kernels import use_onednn
+from bltool.adapt.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
 from bltool.artifacts import (
     Stage,
     atomic_output,
@@ -41,13 +43,12 @@ from bltool.artifacts import (
     write_arrow,
     write_manifest,
 )
-from bltool.compiling import checkpoint_layers, compile_layers
-from bltool.data import PreparedData
-from bltool.devices import check_dtype, resolve_dtype
+from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
-from bltool.kernels import use_onednn
-from bltool.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
-from bltool.models import (
+from bltool.eval.nll import PieceCounter, document_separator, heldout_windows, hidden_states, token_nll
+from bltool.models.compiling import checkpoint_layers, compile_layers
+from bltool.models.devices import check_dtype, resolve_dtype
+from bltool.models.loading import (
     artifact_manifest,
     count_parameters,
     load_model,
@@ -57,7 +58,6 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import PieceCounter, document_separator, heldout_windows, hidden_states, token_nll
 from bltool.train import distributed, trainstate
 from bltool.train.accounting import ComputeMeter
 from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices, positions_to_indices
@@ -302,7 +302,7 @@ def _load_teacher(run) -> torch.nn.Module | None:
         return None
     teacher = load_model(run.inputs.teacher_ref, dtype=run.frozen_dtype, device=run.world.device, flag="--teacher")
     teacher.requires_grad_(False).eval()
-    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.kernels)
+    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.adapt.kernels)
     if run.config.compile:  # the live teacher's forward is most of a step: compile its layers too
         compile_layers(teacher)
     return teacher
@@ -559,7 +559,7 @@ def _eval_due(run: Run, step: int) -> bool:
 def evaluate_heldout(run: Run, state: TrainState) -> dict:
     """The student's mean NLL and perplexity on the held-out slice (--eval-tokens: the first tokens of the
     held-out split, the same for every run on this data), with their standard errors as eval-ppl computes
-    them (over the slice's documents, or windows: `bltool.stats`), dropout off; rank 0 scores, the others go
+    them (over the slice's documents, or windows: `bltool.eval.stats`), dropout off; rank 0 scores, the others go
     on."""
     if not run.world.main:
         return dict(_NO_EVAL)

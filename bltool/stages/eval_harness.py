@@ -1,6 +1,6 @@
 """eval-harness: EleutherAI's lm-evaluation-harness on any model bltool names (an optional extra).
 
-The model is loaded the way every bltool stage loads it (`bltool.models.load_model`: checkpoints, `.gguf`
+The model is loaded the way every bltool stage loads it (`bltool.models.loading.load_model`: checkpoints, `.gguf`
 files, aliases, built, distilled and compressed students, compressed modules kept compressed) and handed
 to lm_eval's Hugging Face wrapper as an instance, `HFLM(pretrained=model, tokenizer=tokenizer)`, so the
 harness measures exactly the model bltool would serve. Tasks are the harness's own (fetched from the Hub
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, sha256_file, write_json, write_manifest
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.models import (
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import (
     check_vocab_fits,
     load_model,
     load_tokenizer,

@@ -1,12 +1,12 @@
 """eval-icl: in-context-learning probes (docs/method.md §6, paper Appendix F.1).
 
 Each task is asked `--n` queries under `--seeds` demonstration seeds with `--shots` demonstrations each
-(protocol and sampling in `bltool.icl`); a task's score for a seed is its exact-match accuracy, its score
+(protocol and sampling in `bltool.eval.icl`); a task's score for a seed is its exact-match accuracy, its score
 is the mean over seeds, and the composite is the macro average of the task scores (every task weighs
 the same, whatever its number of queries).
 
 Uncertainty: `se` is the standard error of a score counting both which queries were drawn and which
-demonstrations (`bltool.icl.standard_error`; the composite's combines the tasks' as independent,
+demonstrations (`bltool.eval.icl.standard_error`; the composite's combines the tasks' as independent,
 √(Σ se²) / tasks). `seed_std` is only the spread over demonstration seeds (sample, ddof = 1; none with one
 seed): the seeds ask the same queries, so it says nothing about query sampling and understates the noise.
 Baselines: `chance` is the best constant answer's rate over the task's whole pool; `copy_chance`, for
@@ -38,9 +38,8 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.errors import UsageError
-from bltool.icl import (
+from bltool.eval.icl import (
     ANSWER_MARGIN,
     NewlineStop,
     Query,
@@ -54,7 +53,9 @@ from bltool.icl import (
     newline_token_ids,
     standard_error,
 )
-from bltool.models import (
+from bltool.eval.probes import BUILTIN, Task, composite_se, load_tasks, vocabulary
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import (
     check_vocab_fits,
     load_model,
     load_tokenizer,
@@ -62,7 +63,6 @@ from bltool.models import (
     model_inputs,
     resolve_model,
 )
-from bltool.probes import BUILTIN, Task, composite_se, load_tasks, vocabulary
 
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
 

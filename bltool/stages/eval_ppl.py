@@ -12,7 +12,7 @@ vocabularies. Every scored token counts in both sums, the separator included (it
 cost of predicting document boundaries is charged to the text's bytes).
 
 Uncertainty: `perplexity_se` is the delta method's standard error over the held-out documents (the unit the
-split samples), or over the windows when the data does not mark its documents exactly (`bltool.stats`).
+split samples), or over the windows when the data does not mark its documents exactly (`bltool.eval.stats`).
 `windows.arrow` keeps Σ NLL, tokens and bytes per (window, document) piece, so `report` can compare two
 models scored on the same windows by the paired standard error of their perplexities' log ratio.
 """
@@ -28,10 +28,12 @@ import torch
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
-from bltool.data import PreparedData
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.data.prepared import PreparedData
 from bltool.errors import UsageError
-from bltool.models import (
+from bltool.eval.nll import PieceCounter, document_separator, heldout_windows, token_nll
+from bltool.eval.stats import WINDOWS, Pieces
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import (
     check_vocab_fits,
     load_model,
     load_tokenizer,
@@ -40,8 +42,6 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import PieceCounter, document_separator, heldout_windows, token_nll
-from bltool.stats import WINDOWS, Pieces
 
 SE_RULE = ("delta method on the mean NLL, a ratio of sums over units: the held-out documents (null `document` "
            "in windows.arrow: not known; then the windows), se(ppl) = ppl * se(mean NLL); docs/method.md §6")

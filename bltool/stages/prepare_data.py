@@ -13,10 +13,10 @@ from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
-from bltool.corpus import CorpusReader, Document
-from bltool.data import SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
+from bltool.data.corpus import CorpusReader, Document
+from bltool.data.prepared import SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
 from bltool.errors import UsageError
-from bltool.models import load_tokenizer, model_inputs, resolve_model, tokenizer_identity
+from bltool.models.loading import load_tokenizer, model_inputs, resolve_model, tokenizer_identity
 
 BATCH_CHARS = 4_000_000  # tokenize about this much text per call
 # Pretraining document separators, preferred (in this order) over the EOS when the vocabulary has one: an

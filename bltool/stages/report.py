@@ -1,7 +1,7 @@
 """report: the results of any set of runs in the paper's Table 2 shape, with figures.
 
 `bltool report RUN_DIR...` finds every bltool artifact under the given directories, links results to
-models by content hash (`bltool.runs`), and writes `report.md`, `report.csv`, `report.arrow` and four
+models by content hash (`bltool.results.runs`), and writes `report.md`, `report.csv`, `report.arrow` and four
 PNG figures (`frontier.png`, `icl.png`, `dense_fraction.png`, `learning_curves.png`: held-out perplexity
 during training, from `distill --eval-every`). With `--readme FILE` it also replaces the
 part of FILE between `<!-- bltool-report:start -->` and `<!-- bltool-report:end -->` with the table and
@@ -14,7 +14,7 @@ run's evaluation manifests. Otherwise `report` refuses, naming the setting and t
 distilled and the compressed form of a student (one evaluated, the other benched, say), or that has two
 evaluations of one model by the same stage, is refused the same way, or marked (†) on its name.
 
-The claim sentences judge differences against their paired standard errors (`bltool.stats`): two models'
+The claim sentences judge differences against their paired standard errors (`bltool.eval.stats`): two models'
 perplexities by the log of their ratio over the same held-out documents (windows.arrow, matched by
 window and document), two ICL composites by the differences of their answers to the same queries
 (predictions.arrow, matched by task, seed and query). "Above" / "below", "higher" / "lower" only beyond
@@ -36,10 +36,12 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bltool import figures, stats, ui
+from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, now_iso, write_arrow, write_json, write_manifest
 from bltool.errors import UsageError
-from bltool.runs import (
+from bltool.eval import stats
+from bltool.results import figures
+from bltool.results.runs import (
     COLUMNS,
     Row,
     build_rows,

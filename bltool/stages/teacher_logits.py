@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from bltool import ui
+from bltool.adapt.kernels import use_onednn
 from bltool.artifacts import (
     MANIFEST,
     Stage,
@@ -54,12 +55,12 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
-from bltool.compiling import compile_layers
-from bltool.data import PreparedData
-from bltool.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
-from bltool.kernels import use_onednn
-from bltool.models import (
+from bltool.eval.nll import hidden_states
+from bltool.models.compiling import compile_layers
+from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.loading import (
     load_model,
     load_tokenizer,
     model_content_hash,
@@ -67,7 +68,6 @@ from bltool.models import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.nll import hidden_states
 from bltool.train import distributed
 from bltool.train.batches import PackedSequences, collate, positions_to_indices
 from bltool.train.losses import check_kd_args
@@ -171,7 +171,7 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
     teacher = load_model(ref, dtype=resolve_dtype(config.dtype, device), device=device, flag="--teacher")
     if config.top_k is not None and config.top_k > teacher.config.vocab_size:
         raise UsageError(f"--top-k {config.top_k} is larger than the vocabulary ({teacher.config.vocab_size})")
-    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.kernels)
+    use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.adapt.kernels)
     if config.compile:
         compile_layers(teacher)
 

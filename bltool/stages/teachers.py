@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bltool.gguf import gguf_cache_dir
-from bltool.registry import AliasEntry, load_registry, registry_path
+from bltool.models.gguf import gguf_cache_dir
+from bltool.models.registry import AliasEntry, load_registry, registry_path
 
 
 @dataclass(frozen=True)

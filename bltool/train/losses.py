@@ -37,8 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from bltool.adapt.kernels import linear
 from bltool.errors import UsageError
-from bltool.kernels import linear
 
 IGNORE_INDEX = -100  # label of a position with no target (padding), as in F.cross_entropy
 
@@ -151,7 +151,7 @@ def _fused(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor, ch
                 g.scatter_add_(-1, y, (-ce_scale).to(g.dtype).expand(len(y), 1))
             g.masked_fill_(~ok.unsqueeze(-1), 0.0)  # padding: no gradient (and no NaN from its garbage)
             if grad_hidden is not None:
-                # g · W, as a linear with W as a (d, V) view (oneDNN on the CPU; bltool.kernels)
+                # g · W, as a linear with W as a (d, V) view (oneDNN on the CPU; bltool.adapt.kernels)
                 grad_hidden[:, start:stop] = linear(g.to(w.weight.dtype), w.weight.detach().t()).view(
                     b, stop - start, -1)
             if grad_weight is not None:

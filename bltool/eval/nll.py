@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bltool.data import PreparedData
-from bltool.stats import Pieces
+from bltool.data.prepared import PreparedData
+from bltool.eval.stats import Pieces
 
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def _count(path: Path, manifest_hash: str, token: int) -> int:
 
 class PieceCounter:
     """Σ NLL, tokens and bytes scored per (window, document) piece of the held-out windows, fed in order
-    (`heldout_windows`' windows, each with its row of `token_nll`): what `bltool.stats.Pieces` holds.
+    (`heldout_windows`' windows, each with its row of `token_nll`): what `bltool.eval.stats.Pieces` holds.
     A target token belongs to the document it is part of; a separator to the document it ends."""
 
     def __init__(self, separator: int | None):

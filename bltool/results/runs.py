@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage, read_manifest
 from bltool.errors import UsageError
-from bltool.probes import composite_se, standard_error
+from bltool.eval.probes import composite_se, standard_error
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bltool.adapters import adapted_modules, merge_into_linear
+from bltool.adapt.adapters import adapted_modules, merge_into_linear
+from bltool.adapt.lora import GatedLoRALinear
+from bltool.adapt.lowrank import LowRankLinear, default_kernel, set_kernel
+from bltool.adapt.lowrank_models import as_compressed, as_plain, family_of, replace_module
 from bltool.errors import ArtifactError, UsageError
-from bltool.lora import GatedLoRALinear
-from bltool.lowrank import LowRankLinear, default_kernel, set_kernel
-from bltool.lowrank_models import as_compressed, as_plain, family_of, replace_module
-from bltool.weights import load_weights_strict, quiet_transformers
+from bltool.models.weights import load_weights_strict, quiet_transformers
 
 FORMS = ("keep", "svd", "drop")
 WEIGHTS = "model.safetensors"
@@ -258,7 +258,7 @@ def compressed_section(method: str, policy: CompressionPolicy | None, records: l
 
 def save_compressed(directory: Path, model: nn.Module, tokenizer) -> None:
     """A Hugging Face checkpoint (config, generation config, tokenizer, one model.safetensors). With
-    low-rank layers it is of bltool's compressed model type (bltool/lowrank_models.py), so that a loader
+    low-rank layers it is of bltool's compressed model type (bltool/adapt/lowrank_models.py), so that a loader
     that does not know them refuses it instead of loading random dense weights."""
     set_kernel(model, "linear")  # the stored layout is nn.Linear's (row-major factors)
     as_compressed(model).save_pretrained(directory, max_shard_size="1000GB")

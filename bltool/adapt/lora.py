@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bltool.adapt.kernels import frozen_linear
 from bltool.errors import UsageError
-from bltool.kernels import frozen_linear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -91,7 +91,7 @@ class GatedLoRALinear(nn.Module):
         out = self.lora(x)
         if not self._dense:
             return out  # ρ = 0: the dense weight is not touched
-        dense = frozen_linear(x, self.base.weight, self.base.bias)  # W x (oneDNN on the CPU: bltool.kernels)
+        dense = frozen_linear(x, self.base.weight, self.base.bias)  # W x (oneDNN on the CPU: bltool.adapt.kernels)
         return torch.addcmul(out, dense, self.rho.to(x.dtype))  # lora + ρ · W x, one fused op
 
     # -- accounting -----------------------------------------------------------------------------

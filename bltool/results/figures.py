@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from bltool.artifacts import Stage
-from bltool.runs import Row
-from bltool.stats import read_pieces
+from bltool.eval.stats import read_pieces
+from bltool.results.runs import Row
 
 COLORS = {"kd-full": "tab:red", "kd-lora": "tab:orange", "budgeted-lora": "tab:blue", "teacher": "black",
           "student (untrained)": "tab:gray"}

@@ -12,8 +12,8 @@ from pathlib import Path
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, read_manifest, sha256_file, write_manifest
 from bltool.errors import ArtifactError, BltoolError, UsageError
-from bltool.registry import SUPPORTED_MODEL_TYPES, bltool_home, safe_label
-from bltool.weights import quiet_transformers
+from bltool.models.registry import SUPPORTED_MODEL_TYPES, bltool_home, safe_label
+from bltool.models.weights import quiet_transformers
 
 
 def gguf_cache_dir(gguf: Path) -> Path:

@@ -49,8 +49,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from bltool.lowrank_models import FAMILIES, PREFIX
-from bltool.lowrank_models import register as register_transformers
+from bltool.adapt.lowrank_models import FAMILIES, PREFIX
+from bltool.adapt.lowrank_models import register as register_transformers
 
 # family → (vLLM module, vLLM class) it extends
 VLLM_BASES = {

@@ -5,7 +5,7 @@ and the live teacher, `teacher-logits --compile` for the teacher). The layers of
 compiled graph, as their code is the same and their weights are inputs to it, so compiling costs one
 layer's compilation, not one per layer, and the state dict keeps its names.
 
-A gated linear's only Python branch is its skip (ρ = 0; see `bltool.lora`), so a student layer recompiles
+A gated linear's only Python branch is its skip (ρ = 0; see `bltool.adapt.lora`), so a student layer recompiles
 when one of its modules stops its dense matmul, not as ρ moves: at most (adapted modules per layer + 1)
 variants per layer. Dynamo's recompile limit is raised to that bound so no layer falls back to eager.
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from bltool.adapt.lora import GatedLoRALinear
 from bltool.errors import UsageError
-from bltool.lora import GatedLoRALinear
 
 
 def decoder_layers(model: torch.nn.Module, flag: str = "--compile") -> torch.nn.ModuleList:

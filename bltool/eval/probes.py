@@ -6,7 +6,7 @@ everyday objects, lower case), so the same bltool version always evaluates the s
 come from files in the Function Vectors format (a JSON list of `{"input", "output"}` objects) or JSON
 Lines with one such object per line; a file's task is named after the file's stem.
 
-How queries and demonstrations are drawn from a pool is the protocol's business (`bltool.icl`); the
+How queries and demonstrations are drawn from a pool is the protocol's business (`bltool.eval.icl`); the
 baselines a score is read against (`chance`, `copy_chance`) and its standard error are here, free of torch,
 so `bltool report` can use them.
 """

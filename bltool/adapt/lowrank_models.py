@@ -19,7 +19,7 @@ import functools
 
 from torch import nn
 
-from bltool.lowrank import LowRankLinear
+from bltool.adapt.lowrank import LowRankLinear
 
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 PREFIX = "bltool_lowrank_"

@@ -16,7 +16,7 @@ weight is frozen, the input may require grad, and the backward's x-gradient (gra
 oneDNN too. `BLTOOL_ONEDNN=0` in the environment turns all of it off.
 
 Used for the frozen teacher (`distill`'s live teacher, `teacher-logits`), the fused KD loss's heads
-(`bltool.train.losses`) and the frozen base of a gated LoRA linear (`bltool.lora`). Results differ
+(`bltool.train.losses`) and the frozen base of a gated LoRA linear (`bltool.adapt.lora`). Results differ
 from `F.linear` only by float32 rounding (another summation order).
 """
 

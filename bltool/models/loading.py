@@ -2,8 +2,8 @@
 
 A model is named anywhere by one of:
 - a local Hugging Face checkpoint directory (config.json + safetensors; Llama / Mistral / Qwen2 family),
-- a `.gguf` file, converted once into a cached safetensors checkpoint (bltool/gguf.py),
-- an alias, built in or from the user's registry (bltool/registry.py).
+- a `.gguf` file, converted once into a cached safetensors checkpoint (bltool/models/gguf.py),
+- an alias, built in or from the user's registry (bltool/models/registry.py).
 
 `resolve_model` turns that into a local checkpoint directory; `load_model` loads it strictly, rebuilding
 students that carry adapters (`distill`) or compressed low-rank modules (`compress`) from their manifest.
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bltool.adapters import load_adapted
+from bltool.adapt.adapters import load_adapted
+from bltool.adapt.compression import load_compressed
+from bltool.adapt.lowrank_models import MODEL_TYPES
 from bltool.artifacts import (
     MANIFEST,
     MODEL_STAGES,
@@ -29,12 +31,10 @@ from bltool.artifacts import (
     sha256_file,
     sha256_json,
 )
-from bltool.compression import load_compressed
 from bltool.errors import ArtifactError, UsageError
-from bltool.gguf import gguf_cache_dir, gguf_checkpoint
-from bltool.lowrank_models import MODEL_TYPES
-from bltool.registry import SUPPORTED_MODEL_TYPES, load_registry, registry_path, safe_label
-from bltool.weights import quiet_transformers
+from bltool.models.gguf import gguf_cache_dir, gguf_checkpoint
+from bltool.models.registry import SUPPORTED_MODEL_TYPES, load_registry, registry_path, safe_label
+from bltool.models.weights import quiet_transformers
 
 
 @dataclass(frozen=True)

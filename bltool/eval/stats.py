@@ -3,7 +3,7 @@
 Perplexity. `eval-ppl` writes `windows.arrow`: one row per piece of a scored window that belongs to one
 document (`window`, `document`, `tokens` scored, their `bytes`, `nll` = Σ NLL in nats), in scoring order; a
 window holding the end of one document and the start of the next has two rows. `document` is null when the
-prepared data does not mark its documents exactly (`bltool.nll.document_separator`).
+prepared data does not mark its documents exactly (`bltool.eval.nll.document_separator`).
 
 Mean NLL is a ratio, Σ NLL / Σ tokens, over units: the held-out split's documents when they are known and
 there are at least two, else its windows. Documents are the unit because the split samples documents (the
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bltool.probes import composite_se, standard_error
+from bltool.eval.probes import composite_se, standard_error
 
 WINDOWS = "windows.arrow"  # eval-ppl's per-piece NLL sums
 PREDICTIONS = "predictions.arrow"  # eval-icl's per-query answers

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from bltool.adapt.lora import GatedLoRALinear, LoRASpec, inject_lora
 from bltool.errors import ArtifactError
-from bltool.lora import GatedLoRALinear, LoRASpec, inject_lora
-from bltool.weights import load_weights_strict, quiet_transformers
+from bltool.models.weights import load_weights_strict, quiet_transformers
 
 WEIGHTS = "model.safetensors"
 

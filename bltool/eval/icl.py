@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from bltool.probes import Task, chance, copy_chance, standard_error  # noqa: F401 (the protocol's statistics)
+from bltool.eval.probes import Task, chance, copy_chance, standard_error  # noqa: F401 (the protocol's statistics)
 
 ANSWER_MARGIN = 4  # new tokens allowed beyond the task's longest target (a leading space, another split)
 

@@ -1,0 +1,1 @@
+"""Data: reading corpora and the prepared (split, tokenized, packed) Arrow dataset."""

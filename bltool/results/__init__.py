@@ -1,0 +1,1 @@
+"""Results: collecting runs into report rows, and the report's figures."""

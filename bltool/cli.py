@@ -539,30 +539,15 @@ def bench(
         _bench_serving(model, out, chunk, concurrency, prompt_len, output_len, requests, page_size,
                        repeats if repeats is not None else 3, dtype, device, seed, overwrite)
         return
-    if engine not in ("transformers", "vllm"):
-        raise UsageError(f"--engine must be transformers or vllm, got {engine!r}")
-    if engine == "vllm":
-        from bltool.stages.bench_vllm import BenchVllmConfig
-        from bltool.stages.bench_vllm import run as run_vllm
-
-        if threads is not None or kernel != "auto" or not modules:
-            ui.warn("--threads, --kernel and --no-modules apply to --engine transformers only: vLLM picks its "
-                    "own threads (VLLM_CPU_OMP_THREADS_BIND) and kernels, and times whole requests")
-        _emit(run_vllm(BenchVllmConfig(
-            model=model, baseline=baseline, out=out, device=device, dtype=dtype, prefill_tokens=prefill_tokens,
-            decode_batches=parse_int_list(decode_batch, "--decode-batch"), decode_context=decode_context,
-            decode_steps=decode_steps, requests=requests, concurrency=concurrency, prompt_len=prompt_len,
-            output_len=output_len, warmup=warmup, repeats=repeats if repeats is not None else 10,
-            transformers=end_to_end, eager=eager, kv_cache_gib=kv_cache_gib, overwrite=overwrite)))
-        return
     from bltool.stages.bench import BenchConfig, run
 
     config = BenchConfig(model=model, baseline=baseline, out=out, device=device, dtype=dtype, threads=threads,
                          kernel=kernel, prefill_tokens=prefill_tokens,
-                         decode_batches=parse_int_list(decode_batch, "--decode-batch"),
+                         decode_batch=parse_int_list(decode_batch, "--decode-batch"),
                          decode_context=decode_context, decode_steps=decode_steps, warmup=warmup,
                          repeats=repeats if repeats is not None else 10, modules=modules, end_to_end=end_to_end,
-                         overwrite=overwrite)
+                         engine=engine, eager=eager, kv_cache_gib=kv_cache_gib, concurrency=concurrency,
+                         prompt_len=prompt_len, output_len=output_len, requests=requests, overwrite=overwrite)
     _emit(run(config))
 
 

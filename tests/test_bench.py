@@ -239,7 +239,7 @@ def test_decode_bytes_count_each_weight_once_and_the_kv_cache_per_sequence(tiny_
 def test_vllm_engine_summary_ratios():
     """bench --engine vllm: vLLM's speedup, the share of transformers' speedup it keeps, and vLLM over
     transformers per model, from the runs of both engines."""
-    from bltool.stages.bench_vllm import summarize
+    from bltool.serve.vllm_bench import summarize
 
     def row(model, phase, tps, **extra):
         return {"model": model, "phase": phase, "batch": 1, "tokens_per_s": tps, **extra}

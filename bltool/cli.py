@@ -20,6 +20,7 @@ from rich.table import Table
 
 from bltool import __version__, ui
 from bltool.errors import BltoolError, UsageError
+from bltool.train import methods
 from bltool.units import parse_bytes, parse_count, parse_int_list, parse_names
 
 app = typer.Typer(
@@ -277,7 +278,7 @@ def distill(
     out: Annotated[str, typer.Option(help="Output directory (the distilled student).")],
     teacher: Annotated[str | None, typer.Option(help="Teacher model (path, .gguf or alias); optional with "
                                                      "--teacher-logits.", show_default=False)] = None,
-    method: Annotated[str, typer.Option(help="kd-full, kd-lora or budgeted-lora.")] = "budgeted-lora",
+    method: Annotated[str, typer.Option(help=f"{methods.names()}.")] = methods.DEFAULT,
     budget: Annotated[float | None, typer.Option(help="Final dense budget F in [0, 1] (budgeted-lora).",
                                                  show_default=False)] = None,
     tokens: Annotated[str, typer.Option(help="Token budget over all processes, e.g. 2M.")] = "2M",

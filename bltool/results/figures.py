@@ -15,9 +15,16 @@ import pyarrow as pa
 from bltool.artifacts import Stage
 from bltool.eval.stats import read_pieces
 from bltool.results.runs import Row
+from bltool.train import methods
 
-COLORS = {"kd-full": "tab:red", "kd-lora": "tab:orange", "budgeted-lora": "tab:blue", "teacher": "black",
+COLORS = {**{m.name: m.color for m in methods.REGISTRY.values()}, "teacher": "black",
           "student (untrained)": "tab:gray"}
+
+
+def _color(name: str) -> str:
+    """A row's colour: its method's (bltool.train.methods), else COLORS' or green."""
+    method = methods.find(name)
+    return method.color if method else COLORS.get(name, "tab:green")
 
 
 def _pyplot():
@@ -39,8 +46,14 @@ def _save(plt, fig, ax, path: Path, legend_size: int = 8) -> Path:
     return path
 
 
+def _method_label(name: str) -> str:
+    """A method's label (bltool.train.methods); other rows (the teacher, say) by their name."""
+    method = methods.find(name)
+    return method.label if method else name
+
+
 def _label(row: Row) -> str:
-    return f"{row.method} F={row.budget:g}" if row.budget is not None else row.method
+    return f"{_method_label(row.method)} F={row.budget:g}" if row.budget is not None else _method_label(row.method)
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
@@ -69,7 +82,7 @@ def frontier_figure(rows: list[Row]):
     seen: dict[str, int] = {}
     for cost, ppl, row in sorted(points, key=lambda p: (p[0], p[1])):
         k = seen[row.method] = seen.get(row.method, -1) + 1
-        ax.scatter(cost, ppl, color=COLORS.get(row.method, "tab:green"), marker=MARKERS[k % len(MARKERS)],
+        ax.scatter(cost, ppl, color=_color(row.method), marker=MARKERS[k % len(MARKERS)],
                    s=40, zorder=3, label=_run_label(row))
     best, front = float("inf"), []
     for cost, ppl, _ in sorted(points, key=lambda p: (p[0], p[1])):
@@ -100,14 +113,15 @@ def icl_by_budget(rows: list[Row], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     budgeted = sorted((r for r in rows if r.budget is not None and r.values.get("icl_composite") is not None),
                       key=lambda r: r.budget)
-    if budgeted:
-        ax.errorbar([r.budget for r in budgeted], [r.values["icl_composite"] for r in budgeted],
-                    yerr=[r.values.get("icl_se") or 0.0 for r in budgeted], marker="o", capsize=3,
-                    color=COLORS["budgeted-lora"], label="budgeted-lora")
+    for name in dict.fromkeys(r.method for r in budgeted):  # one line per method that takes a budget
+        line = [r for r in budgeted if r.method == name]
+        ax.errorbar([r.budget for r in line], [r.values["icl_composite"] for r in line],
+                    yerr=[r.values.get("icl_se") or 0.0 for r in line], marker="o", capsize=3,
+                    color=_color(name), label=_method_label(name))
     for row in rows:
         if row.budget is None and row.values.get("icl_composite") is not None:
-            ax.axhline(row.values["icl_composite"], color=COLORS.get(row.method, "tab:green"), linestyle="--",
-                       linewidth=1, label=row.method)
+            ax.axhline(row.values["icl_composite"], color=_color(row.method), linestyle="--",
+                       linewidth=1, label=_method_label(row.method))
     ax.set_xlabel("dense budget F")
     ax.set_ylabel("ICL composite (exact match, ± se)")
     ax.set_xlim(-0.05, 1.05)
@@ -187,7 +201,7 @@ def learning_curves_figure(rows: list[Row]):
         if not points:
             continue
         k = seen[row.method] = seen.get(row.method, -1) + 1
-        color = COLORS.get(row.method, "tab:green")
+        color = _color(row.method)
         ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=MARKERS[k % len(MARKERS)],
                 markersize=4, label=_run_label(row))
         banded = [p for p in points if p[3] is not None and p[2] is not None]

@@ -26,6 +26,7 @@ import pyarrow as pa
 from bltool.artifacts import MANIFEST, STAGE_DIRS, Stage, read_manifest
 from bltool.errors import UsageError
 from bltool.eval.probes import composite_se, standard_error
+from bltool.train import methods
 
 EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
@@ -211,7 +212,8 @@ def _distill_row(d: Artifact, c: Artifact | None, evaluations: dict[str, dict[st
         summary = c.manifest["compressed"].get("summary", {})
         row.values.update(mac_speedup=summary.get("mac_speedup"), param_reduction=summary.get("param_reduction"),
                           kept=summary.get("kept"), svd=summary.get("svd"), dropped=summary.get("dropped"))
-        if row.method == "kd-full" and row.values["mac_speedup"] is None:  # passed through: dense by design
+        method = methods.find(row.method)
+        if method and method.compress == methods.COPY and row.values["mac_speedup"] is None:  # dense by design
             row.values.update(mac_speedup=1.0, param_reduction=0.0)
         row.path = str(c.path)
         # measurements of the compressed form first; the distilled form's fill what is left

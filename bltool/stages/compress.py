@@ -31,8 +31,14 @@ from bltool.adapt.compression import (
 from bltool.artifacts import Stage, artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.loading import count_parameters, load_model, load_tokenizer, model_inputs, resolve_model
+from bltool.train import methods
 
-METHODS = ("kd-full", "kd-lora", "budgeted-lora")
+# What each compress action of a method (bltool.train.methods) does to the loaded model: its records.
+ACTIONS = {
+    methods.COPY: lambda model, policy: [],
+    methods.MERGE: lambda model, policy: merge_model(model),
+    methods.BY_RHO: compress_model,
+}
 
 
 @dataclass(frozen=True)
@@ -56,15 +62,22 @@ class CompressConfig:
                                  tau_svd=self.tau_svd, k_max=self.k_max, dense_fallback=self.dense_fallback)
 
 
-def distill_method(manifest: dict, path: Path) -> str:
+def distill_method(manifest: dict, path: Path) -> methods.Method:
     """The training method, from the manifest's config, checked against its adapters section."""
     adapters = manifest.get("adapters")
-    inferred = "kd-full" if not adapters else ("budgeted-lora" if adapters.get("gated") else "kd-lora")
-    method = (manifest.get("config") or {}).get("method") or inferred
-    if method not in METHODS:
-        raise ArtifactError(f"MODEL: {path} was distilled with unknown method {method!r}")
-    if method != inferred:
-        raise ArtifactError(f"MODEL: {path}'s manifest says method {method!r} but its adapters say {inferred!r}")
+    fitting = methods.from_adapters(adapters)
+    name = (manifest.get("config") or {}).get("method") or None
+    if name is None and len(fitting) == 1:
+        return fitting[0]
+    if name is None:
+        raise ArtifactError(f"MODEL: {path}'s manifest names no method, and its adapters fit "
+                            f"{' and '.join(m.name for m in fitting) or 'none'}")
+    method = methods.find(name)
+    if method is None:
+        raise ArtifactError(f"MODEL: {path} was distilled with unknown method {name!r}")
+    if method not in fitting:
+        said = " or ".join(m.name for m in fitting) or "no method"
+        raise ArtifactError(f"MODEL: {path}'s manifest says method {name!r} but its adapters say {said!r}")
     return method
 
 
@@ -81,16 +94,12 @@ def run(config: CompressConfig) -> Path:
     model = load_model(ref, flag="MODEL")
     tokenizer = load_tokenizer(ref, flag="MODEL")
 
-    if method == "budgeted-lora":
-        records = compress_model(model, policy)
-    elif method == "kd-lora":
-        records = merge_model(model)
-    else:
-        records = []
-    speedup = compressed_section(method, policy, records, densified=False)["summary"]["mac_speedup"]
+    records = ACTIONS[method.compress](model, policy)
+    speedup = compressed_section(method.name, policy, records, densified=False)["summary"]["mac_speedup"]
     if config.densify:
         records = densify_model(model, records)
-    section = compressed_section(method, policy if method == "budgeted-lora" else None, records, config.densify)
+    section = compressed_section(method.name, policy if method.compress == methods.BY_RHO else None, records,
+                                 config.densify)
     summary = section["summary"]
     parameters = {"model": count_parameters(model),
                   "dense_model": count_parameters(model) - summary["params"] + summary["dense_params"],
@@ -108,11 +117,8 @@ def run(config: CompressConfig) -> Path:
             parameters=parameters,
         )
     print_summary(config.model, section, parameters)
-    if method == "kd-full":
-        ui.info("kd-full: a dense student; nothing to compress, passed through unchanged")
-    elif method == "kd-lora":
-        ui.info("kd-lora: LoRA merged into the dense weights; this saves nothing (1.00× MACs): plain LoRA is "
-                "never cheaper than its base")
+    if method.compress_note:
+        ui.info(f"{method.name}: {method.compress_note}")
     if config.densify and speedup and speedup > 1.0:
         ui.warn(f"--densify: every module multiplied out into a dense linear; this gives up the {speedup:.2f}× "
                 "MAC speedup of the low-rank forms (the weights still compute the compressed function)")

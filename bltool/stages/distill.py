@@ -58,16 +58,21 @@ from bltool.models.loading import (
     resolve_model,
     tokenizer_identity,
 )
-from bltool.train import distributed, trainstate
+from bltool.train import distributed, methods, trainstate
 from bltool.train.accounting import ComputeMeter
-from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices, positions_to_indices
+from bltool.train.batches import (
+    PackedSequences,
+    Prefetcher,
+    collate,
+    global_batch_size,
+    micro_batch_indices,
+    positions_to_indices,
+)
 from bltool.train.budget import BudgetConfig, BudgetController
 from bltool.train.losses import check_kd_args, chunk_positions, kd_loss, kd_loss_sampled, kd_loss_topk
 from bltool.train.signals import StopSignals
 from bltool.train.teacher_cache import TeacherCache
 
-METHODS = ("kd-full", "kd-lora", "budgeted-lora")
-DEFAULT_LR = {"kd-full": 1e-4, "kd-lora": 3e-4, "budgeted-lora": 3e-4}
 # Fields that may differ between a run and its resumption (they do not change what is computed).
 RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "device", "compile", "eval_every",
                "eval_tokens", "activation_checkpointing")
@@ -83,12 +88,12 @@ class DistillConfig:
     data: str  # a prepare-data output directory
     out: str  # output directory
     teacher: str | None = None  # teacher model; may be omitted with --teacher-logits
-    method: str = "budgeted-lora"  # kd-full | kd-lora | budgeted-lora
-    budget: float | None = None  # --budget F (budgeted-lora only): final fraction of dense cost kept
+    method: str = methods.DEFAULT  # a bltool.train.methods name
+    budget: float | None = None  # --budget F (methods that take it): final fraction of dense cost kept
     tokens: int = 2_000_000  # token budget (global, all ranks); steps = tokens // tokens per step
     batch_size: int = 8  # sequences per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # peak learning rate (default 3e-4 for LoRA methods, 1e-4 for kd-full)
+    lr: float | None = None  # peak learning rate (default: the method's)
     temperature: float = 3.0  # KD temperature T
     kd_weight: float = 0.8  # α_kd: weight of the KL term (1 − α_kd on cross-entropy)
     rank: int = 128  # LoRA rank r
@@ -117,15 +122,15 @@ class DistillConfig:
     overwrite: bool = False  # replace an existing --out and checkpoint
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.method == "budgeted-lora":
+        method = methods.get(self.method, "--method")
+        if method.takes_budget:
             if self.budget is None:
-                raise UsageError("--budget is required with --method budgeted-lora (e.g. --budget 0.4)")
+                raise UsageError(f"--budget is required with --method {method.name} (e.g. --budget 0.4)")
             BudgetConfig(self.budget, self.decay_start, self.decay_end, self.rho_ema, self.tau_drop)
         elif self.budget is not None:
-            raise UsageError(f"--budget applies to --method budgeted-lora only, not {self.method}")
-        if self.method != "kd-full":
+            takers = " or ".join(m.name for m in methods.budgeted())
+            raise UsageError(f"--budget applies to --method {takers} only, not {self.method}")
+        if method.lora:
             LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
         check_kd_args(self.temperature, self.kd_weight, self.chunk)
         check_dtype(self.dtype)
@@ -150,7 +155,7 @@ class DistillConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else methods.get(self.method).default_lr
 
     @property
     def checkpoint_path(self) -> Path:
@@ -165,7 +170,7 @@ class DistillConfig:
 
     def lora_spec(self) -> LoRASpec:
         return LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules),
-                        gated=self.method == "budgeted-lora")
+                        gated=methods.get(self.method).gated)
 
 
 class Objective(torch.nn.Module):
@@ -276,10 +281,10 @@ may be over an input, and --overwrite deletes only an earlier run's checkpoint."
         check_replaceable(ckpt, Stage.DISTILL_CHECKPOINT, "--checkpoint-dir")
 
 
-def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -> tuple[int, int]:
+def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs, global_batch: int) -> tuple[int, int]:
     """(optimizer steps, warm-up steps) for the token budget; a teacher-logits cache must cover them."""
     seq_len = inputs.data.seq_len
-    per_step = world.size * config.batch_size * config.grad_accum * seq_len
+    per_step = global_batch * seq_len
     steps = config.tokens // per_step
     if steps < 1:
         raise UsageError(
@@ -287,7 +292,7 @@ def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -
             f"({world.size} process(es) × --batch-size {config.batch_size} × --grad-accum {config.grad_accum} "
             f"× sequence length {seq_len})")
     if inputs.cache is not None:
-        needed = min(steps * world.size * config.batch_size * config.grad_accum, len(inputs.train))
+        needed = min(steps * global_batch, len(inputs.train))
         missing = [int(i) for i in positions_to_indices(0, needed, len(inputs.train), config.seed)
                    if int(i) not in inputs.cache]
         if missing:
@@ -296,14 +301,15 @@ def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs) -
     return steps, min(round(config.warmup * steps), config.warmup_cap)
 
 
-def _load_teacher(run) -> torch.nn.Module | None:
+def _load_teacher(config: DistillConfig, world: distributed.World, inputs: Inputs) -> torch.nn.Module | None:
     """The live teacher, frozen, in --dtype (auto: bf16 on CUDA); None when the run reads --teacher-logits."""
-    if run.inputs.cache is not None:
+    if inputs.cache is not None:
         return None
-    teacher = load_model(run.inputs.teacher_ref, dtype=run.frozen_dtype, device=run.world.device, flag="--teacher")
+    teacher = load_model(inputs.teacher_ref, dtype=resolve_dtype(config.dtype, world.device), device=world.device,
+                         flag="--teacher")
     teacher.requires_grad_(False).eval()
     use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.adapt.kernels)
-    if run.config.compile:  # the live teacher's forward is most of a step: compile its layers too
+    if config.compile:  # the live teacher's forward is most of a step: compile its layers too
         compile_layers(teacher)
     return teacher
 
@@ -313,13 +319,16 @@ def _load_teacher(run) -> torch.nn.Module | None:
 # optimizer step, `save_checkpoint` / `save` write it.
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """What stays fixed while a run trains: its settings, processes, inputs, schedule and teacher."""
+    """What stays fixed while a run trains: its settings, processes, inputs, schedule and teacher (`prepare`
+    builds it whole)."""
 
     config: DistillConfig
     world: distributed.World
     inputs: Inputs
+    method: methods.Method  # config.method's registry entry
+    global_batch: int  # sequences per optimizer step, over every process and micro-batch
     steps: int  # optimizer steps of the whole run
     warmup: int  # warm-up steps of the cosine schedule
     teacher: torch.nn.Module | None  # the live teacher; None when reading --teacher-logits
@@ -358,7 +367,7 @@ class TrainState:
     seconds: float = 0.0  # training wall time so far, over every resumption
     stop_requested: bool = False  # a stop signal reached some rank during the last step (all ranks agree)
     lr_history: list[dict] = field(default_factory=list)  # [{"step": s, "lr": peak}]: peak lr from step s + 1
-    prefetch: Prefetcher | None = None  # builds the coming micro-batches in the background (`_run`)
+    prefetch: Prefetcher | None = None  # builds the coming micro-batches in the background (`setup`)
 
 
 def run(config: DistillConfig) -> Path | None:
@@ -398,9 +407,9 @@ def _train(run: Run, state: TrainState, stop: StopSignals) -> None:
     raises Interrupted."""
     config, world = run.config, run.world
     with _progress(world) as progress:
-        sequences = world.size * config.batch_size * config.grad_accum
-        ui.info(f"distill {config.method}: {run.steps} steps × {sequences} sequences of {run.inputs.data.seq_len} "
-                f"on {world.size} × {world.device}, lr {config.learning_rate:g}, warm-up {run.warmup}"
+        ui.info(f"distill {config.method}: {run.steps} steps × {run.global_batch} sequences of "
+                f"{run.inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
+                f"warm-up {run.warmup}"
                 + (f", budget {config.budget}" if state.controller else ""))
         task = progress.add_task(Stage.DISTILL, total=run.steps, completed=state.step, loss=float("nan"), dense=1.0,
                                  rate=0.0)
@@ -427,41 +436,41 @@ def prepare(config: DistillConfig, world: distributed.World) -> tuple[Run, Train
     the coming batches (close `state.prefetch` when done). `run` calls it; so can a benchmark or a
     notebook that then calls `train_step` itself."""
     inputs = _open_inputs(config)
-    run_ = Run(config, world, inputs, *_schedule(config, world, inputs), teacher=None)
+    global_batch = global_batch_size(world.size, config.batch_size, config.grad_accum)
+    steps, warmup = _schedule(config, world, inputs, global_batch)
     torch.manual_seed(config.seed)
-    run_.teacher = _load_teacher(run_)
-    state = setup(run_)
-    state.prefetch = _prefetcher(run_, state.step)
-    return run_, state
+    teacher = _load_teacher(config, world, inputs)
+    run_ = Run(config, world, inputs, methods.get(config.method), global_batch, steps, warmup, teacher)
+    return run_, setup(run_)
 
 
 def setup(run: Run) -> TrainState:
-    """Load the student, make it trainable the method's way, build optimizer, schedule and controller, and
-    restore a checkpoint with --resume."""
-    config, world = run.config, run.world
-    # kd-full trains every weight, in float32; the LoRA methods keep the frozen base in --dtype (bf16 on CUDA)
-    dtype = torch.float32 if config.method == "kd-full" else run.frozen_dtype
+    """Load the student, make it trainable the method's way, build optimizer, schedule and controller,
+    restore a checkpoint with --resume, and start the background loader of the coming batches."""
+    config, world, method = run.config, run.world, run.method
+    # a full fine-tune trains every weight, in float32; LoRA keeps the frozen base in --dtype (bf16 on CUDA)
+    dtype = run.frozen_dtype if method.lora else torch.float32
     student = load_model(run.inputs.student_ref, dtype=dtype, device=world.device, flag="--student")
     if run.teacher is not None:
         vocab, teacher_config = run.teacher.config.vocab_size, run.teacher.config
     else:
         vocab, teacher_config = int(run.inputs.cache.manifest["teacher"]["vocab_size"]), None
     _check_models(student, teacher_config, vocab)
-    if config.method == "kd-full":  # every weight trains; the targeted linears are only counted
-        student.requires_grad_(True)
-        linears = target_linears(student, config.target_modules)
-        adapted, costs, lora_macs = [], [m.in_features * m.out_features for _, m in linears], 0
-    else:
+    if method.lora:
         adapted = inject_lora(student, config.lora_spec())
         costs = [m.dense_macs for _, m in adapted]
         lora_macs = sum(m.lora_macs for _, m in adapted)
+    else:  # every weight trains; the targeted linears are only counted
+        student.requires_grad_(True)
+        linears = target_linears(student, config.target_modules)
+        adapted, costs, lora_macs = [], [m.in_features * m.out_features for _, m in linears], 0
     # Dropout from here on: every rank draws its own masks (the LoRA initialisation above is the same on
     # every rank, as the seed is); a pure function of --seed and the rank, so a run is reproducible.
     torch.manual_seed(int(np.random.SeedSequence([config.seed, world.rank]).generate_state(1)[0]))
     student.to(world.device).train()
     controller = None
-    if config.method == "budgeted-lora":
-        controller = BudgetController(costs, config.budget_config(), run.steps)
+    if method.controller is not None:
+        controller = method.controller(costs, config.budget_config(), run.steps)
         if warning := config.budget_config().short_run_warning(run.steps):
             ui.warn(warning)
 
@@ -470,21 +479,20 @@ def setup(run: Run) -> TrainState:
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup, run.steps)
-    state = TrainState(student, student, params, optimizer, scheduler, controller, adapted, costs,
-                       ComputeMeter(config.method, costs, lora_macs),
-                       lr_history=[{"step": 0, "lr": config.learning_rate}])
+    meter = ComputeMeter(method.compute, costs, lora_macs)
+    progress = {"step": 0, "log": [], "seconds": 0.0, "lr_history": [{"step": 0, "lr": config.learning_rate}]}
     if config.resume:
-        _resume(run, state)
+        progress = _resume(run, student, optimizer, scheduler, meter, controller, adapted)
     if config.activation_checkpointing:
         checkpoint_layers(student)
     if config.compile:
         compile_layers(student)
-    state.model = Objective(student, config)
+    model = Objective(student, config)
     if world.distributed:
-        state.model = torch.nn.parallel.DistributedDataParallel(
-            state.model, device_ids=[world.device] if world.device.startswith("cuda") else None,
-            broadcast_buffers=False)
-    return state
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[world.device] if world.device.startswith("cuda") else None, broadcast_buffers=False)
+    return TrainState(student, model, params, optimizer, scheduler, controller, adapted, costs, meter, **progress,
+                      prefetch=_prefetcher(run, progress["step"]))
 
 
 def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> dict | None:
@@ -586,8 +594,8 @@ def evaluate_heldout(run: Run, state: TrainState) -> dict:
 def _step_tokens(run: Run, step: int) -> tuple[int, int]:
     """(tokens, predicted tokens) of optimizer step `step` over every rank and micro-batch, from the row
     lengths (the data order is a pure function of the step: no collective needed)."""
-    config, world, train = run.config, run.world, run.inputs.train
-    per_step = world.size * config.batch_size * config.grad_accum
+    config, train = run.config, run.inputs.train
+    per_step = run.global_batch
     lengths = [train.length(int(i)) for i in positions_to_indices(step * per_step, per_step, len(train), config.seed)]
     return sum(lengths), sum(length - 1 for length in lengths)
 
@@ -635,12 +643,12 @@ def _advance_budget(state: TrainState) -> tuple[float, float, int]:
     if state.controller is None:
         return 1.0, 1.0, 0
     ctl = state.controller.step()
-    _set_rho(state)
+    _set_rho(state.adapted, state.controller)
     return ctl["target_fraction"], ctl["actual_fraction"], ctl["modules_dropped"]
 
 
-def _set_rho(state: TrainState) -> None:
-    for (_, module), value in zip(state.adapted, state.controller.rho):
+def _set_rho(adapted: list[tuple[str, GatedLoRALinear]], controller: BudgetController) -> None:
+    for (_, module), value in zip(adapted, controller.rho):
         module.set_rho(value)
 
 
@@ -662,7 +670,11 @@ def _gather_rng(world: distributed.World) -> list[dict[str, torch.Tensor]]:
     return [{key: gathered[key][r] for key in gathered} for r in range(world.size)]
 
 
-def _resume(run: Run, state: TrainState) -> None:
+def _resume(run: Run, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, meter: ComputeMeter, controller: BudgetController | None,
+            adapted: list[tuple[str, GatedLoRALinear]]) -> dict:
+    """Restore the checkpoint in --checkpoint-dir into the freshly built run's objects; its progress (step,
+    log, seconds, lr_history: the rest of a TrainState)."""
     ckpt, record, world = run.config.checkpoint_path, run.config.record(), run.world
     saved_state, trainable, optim, rng = trainstate.load(ckpt)
     saved = read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")["config"]
@@ -677,39 +689,40 @@ def _resume(run: Run, state: TrainState) -> None:
             f"has {world.size}; the global batch, the step count, the learning-rate schedule, the budget "
             f"controller and the data order all follow from it: resume with {saved_state['world_size']} "
             "process(es)")
-    trainstate.restore(state.student, state.optimizer, trainable, optim, saved_state["param_groups"])
-    state.scheduler.load_state_dict(saved_state["scheduler"])
-    saved_lr = saved["lr"] if saved.get("lr") is not None else DEFAULT_LR[saved["method"]]
-    state.lr_history = list(saved_state.get("lr_history") or [{"step": 0, "lr": saved_lr}])
+    trainstate.restore(student, optimizer, trainable, optim, saved_state["param_groups"])
+    scheduler.load_state_dict(saved_state["scheduler"])
+    step = int(saved_state["step"])
+    # the method is not RESUME_FREE: the checkpoint's is this run's
+    saved_lr = saved["lr"] if saved.get("lr") is not None else run.method.default_lr
+    lr_history = list(saved_state.get("lr_history") or [{"step": 0, "lr": saved_lr}])
     if run.config.learning_rate != saved_lr:
-        _set_peak_lr(state, run.config.learning_rate)
-        step = int(saved_state["step"])  # a second change at the same step replaces the first
-        state.lr_history = [h for h in state.lr_history if h["step"] < step] + [
-            {"step": step, "lr": run.config.learning_rate}]
+        _set_peak_lr(optimizer, scheduler, run.config.learning_rate)
+        # a second change at the same step replaces the first
+        lr_history = [h for h in lr_history if h["step"] < step] + [{"step": step, "lr": run.config.learning_rate}]
         ui.info(f"--lr {run.config.learning_rate:g} (was {saved_lr:g}) from step {step + 1} on")
-    state.meter.load_state_dict(saved_state["meter"])
-    if state.controller is not None:
-        state.controller.load_state_dict(saved_state["controller"])
-        _set_rho(state)
+    meter.load_state_dict(saved_state["meter"])
+    if controller is not None:
+        controller.load_state_dict(saved_state["controller"])
+        _set_rho(adapted, controller)
     trainstate.set_local_rng_state({k.split(".", 1)[1]: v for k, v in rng.items()
                                     if k.startswith(f"rank{world.rank}.")})
-    state.step, state.log = int(saved_state["step"]), list(saved_state["log"])
-    state.seconds = float(saved_state.get("seconds", 0.0))
-    if state.step >= run.steps:
+    if step >= run.steps:
         ui.info(f"the run in {ckpt} finished its {run.steps} steps; writing its output")
     else:
-        ui.info(f"resuming at step {state.step} of {run.steps} from {ckpt}")
+        ui.info(f"resuming at step {step} of {run.steps} from {ckpt}")
+    return {"step": step, "log": list(saved_state["log"]), "seconds": float(saved_state.get("seconds", 0.0)),
+            "lr_history": lr_history}
 
 
-def _set_peak_lr(state: TrainState, lr: float) -> None:
+def _set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 lr: float) -> None:
     """Rescale the restored schedule to the peak `lr`: the same warm-up and cosine factor at the same step,
     in the scheduler (which sets every later step's lr) and in the optimizer (which the next step uses)."""
-    scheduler = state.scheduler
     scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
-    for group, factor in zip(state.optimizer.param_groups, scheduler.lr_lambdas):
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = lr
         group["lr"] = lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _progress(world: distributed.World):
@@ -775,7 +788,7 @@ def save(run: Run, state: TrainState) -> None:
             budget=asdict(config.budget_config()) if controller else None,
             schedule={"steps": run.steps, "warmup_steps": run.warmup, "lr": config.learning_rate,
                       "lr_history": state.lr_history,
-                      "scheduler": "cosine", "sequences_per_step": world.size * config.batch_size * config.grad_accum,
+                      "scheduler": "cosine", "sequences_per_step": run.global_batch,
                       "seq_len": inputs.data.seq_len, "world_size": world.size},
             training={"tokens_seen": meter.tokens, "steps": run.steps, "seconds": round(seconds, 3),
                       "tokens_per_s": round(meter.tokens / seconds, 1) if seconds > 0 else None,

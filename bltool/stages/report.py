@@ -50,6 +50,7 @@ from bltool.results.runs import (
     find_artifacts,
     rows_table,
 )
+from bltool.train import methods
 
 START, END = "<!-- bltool-report:start -->", "<!-- bltool-report:end -->"
 NOISE_Z = 2.0  # a difference is "higher" / "lower" (above / below) beyond this many paired standard errors
@@ -193,12 +194,13 @@ def paired_ppl(row: Row, base: Row) -> stats.Paired | str:
     return paired
 
 
-def ppl_evidence(row: Row, base: Row, name: str = "kd-lora") -> tuple[stats.Paired | None, str]:
+def ppl_evidence(row: Row, base: Row) -> tuple[stats.Paired | None, str]:
     """The ratio of `row`'s perplexity to `base`'s with its paired SE (delta method: ratio · se of the log
     ratio) and whether it stands out of the noise, as a phrase: "ratio 1.040 ± 0.012 (paired SE, 57
     documents), above kd-lora's by more than 2 paired SEs"; with the paired comparison, or with None and
     the reason there is no verdict as the phrase."""
     ratio = value(row, "perplexity") / value(base, "perplexity")
+    name = base.method
     paired = paired_ppl(row, base)
     if isinstance(paired, str):
         return None, paired
@@ -239,8 +241,9 @@ def _icl_clause(row: Row, lora: Row | None, marker: str) -> str:
         return ""
     word, evidence = icl_verdict(row, lora)
     if word == "not informative":
-        return f"; its ICL composite {_icl(row)} and kd-lora's {_icl(lora)} are not informative ({evidence}){marker}"
-    return (f"; its ICL composite {_icl(row)} is {word} kd-lora's {_icl(lora)} ({evidence}){marker}")
+        return (f"; its ICL composite {_icl(row)} and {lora.method}'s {_icl(lora)} are not informative "
+                f"({evidence}){marker}")
+    return (f"; its ICL composite {_icl(row)} is {word} {lora.method}'s {_icl(lora)} ({evidence}){marker}")
 
 
 def _icl(row: Row) -> str:
@@ -258,8 +261,9 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
     mixed = mixed or {}
     ppl_mark = f" {MIXED}" if Stage.EVAL_PPL in mixed else ""
     icl_mark = f" {MIXED}" if Stage.EVAL_ICL in mixed else ""
-    lora = next((r for r in rows if r.method == "kd-lora"), None)
-    budgeted = sorted((r for r in rows if r.method == "budgeted-lora" and r.budget is not None),
+    base_method, budgeted_methods = methods.baseline(), [m.name for m in methods.budgeted()]
+    lora = next((r for r in rows if r.method == base_method.name), None)
+    budgeted = sorted((r for r in rows if r.method in budgeted_methods and r.budget is not None),
                       key=lambda r: r.budget)
     lines = []
     base = value(lora, "perplexity")
@@ -277,7 +281,8 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
             rule = (f", {evidence}; near means at most {PPL_NEAR:.2f}× even {NOISE_Z:g} paired SEs up "
                     f"({low:.3f} to {high:.3f})")
         lines.append(
-            f"- **Moderate budget.** F = {r.budget:g} {verdict} kd-lora's perplexity: {value(r, 'perplexity'):,.1f} "
+            f"- **Moderate budget.** F = {r.budget:g} {verdict} {lora.method}'s perplexity: "
+            f"{value(r, 'perplexity'):,.1f} "
             f"against {base:,.1f}{rule}{ppl_mark}, with a "
             f"{_fmt('mac_speedup', value(r, 'mac_speedup'))} MAC "
             f"speedup of the adapted modules{_measured_clause(r)}"
@@ -289,7 +294,7 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
         cost = ""
         if base and value(low, "perplexity"):
             paired, evidence = ppl_evidence(low, lora)
-            cost = (f"; its perplexity is {value(low, 'perplexity') / base:.2f}× kd-lora's"
+            cost = (f"; its perplexity is {value(low, 'perplexity') / base:.2f}× {lora.method}'s"
                     + (f": {evidence}" if paired else f" ({evidence})") + ppl_mark)
         lines.append(
             f"- **Aggressive budget.** F = {low.budget:g} gives {_fmt('mac_speedup', value(low, 'mac_speedup'))} "
@@ -304,8 +309,9 @@ def comparison(rows: list[Row], mixed: dict | None = None) -> list[str]:
                 continue
             word, evidence = icl_verdict(r, lora)
             against = "not informative against" if word == "not informative" else word
-            parts.append(f"F = {r.budget:g}: {_icl(r)} ({against} kd-lora; {evidence})")
-        lines.append(f"- **ICL probes.** kd-lora scores {_icl(lora)}; budgeted-lora {'; '.join(parts)}{icl_mark}. "
+            parts.append(f"F = {r.budget:g}: {_icl(r)} ({against} {lora.method}; {evidence})")
+        named = " and ".join(dict.fromkeys(r.method for r in budgeted))
+        lines.append(f"- **ICL probes.** {lora.method} scores {_icl(lora)}; {named} {'; '.join(parts)}{icl_mark}. "
                      f"Higher or lower means by more than {NOISE_Z:g} paired standard errors of the difference "
                      "over the same queries. Paper: Budgeted LoRA retains more probe accuracy than KD-LoRA.")
     return lines

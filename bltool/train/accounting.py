@@ -22,22 +22,25 @@ from dataclasses import dataclass, field
 from bltool.train.budget import scheduled_mean_retention
 
 
-def proxy(method: str, dense: int, lora: int, budget: float | None = None, decay_start: float = 0.1,
-          decay_end: float = 0.3) -> float:
-    """docs/method.md §7's training-compute proxy, normalised to kd-full = 1."""
-    if method == "kd-full":
-        return 1.0
-    if method == "kd-lora":
-        return (2 * dense + 3 * lora) / (3 * dense)
-    rho_bar = scheduled_mean_retention(budget, decay_start, decay_end)
-    return (2 * dense * rho_bar + 3 * lora) / (3 * dense)
+@dataclass(frozen=True)
+class ComputeProxy:
+    """A method's training compute per token over the adapted linears (a `bltool.train.methods` entry's)."""
+
+    dense_passes: int  # 3 when the dense weights train (forward, activation and weight backward), else 2
+    scheduled: bool  # the dense cost follows the budget schedule's mean retention ρ̄ (else ρ = 1)
+
+    def proxy(self, dense: int, lora: int, budget: float | None = None, decay_start: float = 0.1,
+              decay_end: float = 0.3) -> float:
+        """docs/method.md §7's training-compute proxy, normalised to kd-full = 1."""
+        rho_bar = scheduled_mean_retention(budget, decay_start, decay_end) if self.scheduled else 1
+        return (self.dense_passes * dense * rho_bar + 3 * lora) / (3 * dense)
 
 
 @dataclass
 class ComputeMeter:
     """Accumulates, per step, the tokens processed and the dense MACs the adapted modules executed."""
 
-    method: str
+    rule: ComputeProxy  # the method's
     costs: list[int]  # c_m per adapted module (dense MACs per token)
     lora: int  # L: LoRA MACs per token at full rank, summed over modules (0 for kd-full)
     tokens: int = 0
@@ -57,12 +60,11 @@ class ComputeMeter:
 
     def summary(self, budget: float | None = None, decay_start: float = 0.1, decay_end: float = 0.3) -> dict:
         dense, lora = self.dense, self.lora
-        dense_passes = 3 if self.method == "kd-full" else 2  # + weight backward when the dense weights train
-        executed = dense_passes * self.dense_forward_macs
+        executed = self.rule.dense_passes * self.dense_forward_macs
         lora_total = 3 * lora * self.tokens
         full = 3 * dense * self.tokens
         return {
-            "proxy": proxy(self.method, dense, lora, budget, decay_start, decay_end),
+            "proxy": self.rule.proxy(dense, lora, budget, decay_start, decay_end),
             "realised": (executed + lora_total) / full if full else None,
             "dense_fraction_executed": self.dense_forward_macs / (dense * self.tokens) if self.tokens else None,
             "dense_macs_executed": executed,

@@ -79,6 +79,11 @@ def positions_to_indices(start: int, count: int, n: int, seed: int) -> np.ndarra
     return out
 
 
+def global_batch_size(world: int, batch_size: int, accumulation: int) -> int:
+    """Sequences per optimizer step: `batch_size` per micro-batch, `accumulation` micro-batches, `world` ranks."""
+    return world * accumulation * batch_size
+
+
 def micro_batch_indices(step: int, micro: int, rank: int, world: int, batch_size: int, accumulation: int,
                         n: int, seed: int) -> np.ndarray:
     """The sequences that `rank` reads for micro-batch `micro` of optimizer step `step` (0-based).
@@ -87,8 +92,7 @@ def micro_batch_indices(step: int, micro: int, rank: int, world: int, batch_size
     the slice starting at (j · world + r) · batch_size, so one process with accumulation A·W reads
     exactly the sequences that W processes with accumulation A read together.
     """
-    global_batch = world * accumulation * batch_size
-    start = step * global_batch + (micro * world + rank) * batch_size
+    start = step * global_batch_size(world, batch_size, accumulation) + (micro * world + rank) * batch_size
     return positions_to_indices(start, batch_size, n, seed)
 
 

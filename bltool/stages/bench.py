@@ -22,7 +22,7 @@ interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine'
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import nn
 from bltool import ui
 from bltool.adapt.compression import layer_macs, layer_weight_bytes
 from bltool.adapt.lora import GatedLoRALinear
-from bltool.adapt.lowrank import KERNELS, LowRankLinear, set_kernel
+from bltool.adapt.lowrank import LowRankLinear, set_kernel
 from bltool.adapt.lowrank_models import family_of
 from bltool.artifacts import (
     MANIFEST,
@@ -44,51 +44,15 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.configs import BenchConfig
 from bltool.errors import ArtifactError, UsageError
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str  # the model to measure: a compressed (or distilled) student
-    baseline: str | None  # the dense model it replaces, e.g. the student before distillation (required)
-    out: str | None = None  # output directory (default: MODEL's parent/bench/<model name>)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    threads: int | None = None  # torch CPU threads (default: torch's choice)
-    kernel: str = "auto"  # low-rank kernel: auto | linear | mm | compile
-    prefill_tokens: int = 2048  # tokens of the prefill shape (batch 1)
-    decode_batches: tuple[int, ...] = (1, 8, 32)  # batch sizes of the decode shapes (one token each)
-    decode_context: int = 128  # prompt tokens in the KV cache before the timed decode steps
-    decode_steps: int = 16  # greedy decode steps per timed run
-    warmup: int = 2  # untimed calls before timing
-    repeats: int = 10  # timed calls; the median is reported
-    modules: bool = True  # --modules/--no-modules: part (a)
-    end_to_end: bool = True  # --end-to-end/--no-end-to-end: part (b)
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.baseline:
-            raise UsageError("--baseline is required: the dense model MODEL replaces (e.g. the built student)")
-        check_dtype(self.dtype)
-        if self.kernel not in KERNELS:
-            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
-        for flag, value in (("--prefill-tokens", self.prefill_tokens), ("--decode-context", self.decode_context),
-                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
-        if not self.decode_batches or any(b < 1 for b in self.decode_batches):
-            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batches}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,7 +116,7 @@ def training_compute(path: Path, depth: int = 0) -> dict[str, Any] | None:
 
 
 def bench_modules(model, baseline, modules, config: BenchConfig, device: str, dtype) -> list[dict[str, Any]]:
-    shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batches]
+    shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batch]
     generator = torch.Generator().manual_seed(0)
     rows = []
     for entry in modules:
@@ -282,7 +246,7 @@ def _run(config: BenchConfig) -> Path:
             f"low-rank kernel {kernel}; load average {machine.get('load_average', 'n/a')})")
     module_rows = bench_modules(model, baseline, modules, config, device, dtype) if config.modules else []
     e2e_rows = (end_to_end({"baseline": baseline, "model": model}, prefill_tokens=config.prefill_tokens,
-                           decode_batches=config.decode_batches, decode_context=config.decode_context,
+                           decode_batches=config.decode_batch, decode_context=config.decode_context,
                            decode_steps=config.decode_steps, warmup=config.warmup, repeats=config.repeats,
                            device=device)
                 if config.end_to_end else [])
@@ -291,7 +255,7 @@ def _run(config: BenchConfig) -> Path:
         "baseline_path": str(base_ref.path), "machine": machine,
         "protocol": {"warmup": config.warmup, "repeats": config.repeats, "statistic": "median",
                      "interleaved": True, "timer": "cuda events" if device.startswith("cuda") else "perf_counter",
-                     "prefill_tokens": config.prefill_tokens, "decode_batches": list(config.decode_batches),
+                     "prefill_tokens": config.prefill_tokens, "decode_batches": list(config.decode_batch),
                      "decode_context": config.decode_context, "decode_steps": config.decode_steps},
         "modules": summarize_modules(module_rows) if module_rows else [],
         "end_to_end": summarize_end_to_end(e2e_rows) if e2e_rows else [],

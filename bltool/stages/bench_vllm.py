@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,63 +28,14 @@ import torch
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_json, write_manifest
+from bltool.configs import BenchConfig
 from bltool.errors import UsageError
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import load_model, model_content_hash, model_inputs, refuse_adapted, resolve_model
 from bltool.serve.end_to_end import end_to_end
 from bltool.serve.timing import machine_info, measure
 
 ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS")
-
-
-@dataclass(frozen=True)
-class BenchVllmConfig:
-    model: str  # the compressed student
-    baseline: str | None  # the dense student it replaces (required)
-    out: str | None = None  # default: MODEL's parent/bench/<model name>-vllm
-    device: str = "auto"  # auto | cpu | cuda: which vLLM build is expected (the installed one decides)
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    prefill_tokens: int = 2048
-    decode_batches: tuple[int, ...] = (1, 8, 32)
-    decode_context: int = 128
-    decode_steps: int = 16
-    requests: int = 0  # saturated run (0: 4 × concurrency)
-    concurrency: int = 8  # sequences running at once in the saturated run (vLLM's max_num_seqs)
-    prompt_len: int = 256
-    output_len: int = 64
-    warmup: int = 2
-    repeats: int = 10
-    transformers: bool = True  # also time prefill and decode with transformers, for the ratios
-    eager: bool = False  # vLLM's enforce_eager (default: its compiled graph, as `vllm serve` runs)
-    kv_cache_gib: float = 2.0  # CPU: KV cache per engine (VLLM_CPU_KVCACHE_SPACE unless set)
-    overwrite: bool = False
-
-    def __post_init__(self):
-        if not self.baseline:
-            raise UsageError("--baseline is required: the dense model MODEL replaces (e.g. the built student)")
-        check_dtype(self.dtype)
-        for flag, value in (("--prefill-tokens", self.prefill_tokens), ("--decode-context", self.decode_context),
-                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats),
-                            ("--concurrency", self.concurrency), ("--prompt-len", self.prompt_len),
-                            ("--output-len", self.output_len)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.warmup < 0 or self.requests < 0:
-            raise UsageError("--warmup and --requests must be at least 0")
-        if not self.decode_batches or any(b < 1 for b in self.decode_batches):
-            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batches}")
-        if self.kv_cache_gib <= 0:
-            raise UsageError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
-
-    @property
-    def n_requests(self) -> int:
-        return self.requests or 4 * self.concurrency
-
-    @property
-    def max_model_len(self) -> int:
-        need = max(self.prefill_tokens + 1, self.decode_context + 1 + self.decode_steps,
-                   self.prompt_len + self.output_len)
-        return -(-need // 16) * 16
 
 
 def _import_vllm():
@@ -100,17 +51,17 @@ def _import_vllm():
     return LLM, SamplingParams
 
 
-def _engine(LLM, path: Path, config: BenchVllmConfig, dtype: str, device: str):
+def _engine(LLM, path: Path, config: BenchConfig, dtype: str, device: str):
     kwargs: dict[str, Any] = {}
     if device.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = 0.4  # two engines share the GPU
     return LLM(model=str(path), dtype=dtype, max_model_len=config.max_model_len,
-               max_num_seqs=max(config.concurrency, *config.decode_batches),
+               max_num_seqs=max(config.concurrency, *config.decode_batch),
                max_num_batched_tokens=max(config.prefill_tokens, config.max_model_len, 2048),
                enable_prefix_caching=False, enforce_eager=config.eager, seed=0, **kwargs)
 
 
-def bench_engines(engines: dict[str, Any], SamplingParams, vocab: int, config: BenchVllmConfig) -> list[dict]:
+def bench_engines(engines: dict[str, Any], SamplingParams, vocab: int, config: BenchConfig) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
 
     def prompts(n: int, length: int) -> list[dict]:
@@ -132,7 +83,7 @@ def bench_engines(engines: dict[str, Any], SamplingParams, vocab: int, config: B
         rows.append({"model": name, "phase": "prefill", "batch": 1, "tokens": config.prefill_tokens,
                      "seconds": prefill[name]["median_s"],
                      "tokens_per_s": config.prefill_tokens / prefill[name]["median_s"]})
-    for batch in config.decode_batches:
+    for batch in config.decode_batch:
         requests = prompts(batch, config.decode_context)
         first = timed(requests, sampling(1))
         full = timed(requests, sampling(1 + config.decode_steps))
@@ -152,11 +103,11 @@ def bench_engines(engines: dict[str, Any], SamplingParams, vocab: int, config: B
     return rows
 
 
-def bench_transformers(model_ref, base_ref, config: BenchVllmConfig, device: str, dtype) -> list[dict]:
+def bench_transformers(model_ref, base_ref, config: BenchConfig, device: str, dtype) -> list[dict]:
     """`bench`'s end-to-end prefill and decode on the same pair, for the ratios."""
     models = {"baseline": load_model(base_ref, dtype=dtype, device=device, flag="--baseline"),
               "model": load_model(model_ref, dtype=dtype, device=device, flag="MODEL")}
-    rows = end_to_end(models, prefill_tokens=config.prefill_tokens, decode_batches=config.decode_batches,
+    rows = end_to_end(models, prefill_tokens=config.prefill_tokens, decode_batches=config.decode_batch,
                       decode_context=config.decode_context, decode_steps=config.decode_steps,
                       warmup=config.warmup, repeats=config.repeats, device=device)
     del models
@@ -193,7 +144,10 @@ def summarize(vllm_rows: list[dict], hf_rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(config: BenchVllmConfig) -> Path:
+def run(config: BenchConfig) -> Path:
+    if ignored := config.transformers_only_flags:
+        ui.warn(f"{', '.join(ignored)} apply to --engine transformers only: vLLM picks its own threads "
+                "(VLLM_CPU_OMP_THREADS_BIND) and kernels, and times whole requests")
     LLM, SamplingParams = _import_vllm()
     ref = resolve_model(config.model, flag="MODEL", convert=False)  # no GGUF converted before the check
     out = Path(config.out) if config.out else ref.path.absolute().parent / "bench" / f"{ref.label}-vllm"
@@ -219,7 +173,7 @@ def run(config: BenchVllmConfig) -> Path:
     import vllm
 
     machine["vllm"] = vllm.__version__
-    hf_rows = bench_transformers(ref, base_ref, config, device, dtype) if config.transformers else []
+    hf_rows = bench_transformers(ref, base_ref, config, device, dtype) if config.end_to_end else []
     ui.info(f"starting two vLLM {vllm.__version__} engines ({dtype_name}, max_model_len {config.max_model_len})")
     engines = {"baseline": _engine(LLM, base_ref.path, config, dtype_name, device)}
     engines["model"] = _engine(LLM, ref.path, config, dtype_name, device)
@@ -237,7 +191,7 @@ def run(config: BenchVllmConfig) -> Path:
     with atomic_output(out, config.overwrite) as tmp:
         write_json(tmp / "result.json", result)
         write_manifest(
-            tmp, Stage.BENCH, config={**asdict(config), "engine": "vllm", "out": str(out)},
+            tmp, Stage.BENCH, config={**asdict(config), "out": str(out)},
             inputs=[{"role": "model", **ref.describe(), "content": model_content_hash(ref)},
                     {"role": "baseline", **base_ref.describe(), "content": model_content_hash(base_ref)}],
             machine=machine)

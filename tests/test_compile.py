@@ -12,6 +12,7 @@ from helpers import save_tiny_model, tiny_config, write_corpus
 
 from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.models.compiling import compile_layers
+from bltool.options import from_flags
 from bltool.stages import distill
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.build_student import run as build_student
@@ -107,9 +108,9 @@ def test_distill_compile_compiles_the_live_teacher_too(tmp_path, tokenizer):
                                           heldout=0.2, seq_len=32))
     student = build_student(BuildStudentConfig(teacher=str(teacher), out=str(tmp_path / "student"), layers=2))
     for compiled in (False, True):
-        config = distill.DistillConfig(student=str(student), data=str(data), out=str(tmp_path / f"o{compiled}"),
-                                       teacher=str(teacher), method="kd-lora", tokens=64, batch_size=2, rank=4,
-                                       compile=compiled)
+        config = from_flags(distill.DistillConfig, student=str(student), data=str(data),
+                            out=str(tmp_path / f"o{compiled}"), teacher=str(teacher), method="kd-lora", tokens=64,
+                            batch_size=2, rank=4, compile=compiled)
         run_, state = distill.prepare(config, distributed.setup("cpu"))
         state.prefetch.close()
         for model in (run_.teacher, state.student):

@@ -27,6 +27,7 @@ from bltool.artifacts import file_table, read_manifest, sha256_json
 from bltool.cli import app
 from bltool.errors import UsageError
 from bltool.eval.nll import hidden_states
+from bltool.options import from_flags
 from bltool.stages import distill as distill_stage
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.build_student import run as build_student
@@ -136,6 +137,24 @@ def test_kd_full_and_kd_lora(setting):
     assert not any(k.endswith("gate_logits") for k in weights)
     log = read_log(out)
     assert all(row["target_fraction"] == 1.0 and row["modules_dropped"] == 0 for row in log)
+
+
+def test_a_run_replayed_from_its_manifest_gives_the_same_weights(setting, tmp_path):
+    """`bltool distill --config runs/x/manifest.json --out runs/y` repeats the run: every setting from the
+    manifest (none left at the CLI's defaults here), only --out given anew; the weights are bit for bit equal."""
+    first = tmp_path / "x"
+    args = ["--method", "budgeted-lora", "--budget", "0.5", "--tokens", str(6 * 64), "--seed", "5",
+            "--temperature", "2.5", "--kd-weight", "0.6", "--decay-start", "0.2", "--decay-end", "0.6",
+            "--rho-ema", "0.7", "--target-modules", "q_proj,v_proj,down_proj", "--warmup", "0.2", *SMALL]
+    assert invoke(setting, first, *args).exit_code == 0
+    second = tmp_path / "y"
+    result = CliRunner().invoke(app, ["distill", "--config", str(first / "manifest.json"), "--out", str(second)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(second)
+    a, b = read_manifest(first, ("distill",))["config"], read_manifest(second, ("distill",))["config"]
+    assert a == {**b, "out": str(first)} and a["seed"] == 5 and a["target_modules"] == ["q_proj", "v_proj", "down_proj"]
+    x, y = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)  # bit for bit
 
 
 def test_resume_is_bitwise_identical(setting, monkeypatch, tmp_path):
@@ -771,9 +790,9 @@ def test_activation_checkpointing_trains_the_same_student(setting, tmp_path):
 def test_activation_checkpointing_is_applied_to_the_student_only(setting, tmp_path):
     from bltool.train import distributed
 
-    config = DistillConfig(student=str(setting["student"]), data=str(setting["data"]), out=str(tmp_path / "o"),
-                           teacher=str(setting["teacher"]), method="kd-lora", tokens=64, batch_size=2, rank=4,
-                           activation_checkpointing=True)
+    config = from_flags(DistillConfig, student=str(setting["student"]), data=str(setting["data"]),
+                        out=str(tmp_path / "o"), teacher=str(setting["teacher"]), method="kd-lora", tokens=64,
+                        batch_size=2, rank=4, activation_checkpointing=True)
     run_, state = distill_stage.prepare(config, distributed.setup("cpu"))
     state.prefetch.close()
     assert state.student.is_gradient_checkpointing

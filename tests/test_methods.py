@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 from bltool.artifacts import read_manifest
 from bltool.cli import app
 from bltool.errors import UsageError
+from bltool.options import from_flags
 from bltool.results import figures
 from bltool.results.runs import Row, build_rows, find_artifacts
 from bltool.stages import report
 from bltool.stages.build_student import BuildStudentConfig
 from bltool.stages.build_student import run as build_student
-from bltool.stages.distill import DistillConfig
+from bltool.stages.distill import DistillConfig, lora_spec
 from bltool.stages.prepare_data import PrepareDataConfig
 from bltool.stages.prepare_data import run as prepare_data
 from bltool.train import methods
@@ -120,11 +121,11 @@ def test_report_claims_compare_budgeted_runs_with_the_baseline_entry(registry, m
 def test_distill_config_reads_the_entry(registry):
     base = {"student": "s", "data": "d", "out": "o", "teacher": "t"}
     for name, method in registry.items():
-        config = DistillConfig(**base, method=name, budget=0.4 if method.takes_budget else None)
+        config = from_flags(DistillConfig, **base, method=name, budget=0.4 if method.takes_budget else None)
         assert config.learning_rate == method.default_lr
-        assert config.lora_spec().gated == method.gated
+        assert lora_spec(config).gated == method.gated
         with pytest.raises(UsageError, match="--budget"):  # required where taken, refused elsewhere
-            DistillConfig(**base, method=name, budget=None if method.takes_budget else 0.4)
+            from_flags(DistillConfig, **base, method=name, budget=None if method.takes_budget else 0.4)
 
 
 def test_an_unknown_method_is_refused_in_one_line_naming_the_registry(tmp_path):

@@ -166,14 +166,9 @@ def test_bench_serving_through_the_cli(tiny_llama, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["config"]["concurrency"] == 2
     missing = CliRunner().invoke(app, ["bench-serving", str(tiny_llama), *options])
     assert missing.exit_code == 2 and "--out" in missing.stderr
-    # the deprecated alias still measures the same thing, and says it is deprecated
-    alias = CliRunner().invoke(app, ["bench", str(tiny_llama), "--serving", *options, "--out", str(tmp_path / "a")])
-    assert alias.exit_code == 0, alias.stderr
-    assert "deprecated" in alias.stderr and "bench-serving" in alias.stderr
-    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"] == \
-        json.loads((out / "manifest.json").read_text())["config"] | {"out": str(tmp_path / "a")}
-    missing = CliRunner().invoke(app, ["bench", str(tiny_llama), "--serving", *options])
-    assert missing.exit_code == 2 and "--out is required" in missing.stderr
+    # the deprecated alias `bench --serving` is gone
+    gone = CliRunner().invoke(app, ["bench", str(tiny_llama), "--serving", *options, "--out", str(tmp_path / "a")])
+    assert gone.exit_code == 2 and "No such option: --serving" in gone.stderr
 
 
 @pytest.mark.slow  # serves the workload with continuous batching at six offered loads (~15 s)

@@ -25,7 +25,7 @@ interleaved; CUDA events on GPU. Device, dtype, threads, kernel and the machine'
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch import nn
 from bltool import ui
 from bltool.adapt.compression import layer_macs, layer_weight_bytes
 from bltool.adapt.lora import GatedLoRALinear
-from bltool.adapt.lowrank import KERNELS, LowRankLinear, set_kernel
+from bltool.adapt.lowrank import LowRankLinear, set_kernel
 from bltool.adapt.lowrank_models import family_of
 from bltool.artifacts import (
     MANIFEST,
@@ -47,8 +47,9 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.configs import BenchConfig
 from bltool.errors import ArtifactError, UsageError
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve import engines, vllm_bench
 from bltool.serve.end_to_end import end_to_end
@@ -56,56 +57,6 @@ from bltool.serve.timing import machine_info, measure
 
 SAME_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "vocab_size")
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str  # the model to measure: a compressed (or distilled) student
-    baseline: str | None = None  # the dense model it replaces, e.g. the student before distillation (required)
-    out: str | None = None  # output directory (default: MODEL's parent/bench/<model name>, `-vllm` with vLLM)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (vllm: which build is expected; the installed one decides)
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    threads: int | None = None  # torch CPU threads (default: torch's choice); transformers only
-    kernel: str = "auto"  # low-rank kernel: auto | linear | mm | compile; transformers only
-    prefill_tokens: int = 2048  # tokens of the prefill shape (batch 1)
-    decode_batch: tuple[int, ...] = (1, 8, 32)  # batch sizes of the decode shapes (one token each)
-    decode_context: int = 128  # prompt tokens in the KV cache before the timed decode steps
-    decode_steps: int = 16  # greedy decode steps per timed run
-    warmup: int = 2  # untimed calls before timing
-    repeats: int = 10  # timed calls; the median is reported
-    modules: bool = True  # --modules/--no-modules: part (a); transformers only
-    end_to_end: bool = True  # --end-to-end/--no-end-to-end: part (b) (vllm: the transformers side of the comparison)
-    engine: str = "transformers"  # transformers | vllm (`bltool.serve.engines`)
-    eager: bool = False  # vllm: enforce_eager (default: its compiled graph, as `vllm serve` runs)
-    kv_cache_gib: float = 2.0  # vllm on CPU: KV cache per engine (VLLM_CPU_KVCACHE_SPACE unless set)
-    concurrency: int = 8  # vllm: sequences running at once in the saturated run (vLLM's max_num_seqs)
-    prompt_len: int = 256  # vllm: prompt tokens per request of the saturated run
-    output_len: int = 64  # vllm: generated tokens per request of the saturated run
-    requests: int = 0  # vllm: requests of the saturated run (0: 4 × concurrency)
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.baseline:
-            raise UsageError("--baseline is required: the dense model MODEL replaces (e.g. the built student)")
-        check_dtype(self.dtype)
-        if self.kernel not in KERNELS:
-            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
-        for flag, value in (("--prefill-tokens", self.prefill_tokens), ("--decode-context", self.decode_context),
-                            ("--decode-steps", self.decode_steps), ("--repeats", self.repeats),
-                            ("--concurrency", self.concurrency), ("--prompt-len", self.prompt_len),
-                            ("--output-len", self.output_len)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
-        if self.requests < 0:
-            raise UsageError(f"--requests must be at least 0, got {self.requests}")
-        if not self.decode_batch or any(b < 1 for b in self.decode_batch):
-            raise UsageError(f"--decode-batch must list batch sizes of at least 1, got {self.decode_batch}")
-        if self.kv_cache_gib <= 0:
-            raise UsageError(f"--kv-cache-gib must be positive, got {self.kv_cache_gib}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ against the server users deploy. bltool's vLLM plugin serves compressed students
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -26,57 +26,13 @@ import transformers
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
-from bltool.errors import UsageError
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.configs import BenchServingConfig
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import checkpoint_parameters, model_content_hash, model_inputs, resolve_model
 from bltool.serve import engines
 from bltool.serve.queueing import kv_bytes_per_token, kv_shape, lifetime_memory
 from bltool.serve.serving import ServingSettings, measure
 from bltool.serve.timing import machine_info
-
-
-@dataclass(frozen=True)
-class BenchServingConfig:
-    model: str  # MODEL: checkpoint directory, .gguf or alias
-    out: str  # --out: output directory
-    chunk: int = 256  # --chunk: prefill tokens per iteration (ŝ), beside one decode token per sequence
-    concurrency: int = 8  # --concurrency: sequences the KV cache holds at their peak (the saturated batch)
-    prompt_len: int = 256  # --prompt-len: prompt tokens per request (pick the workload's mean)
-    output_len: int = 64  # --output-len: generated tokens per request (pick the workload's mean)
-    requests: int = 0  # --requests: requests in the saturated run (0: 4 × concurrency)
-    page_size: int = 0  # --page-size: KV cache page size in tokens (0: the engine's default, `Engine.page_size`)
-    repeats: int = 3  # --repeats: measurement repeats after one warm-up run
-    dtype: str = "auto"  # --dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # --device: auto | cpu | cuda | cuda:N
-    seed: int = 0  # --seed: random prompt tokens
-    engine: str = "transformers"  # --engine: transformers (continuous batching) | vllm
-    eager: bool = False  # --eager: vLLM's enforce_eager (default: its compiled graph, as `vllm serve` runs)
-    overwrite: bool = False  # --overwrite: replace an existing --out
-
-    def __post_init__(self):
-        for flag, value in (("--chunk", self.chunk), ("--concurrency", self.concurrency),
-                            ("--prompt-len", self.prompt_len), ("--output-len", self.output_len),
-                            ("--repeats", self.repeats)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if not str(self.out).strip():
-            raise UsageError("--out must name an output directory")
-        if self.requests != 0 and self.requests < 2 * self.concurrency:
-            raise UsageError(
-                f"--requests must be at least 2 × --concurrency ({2 * self.concurrency}) so the batch saturates, "
-                f"got {self.requests}"
-            )
-        check_dtype(self.dtype)
-        if self.page_size < 0:
-            raise UsageError(f"--page-size must be at least 1 (or 0 for the engine's default), got {self.page_size}")
-        if self.eager and self.engine != "vllm":
-            raise UsageError("--eager applies to --engine vllm only")
-
-    @property
-    def settings(self) -> ServingSettings:
-        return ServingSettings(chunk=self.chunk, concurrency=self.concurrency, prompt_len=self.prompt_len,
-                               output_len=self.output_len, requests=self.requests or 4 * self.concurrency,
-                               page_size=self.page_size, repeats=self.repeats, seed=self.seed)
 
 
 def run(config: BenchServingConfig) -> Path:
@@ -87,7 +43,7 @@ def run(config: BenchServingConfig) -> Path:
     engine.check_model(ref, "MODEL")
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    settings = replace(config.settings, page_size=engine.page_size(config.page_size, device))
+    settings = replace(serving_settings(config), page_size=engine.page_size(config.page_size, device))
     dtype_name = str(dtype).replace("torch.", "")
     server = engine.server(ref, settings, dtype=dtype, device=device, eager=config.eager)
     shape = kv_shape(server.config)
@@ -143,3 +99,9 @@ def run(config: BenchServingConfig) -> Path:
             f"decode sequences, KV tokens); over {b['records']} iterations the fit is off by "
             f"{b['mean_abs_rel_error']:.1%} on average (rmse {b['rmse_s'] * 1e3:.2f} ms)")
     return out
+
+
+def serving_settings(config: BenchServingConfig) -> ServingSettings:
+    return ServingSettings(chunk=config.chunk, concurrency=config.concurrency, prompt_len=config.prompt_len,
+                           output_len=config.output_len, requests=config.requests or 4 * config.concurrency,
+                           page_size=config.page_size, repeats=config.repeats, seed=config.seed)

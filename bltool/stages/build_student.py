@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bltool import ui
 from bltool.adapt.compression import as_dense
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
-from bltool.errors import UsageError
-from bltool.models.layer_selection import canonical_mode, select_layers
+from bltool.configs import BuildStudentConfig
+from bltool.models.layer_selection import select_layers
 from bltool.models.loading import (
     count_parameters,
     load_model,
@@ -34,20 +34,6 @@ from bltool.models.weights import quiet_transformers
 
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-@dataclass(frozen=True)
-class BuildStudentConfig:
-    teacher: str  # teacher model: path, .gguf or alias
-    out: str  # output directory
-    layers: int = 6  # student depth n
-    mode: str = "mixed"  # first (truncated) | middle | last | mixed
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        object.__setattr__(self, "mode", canonical_mode(self.mode))
-        if self.layers < 1:
-            raise UsageError(f"--layers must be at least 1, got {self.layers}")
 
 
 def student_config(teacher_config, indices: list[int]):

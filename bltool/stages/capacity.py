@@ -19,8 +19,7 @@ and writes the artifact.
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bltool import ui
@@ -37,76 +36,15 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.configs import CapacityConfig
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.loading import checkpoint_parameters, model_content_hash, model_inputs, resolve_model
 from bltool.results.figures import capacity_queues, capacity_validation
 from bltool.serve.plan import LOADS, ModelInfo, plan, validate
-from bltool.serve.queueing import DTYPE_BYTES, KVShape, kv_shape
+from bltool.serve.queueing import KVShape, kv_shape
 from bltool.serve.validation import validate_server
 from bltool.serve.workload import Workload, read_trace, synthetic
 from bltool.units import format_bytes
-
-
-@dataclass(frozen=True)
-class CapacityConfig:
-    models: tuple[str, ...]  # MODELS: model paths / aliases, or bench-serving output directories
-    gpu_mem: int  # --gpu-mem: accelerator memory per worker, bytes (the CLI takes 80GiB, 80GB, ...)
-    out: str | None = None  # --out (default: capacity/<workload name>)
-    mem_util: float = 0.9  # --mem-util: share of --gpu-mem the server may use (vLLM's gpu_memory_utilization)
-    activation_reserve: int = 0  # --activation-reserve: bytes kept for activations (CLI: e.g. 2GiB)
-    dtype: str = "bfloat16"  # --dtype: dtype of the KV cache and the weights
-    workload: str | None = None  # --workload: trace (CSV, JSON Lines, Arrow, Parquet), one row per request
-    prompt_column: str = "prompt_tokens"  # --prompt-column in the trace
-    output_column: str = "output_tokens"  # --output-column in the trace
-    prompt_len: str | None = None  # --prompt-len: distribution instead of a trace (N, uniform:A:B, ...)
-    output_len: str | None = None  # --output-len: distribution instead of a trace
-    samples: int = 100_000  # --samples: requests drawn from the distributions
-    seed: int = 0  # --seed: distributions and simulator arrivals
-    chunk: int = 512  # --chunk: prefill chunk ŝ (tokens per iteration)
-    rate: float | None = None  # --rate: arrival rate λ to plan for (requests/s)
-    target_util: float = 0.8  # --target-util: utilisation u each GPU is planned at
-    iteration_time: float | None = None  # --iteration-time: b̄ (s) for models without a bench-serving measurement
-    iteration_stat: str = "fit"  # --iteration-stat: fit (b(p, d, k)), median (docs/method.md §8) or mean
-    prefill_tps: float | None = None  # --prefill-tps: P for models without a measurement
-    decode_tps: float | None = None  # --decode-tps: D for models without a measurement
-    max_seqs: int | None = None  # --max-seqs: concurrent-sequence cap (default: the concurrency b̄ was measured at)
-    validate: bool = False  # --validate: simulate (and, for bench-serving inputs, serve) at several offered loads
-    validate_requests: int = 64  # --validate-requests: requests per offered load on the measured server
-    page_size: int = 16  # --page-size: KV page size memory is counted in (bench-serving inputs: theirs)
-    overwrite: bool = False  # --overwrite: replace an existing --out
-
-    def __post_init__(self):
-        if not self.models:
-            raise UsageError("give at least one MODEL")
-        if self.gpu_mem <= 0:
-            raise UsageError(f"--gpu-mem must be positive, got {self.gpu_mem}")
-        if self.activation_reserve < 0:
-            raise UsageError(f"--activation-reserve must not be negative, got {self.activation_reserve}")
-        if not 0 < self.mem_util <= 1:
-            raise UsageError(f"--mem-util must be in (0, 1], got {self.mem_util}")
-        if not 0 < self.target_util <= 1:
-            raise UsageError(f"--target-util must be in (0, 1], got {self.target_util}")
-        if self.dtype not in DTYPE_BYTES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
-        distribution = self.prompt_len is not None or self.output_len is not None
-        if self.workload is not None and distribution:
-            raise UsageError("give --workload or --prompt-len/--output-len, not both")
-        if self.workload is None and (self.prompt_len is None or self.output_len is None):
-            raise UsageError("give a --workload trace, or both --prompt-len and --output-len")
-        if self.chunk < 1:
-            raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
-        if self.iteration_stat not in ("fit", "median", "mean"):
-            raise UsageError(f"--iteration-stat must be fit, median or mean, got {self.iteration_stat!r}")
-        for flag, value in (("--rate", self.rate), ("--iteration-time", self.iteration_time),
-                            ("--prefill-tps", self.prefill_tps), ("--decode-tps", self.decode_tps)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"{flag} must be a positive number, got {value}")
-        if self.validate_requests < 8:
-            raise UsageError(f"--validate-requests must be at least 8, got {self.validate_requests}")
-        if self.page_size < 1:
-            raise UsageError(f"--page-size must be at least 1, got {self.page_size}")
-        if self.max_seqs is not None and self.max_seqs < 1:
-            raise UsageError(f"--max-seqs must be at least 1, got {self.max_seqs}")
 
 
 def load_model_info(spec: str) -> ModelInfo:

@@ -16,7 +16,7 @@ that `bench` can report training compute next to inference speed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bltool import ui
@@ -29,6 +29,7 @@ from bltool.adapt.compression import (
     save_compressed,
 )
 from bltool.artifacts import Stage, artifact_ref, atomic_output, check_output_dir, read_manifest, write_manifest
+from bltool.configs import CompressConfig
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.loading import count_parameters, load_model, load_tokenizer, model_inputs, resolve_model
 from bltool.train import methods
@@ -39,27 +40,6 @@ ACTIONS = {
     methods.MERGE: lambda model, policy: merge_model(model),
     methods.BY_RHO: compress_model,
 }
-
-
-@dataclass(frozen=True)
-class CompressConfig:
-    model: str  # a `bltool distill` output directory
-    out: str  # output directory (a Hugging Face checkpoint)
-    tau_rank: float = 0.5  # --tau-rank: keep ranks whose gate is at least this
-    tau_drop: float | None = None  # --tau-drop: ρ below this drops the dense weight (default: distill's, else 0.05)
-    tau_svd: float = 0.5  # --tau-svd: ρ at or above this keeps the module dense
-    k_max: int = 64  # --k-max: largest SVD rank
-    dense_fallback: bool = True  # --dense-fallback: multiply out low-rank forms that cost ≥ dense
-    densify: bool = False  # --densify: write every module dense (plain HF checkpoint; no speedup)
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        self.policy(0.05)  # validates the thresholds with the flags' names
-
-    def policy(self, default_tau_drop: float) -> CompressionPolicy:
-        return CompressionPolicy(tau_rank=self.tau_rank,
-                                 tau_drop=self.tau_drop if self.tau_drop is not None else default_tau_drop,
-                                 tau_svd=self.tau_svd, k_max=self.k_max, dense_fallback=self.dense_fallback)
 
 
 def distill_method(manifest: dict, path: Path) -> methods.Method:
@@ -81,6 +61,12 @@ def distill_method(manifest: dict, path: Path) -> methods.Method:
     return method
 
 
+def compression_policy(config: CompressConfig, default_tau_drop: float) -> CompressionPolicy:
+    return CompressionPolicy(tau_rank=config.tau_rank,
+                             tau_drop=config.tau_drop if config.tau_drop is not None else default_tau_drop,
+                             tau_svd=config.tau_svd, k_max=config.k_max, dense_fallback=config.dense_fallback)
+
+
 def run(config: CompressConfig) -> Path:
     out = Path(config.out)
     check_output_dir(out, config.overwrite, stage=Stage.COMPRESS, inputs=model_inputs("MODEL", config.model))
@@ -89,7 +75,7 @@ def run(config: CompressConfig) -> Path:
         raise UsageError(f"MODEL: {config.model} is not a directory; give the output of `bltool distill`")
     manifest = read_manifest(path, (Stage.DISTILL,), "MODEL")
     method = distill_method(manifest, path)
-    policy = config.policy(float((manifest.get("budget") or {}).get("tau_drop", 0.05)))
+    policy = compression_policy(config, float((manifest.get("budget") or {}).get("tau_drop", 0.05)))
     ref = resolve_model(str(path), flag="MODEL")
     model = load_model(ref, flag="MODEL")
     tokenizer = load_tokenizer(ref, flag="MODEL")

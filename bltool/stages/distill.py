@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from bltool import ui
 from bltool.adapt.adapters import adapter_section, save_adapted
 from bltool.adapt.kernels import use_onednn
-from bltool.adapt.lora import DEFAULT_TARGETS, GatedLoRALinear, LoRASpec, inject_lora, target_linears
+from bltool.adapt.lora import GatedLoRALinear, LoRASpec, inject_lora, target_linears
 from bltool.artifacts import (
     Stage,
     atomic_output,
@@ -43,11 +43,12 @@ from bltool.artifacts import (
     write_arrow,
     write_manifest,
 )
+from bltool.configs import DistillConfig
 from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.eval.nll import PieceCounter, document_separator, heldout_windows, hidden_states, token_nll
 from bltool.models.compiling import checkpoint_layers, compile_layers
-from bltool.models.devices import check_dtype, resolve_dtype
+from bltool.models.devices import resolve_dtype
 from bltool.models.loading import (
     artifact_manifest,
     count_parameters,
@@ -68,8 +69,8 @@ from bltool.train.batches import (
     micro_batch_indices,
     positions_to_indices,
 )
-from bltool.train.budget import BudgetConfig, BudgetController
-from bltool.train.losses import check_kd_args, chunk_positions, kd_loss, kd_loss_sampled, kd_loss_topk
+from bltool.train.budget import BudgetController
+from bltool.train.losses import chunk_positions, kd_loss, kd_loss_sampled, kd_loss_topk
 from bltool.train.signals import StopSignals
 from bltool.train.teacher_cache import TeacherCache
 
@@ -82,95 +83,11 @@ RESUME_FREE = ("out", "checkpoint_dir", "resume", "overwrite", "save_every", "de
 RESUME_RESCALE = ("lr",)
 
 
-@dataclass(frozen=True)
-class DistillConfig:
-    student: str  # student model (a build-student output, any checkpoint directory or alias)
-    data: str  # a prepare-data output directory
-    out: str  # output directory
-    teacher: str | None = None  # teacher model; may be omitted with --teacher-logits
-    method: str = methods.DEFAULT  # a bltool.train.methods name
-    budget: float | None = None  # --budget F (methods that take it): final fraction of dense cost kept
-    tokens: int = 2_000_000  # token budget (global, all ranks); steps = tokens // tokens per step
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # peak learning rate (default: the method's)
-    temperature: float = 3.0  # KD temperature T
-    kd_weight: float = 0.8  # α_kd: weight of the KL term (1 − α_kd on cross-entropy)
-    rank: int = 128  # LoRA rank r
-    lora_alpha: float = 256.0  # LoRA α (scaling α / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA path's input
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS  # adapted linears by attribute name
-    decay_start: float = 0.1  # s0: the budget starts to fall at this fraction of training
-    decay_end: float = 0.3  # s1: and reaches F here
-    rho_ema: float = 0.9  # β: smoothing of ρ toward its target
-    tau_drop: float = 0.05  # ρ below this is clamped to 0 (the dense matmul stops)
-    warmup: float = 0.03  # warm-up fraction of the steps ...
-    warmup_cap: int = 2000  # ... capped at this many steps
-    grad_clip: float = 1.0  # max gradient norm
-    seed: int = 0  # data order, LoRA initialisation and dropout
-    save_every: int = 200  # checkpoint every N steps (0: only when stopped)
-    checkpoint_dir: str | None = None  # default: OUT.checkpoint
-    resume: bool = False  # continue the run whose checkpoint is in --checkpoint-dir
-    teacher_logits: str | None = None  # a teacher-logits output (top-k or sampled): read it instead of the teacher
-    chunk: int = 512  # tokens (rows × positions) per LM-head chunk in the loss (bounds logits memory)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    dtype: str = "auto"  # frozen weights (teacher; the student's base for LoRA methods): auto = bf16 on CUDA
-    compile: bool = False  # torch.compile each decoder layer of the student and the live teacher (regional)
-    activation_checkpointing: bool = False  # recompute each student layer in the backward (less memory)
-    eval_every: int = 0  # score the held-out slice every N steps and at the end (0: never)
-    eval_tokens: int = 4096  # the held-out slice: the first N tokens of the held-out split
-    overwrite: bool = False  # replace an existing --out and checkpoint
-
-    def __post_init__(self):
-        method = methods.get(self.method, "--method")
-        if method.takes_budget:
-            if self.budget is None:
-                raise UsageError(f"--budget is required with --method {method.name} (e.g. --budget 0.4)")
-            BudgetConfig(self.budget, self.decay_start, self.decay_end, self.rho_ema, self.tau_drop)
-        elif self.budget is not None:
-            takers = " or ".join(m.name for m in methods.budgeted())
-            raise UsageError(f"--budget applies to --method {takers} only, not {self.method}")
-        if method.lora:
-            LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules))
-        check_kd_args(self.temperature, self.kd_weight, self.chunk)
-        check_dtype(self.dtype)
-        for flag, value in (("--tokens", self.tokens), ("--batch-size", self.batch_size),
-                            ("--grad-accum", self.grad_accum)):
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise UsageError(f"--warmup must be in [0, 1), got {self.warmup}")
-        if self.eval_every < 0:
-            raise UsageError(f"--eval-every must not be negative, got {self.eval_every}")
-        if self.eval_tokens < 2:
-            raise UsageError(f"--eval-tokens must be at least 2, got {self.eval_tokens}")
-        if self.warmup_cap < 0 or self.save_every < 0:
-            raise UsageError("--warmup-cap and --save-every must not be negative")
-        if not self.grad_clip > 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
-        if self.teacher is None and self.teacher_logits is None:
-            raise UsageError("--teacher is required (or --teacher-logits DIR made by `bltool teacher-logits`)")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else methods.get(self.method).default_lr
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(f"{self.out}.checkpoint")
-
-    def budget_config(self) -> BudgetConfig:
-        return BudgetConfig(self.budget, self.decay_start, self.decay_end, self.rho_ema, self.tau_drop)
-
-    def record(self) -> dict:
-        """The config as the manifest and the checkpoint record it (JSON types)."""
-        return {**asdict(self), "target_modules": list(self.target_modules)}
-
-    def lora_spec(self) -> LoRASpec:
-        return LoRASpec(self.rank, self.lora_alpha, self.lora_dropout, tuple(self.target_modules),
-                        gated=methods.get(self.method).gated)
+def lora_spec(config: DistillConfig) -> LoRASpec:
+    """The adapters' spec from --rank, --lora-alpha, --lora-dropout and --target-modules (gated if the method is)."""
+    lora = config.lora
+    return LoRASpec(lora.rank, lora.lora_alpha, lora.lora_dropout, tuple(lora.target_modules),
+                    gated=methods.get(config.method).gated)
 
 
 class Objective(torch.nn.Module):
@@ -182,7 +99,7 @@ class Objective(torch.nn.Module):
     def __init__(self, student, config: DistillConfig):
         super().__init__()
         self.student = student
-        self.kw = {"temperature": config.temperature, "kd_weight": config.kd_weight, "chunk": config.chunk}
+        self.kw = {"temperature": config.kd.temperature, "kd_weight": config.kd.kd_weight, "chunk": config.chunk}
 
     def forward(self, input_ids, attention_mask, normalizer, padded=True, teacher_hidden=None, teacher_head=None,
                 topk=None, sampled=None):
@@ -240,9 +157,9 @@ def _check_cache(cache: TeacherCache, data: PreparedData, config: DistillConfig)
     if made["config"]["seed"] != config.seed:
         raise UsageError(f"--teacher-logits: {cache.path} holds the data order of --seed {made['config']['seed']}; "
                          f"this run has --seed {config.seed}")
-    if abs(cache.temperature - config.temperature) > 1e-12:
+    if abs(cache.temperature - config.kd.temperature) > 1e-12:
         raise UsageError(f"--teacher-logits: {cache.path} was made at --temperature {cache.temperature}; "
-                         f"this run has --temperature {config.temperature}")
+                         f"this run has --temperature {config.kd.temperature}")
     if config.teacher is not None:
         cached = made["teacher"]["content"]
         wanted = model_content_hash(resolve_model(config.teacher, flag="--teacher"))
@@ -270,14 +187,15 @@ may be over an input, and --overwrite deletes only an earlier run's checkpoint."
     check_output_dir(Path(config.out), config.overwrite, stage=Stage.DISTILL,
                      inputs=[*inputs, ("--checkpoint-dir", ckpt)])
     check_apart(ckpt, inputs, "--checkpoint-dir")
-    if config.resume and not (ckpt / "manifest.json").is_file():
+    if config.checkpoint.resume and not (ckpt / "manifest.json").is_file():
         raise UsageError(f"--resume: no checkpoint in {ckpt} (set --checkpoint-dir to where it is)")
-    if config.resume:  # every file of it whole, before any work
+    if config.checkpoint.resume:  # every file of it whole, before any work
         read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")
-    if not config.resume and ckpt.exists() and not config.overwrite:
+    if not config.checkpoint.resume and ckpt.exists() and not config.overwrite:
         raise UsageError(f"--checkpoint-dir {ckpt} holds the checkpoint of an earlier run; pass --resume to "
                          "continue it or --overwrite to start over")
-    if not config.resume and ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):  # --overwrite deletes it
+    if not config.checkpoint.resume and ckpt.exists() and (not ckpt.is_dir() or any(ckpt.iterdir())):
+        # --overwrite deletes it
         check_replaceable(ckpt, Stage.DISTILL_CHECKPOINT, "--checkpoint-dir")
 
 
@@ -298,7 +216,7 @@ def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs, g
         if missing:
             raise UsageError(f"--teacher-logits: {inputs.cache.path} lacks {len(missing)} of the {needed} sequences "
                              "this run reads; make it with `bltool teacher-logits --tokens` at least --tokens")
-    return steps, min(round(config.warmup * steps), config.warmup_cap)
+    return steps, min(round(config.optim.warmup * steps), config.optim.warmup_cap)
 
 
 def _load_teacher(config: DistillConfig, world: distributed.World, inputs: Inputs) -> torch.nn.Module | None:
@@ -381,7 +299,7 @@ def _run(config: DistillConfig, world: distributed.World) -> Path | None:
         remove_stale_temporaries(config.checkpoint_path)
     distributed.barrier(world)
     _check_paths(config)
-    if not config.resume and config.checkpoint_path.exists() and world.main:
+    if not config.checkpoint.resume and config.checkpoint_path.exists() and world.main:
         shutil.rmtree(config.checkpoint_path)  # --overwrite: a stale checkpoint must not be resumed later
     # Signals are recorded from before the set-up, so that one arriving while the models load (or while
     # another rank is still loading) stops the run after its first step instead of killing the process.
@@ -410,12 +328,12 @@ def _train(run: Run, state: TrainState, stop: StopSignals) -> None:
         ui.info(f"distill {config.method}: {run.steps} steps × {run.global_batch} sequences of "
                 f"{run.inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
                 f"warm-up {run.warmup}"
-                + (f", budget {config.budget}" if state.controller else ""))
+                + (f", budget {config.controller.budget}" if state.controller else ""))
         task = progress.add_task(Stage.DISTILL, total=run.steps, completed=state.step, loss=float("nan"), dense=1.0,
                                  rate=0.0)
         while state.step < run.steps:
             row = train_step(run, state, stop)
-            if row is not None and config.eval_every:
+            if row is not None and config.evaluation.eval_every:
                 row.update(evaluate_heldout(run, state) if _eval_due(run, state.step) else _NO_EVAL)
             if row is not None:
                 progress.update(task, advance=1, loss=row["loss"], dense=row["actual_fraction"],
@@ -426,7 +344,8 @@ def _train(run: Run, state: TrainState, stop: StopSignals) -> None:
                 raise Interrupted(f"stopped by {stop.name or 'a signal on another rank'} {where} of {run.steps}; "
                                   f"checkpoint (after step {state.step}) in {config.checkpoint_path}; continue with "
                                   "--resume", stop.received or 15)
-            if config.save_every and state.step % config.save_every == 0 and state.step < run.steps:
+            every = config.checkpoint.save_every
+            if every and state.step % every == 0 and state.step < run.steps:
                 save_checkpoint(run, state)
 
 
@@ -457,12 +376,12 @@ def setup(run: Run) -> TrainState:
         vocab, teacher_config = int(run.inputs.cache.manifest["teacher"]["vocab_size"]), None
     _check_models(student, teacher_config, vocab)
     if method.lora:
-        adapted = inject_lora(student, config.lora_spec())
+        adapted = inject_lora(student, lora_spec(config))
         costs = [m.dense_macs for _, m in adapted]
         lora_macs = sum(m.lora_macs for _, m in adapted)
     else:  # every weight trains; the targeted linears are only counted
         student.requires_grad_(True)
-        linears = target_linears(student, config.target_modules)
+        linears = target_linears(student, config.lora.target_modules)
         adapted, costs, lora_macs = [], [m.in_features * m.out_features for _, m in linears], 0
     # Dropout from here on: every rank draws its own masks (the LoRA initialisation above is the same on
     # every rank, as the seed is); a pure function of --seed and the rank, so a run is reproducible.
@@ -481,7 +400,7 @@ def setup(run: Run) -> TrainState:
     scheduler = get_cosine_schedule_with_warmup(optimizer, run.warmup, run.steps)
     meter = ComputeMeter(method.compute, costs, lora_macs)
     progress = {"step": 0, "log": [], "seconds": 0.0, "lr_history": [{"step": 0, "lr": config.learning_rate}]}
-    if config.resume:
+    if config.checkpoint.resume:
         progress = _resume(run, student, optimizer, scheduler, meter, controller, adapted)
     if config.activation_checkpointing:
         checkpoint_layers(student)
@@ -526,7 +445,7 @@ def train_step(run: Run, state: TrainState, stop: StopSignals | None = None) -> 
             result.loss.backward()
         stats[:3] += torch.stack([result.loss.detach().float(), result.kl, result.ce])
     # the norm of the all-reduced gradient: the same on every rank, so the mean below is that norm
-    stats[3] = torch.nn.utils.clip_grad_norm_(state.params, config.grad_clip).detach().float()
+    stats[3] = torch.nn.utils.clip_grad_norm_(state.params, config.optim.grad_clip).detach().float()
     if stop is not None and stop.received is not None:
         stats[4] = 1.0
     loss, kl, ce, grad_norm, stops = (distributed.sum_tensor(world, stats) / world.size).tolist()
@@ -561,7 +480,7 @@ _NO_EVAL = {"eval_nll": None, "eval_ppl": None, "eval_nll_se": None, "eval_ppl_s
 
 
 def _eval_due(run: Run, step: int) -> bool:
-    return step % run.config.eval_every == 0 or step == run.steps
+    return step % run.config.evaluation.eval_every == 0 or step == run.steps
 
 
 def evaluate_heldout(run: Run, state: TrainState) -> dict:
@@ -572,7 +491,7 @@ def evaluate_heldout(run: Run, state: TrainState) -> dict:
     if not run.world.main:
         return dict(_NO_EVAL)
     config, data = run.config, run.inputs.data
-    windows = [ids for ids, _ in heldout_windows(data, config.eval_tokens)]
+    windows = [ids for ids, _ in heldout_windows(data, config.evaluation.eval_tokens)]
     if not windows:
         raise UsageError(f"--eval-every: {data.path} has no held-out tokens to score")
     counter = PieceCounter(document_separator(data))
@@ -752,7 +671,7 @@ def _with_float32_base(run: Run, state: TrainState) -> torch.nn.Module:
         return state.student
     model = load_model(run.inputs.student_ref, dtype=torch.float32, device="cpu", flag="--student")
     with torch.no_grad():
-        for (_, new), (_, old) in zip(inject_lora(model, run.config.lora_spec()), state.adapted):
+        for (_, new), (_, old) in zip(inject_lora(model, lora_spec(run.config)), state.adapted):
             for name in ("lora_A", "lora_B", "gate_logits"):
                 if getattr(new, name) is not None:
                     getattr(new, name).copy_(getattr(old, name))
@@ -769,7 +688,7 @@ def save(run: Run, state: TrainState) -> None:
                       "content": model_content_hash(inputs.teacher_ref)})
     student_input = {"role": "student", **inputs.student_ref.describe(),
                      "content": model_content_hash(inputs.student_ref)}
-    compute = meter.summary(config.budget, config.decay_start, config.decay_end)
+    compute = meter.summary(config.controller.budget, config.controller.decay_start, config.controller.decay_end)
     student, adapted, controller = state.student.eval(), state.adapted, state.controller
     with atomic_output(Path(config.out), config.overwrite) as tmp:
         if adapted:
@@ -784,7 +703,7 @@ def save(run: Run, state: TrainState) -> None:
             config=config.record(),
             inputs=[teacher_input, student_input, inputs.data.ref()],
             method=config.method,
-            adapters=adapter_section(config.lora_spec(), adapted) if adapted else None,
+            adapters=adapter_section(lora_spec(config), adapted) if adapted else None,
             budget=asdict(config.budget_config()) if controller else None,
             schedule={"steps": run.steps, "warmup_steps": run.warmup, "lr": config.learning_rate,
                       "lr_history": state.lr_history,
@@ -797,12 +716,13 @@ def save(run: Run, state: TrainState) -> None:
                       "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                       "parameters": count_parameters(student)},
             compute=compute,
-            evaluation={"every": config.eval_every, "tokens": config.eval_tokens, "split": "heldout",
+            evaluation={"every": config.evaluation.eval_every, "tokens": config.evaluation.eval_tokens,
+                        "split": "heldout",
                         "data": inputs.data.manifest["hash"],
                         "rule": "the first --eval-tokens tokens of the held-out split, windows in file order",
                         "se": "eval_nll_se, eval_ppl_se: the delta method over the slice's documents (its windows "
                               "where the data does not mark them), as eval-ppl; docs/method.md §6"}
-            if config.eval_every else None,
+            if config.evaluation.eval_every else None,
             controller={"rho": list(controller.rho), "modules_dropped": sum(r == 0 for r in controller.rho)}
             if controller else None,
             tokenizer=inputs.data.tokenizer,

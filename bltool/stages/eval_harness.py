@@ -16,13 +16,14 @@ Install with `pip install 'bltool[harness]'` (lm-eval >= 0.4).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, sha256_file, write_json, write_manifest
+from bltool.configs import EvalHarnessConfig
 from bltool.errors import UsageError
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import (
     check_vocab_fits,
     load_model,
@@ -33,33 +34,6 @@ from bltool.models.loading import (
 )
 
 INSTALL = "pip install 'bltool[harness]'"
-
-
-@dataclass(frozen=True)
-class EvalHarnessConfig:
-    model: str  # model path, .gguf or alias
-    tasks: tuple[str, ...]  # lm_eval task (or group) names
-    out: str | None = None  # output directory (default: harness/<model name>)
-    num_fewshot: int | None = None  # None: each task's own default
-    limit: float | None = None  # examples per task (an integer count, or a fraction below 1); None: all
-    batch_size: int = 8  # requests per forward pass
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    include_path: str | None = None  # a directory of local task YAMLs
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.tasks or any(not t for t in self.tasks):
-            raise UsageError("--tasks needs at least one task name (comma-separated)")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise UsageError(f"--num-fewshot must be at least 0, got {self.num_fewshot}")
-        if self.limit is not None and (self.limit <= 0 or (self.limit >= 1 and self.limit != int(self.limit))):
-            raise UsageError(f"--limit must be a whole number of examples or a fraction in (0, 1), got {self.limit}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.include_path is not None and not Path(self.include_path).is_dir():
-            raise UsageError(f"--include-path: {self.include_path} is not a directory")
-        check_dtype(self.dtype)
 
 
 def import_lm_eval():

@@ -20,7 +20,7 @@ and `manifest.json`.
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.configs import EvalIclConfig
 from bltool.errors import UsageError
 from bltool.eval.icl import (
     ANSWER_MARGIN,
@@ -54,7 +55,7 @@ from bltool.eval.icl import (
     standard_error,
 )
 from bltool.eval.probes import BUILTIN, Task, composite_se, load_tasks, vocabulary
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import (
     check_vocab_fits,
     load_model,
@@ -65,36 +66,6 @@ from bltool.models.loading import (
 )
 
 PROMPT_FORMAT = "Q:{input}\\nA:{output} per demonstration, joined by a blank line; the query Q:{input}\\nA: last"
-
-
-@dataclass(frozen=True)
-class EvalIclConfig:
-    model: str  # model path, .gguf or alias
-    out: str | None = None  # output directory (default: icl/<model name>)
-    probes: tuple[str, ...] = (BUILTIN,)  # 'builtin' (the 19 probes), task files, or directories of them
-    tasks: tuple[str, ...] | None = None  # evaluate only these tasks (default: all the probes hold)
-    n: int = 10  # queries per task (capped by the task's pool)
-    shots: int = 10  # demonstrations per prompt
-    seeds: int = 3  # demonstration seeds 0 .. seeds-1
-    batch_size: int = 16  # prompts per generate call
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.probes:
-            raise UsageError("--probes needs at least one value ('builtin', a task file or a directory)")
-        if self.tasks is not None and not self.tasks:
-            raise UsageError("--tasks needs at least one task name")
-        if self.n < 1:
-            raise UsageError(f"--n must be at least 1, got {self.n}")
-        if self.shots < 0:
-            raise UsageError(f"--shots must be at least 0, got {self.shots}")
-        if self.seeds < 1:
-            raise UsageError(f"--seeds must be at least 1, got {self.seeds}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        check_dtype(self.dtype)
 
 
 def plan(tasks: list[Task], config: EvalIclConfig) -> list[tuple[Task, list[Query]]]:

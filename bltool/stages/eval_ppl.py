@@ -20,7 +20,7 @@ models scored on the same windows by the paired standard error of their perplexi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +28,12 @@ import torch
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_arrow, write_json, write_manifest
+from bltool.configs import EvalPplConfig
 from bltool.data.prepared import PreparedData
 from bltool.errors import UsageError
 from bltool.eval.nll import PieceCounter, document_separator, heldout_windows, token_nll
 from bltool.eval.stats import WINDOWS, Pieces
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import (
     check_vocab_fits,
     load_model,
@@ -45,28 +46,6 @@ from bltool.models.loading import (
 
 SE_RULE = ("delta method on the mean NLL, a ratio of sums over units: the held-out documents (null `document` "
            "in windows.arrow: not known; then the windows), se(ppl) = ppl * se(mean NLL); docs/method.md §6")
-
-
-@dataclass(frozen=True)
-class EvalPplConfig:
-    model: str  # model path, .gguf or alias
-    data: str  # a prepare-data output directory
-    out: str | None = None  # output directory (default: ppl/<model name>)
-    max_tokens: int = 10_000_000  # token budget (capped by the held-out split)
-    batch_size: int = 8  # windows per forward pass
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    chunk: int = 256  # positions per LM-head chunk (bounds logits memory)
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if self.max_tokens < 2:
-            raise UsageError(f"--max-tokens must be at least 2, got {self.max_tokens}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        check_dtype(self.dtype)
-        if self.chunk < 1:
-            raise UsageError(f"--chunk must be at least 1, got {self.chunk}")
 
 
 def _batches(windows, batch_size: int):

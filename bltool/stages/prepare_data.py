@@ -8,11 +8,12 @@ on all cores (the Rust backend parallelises a batch).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
+from bltool.configs import PrepareDataConfig
 from bltool.data.corpus import CorpusReader, Document
 from bltool.data.prepared import SPLIT_RULE, SPLITS, Packer, SplitWriter, is_heldout, token_byte_counts
 from bltool.errors import UsageError
@@ -23,32 +24,6 @@ BATCH_CHARS = 4_000_000  # tokenize about this much text per call
 # instruct model's EOS is often its chat turn end (SmolLM2-Instruct's `<|im_end|>`), not what its
 # pretraining corpus was joined with (`<|endoftext|>`).
 PRETRAINING_SEPARATORS = ("<|endoftext|>",)
-
-
-@dataclass(frozen=True)
-class PrepareDataConfig:
-    inputs: tuple[str, ...]  # text files/dirs, JSON Lines, Parquet, Arrow, save_to_disk dirs
-    tokenizer: str  # model path or alias whose tokenizer is used
-    out: str  # output directory
-    heldout: float = 0.002  # fraction of documents held out by the MD5 rule (paper: 0.2%)
-    seq_len: int = 1024  # packed sequence length
-    glob: str = "**/*.txt"  # which files of an input directory are documents
-    text_field: str = "text"  # JSON Lines / Parquet / Arrow column holding the text
-    id_field: str | None = "id"  # column holding a document id (hashed instead of the text when present)
-    doc_sep: str | None = None  # token string joining documents; None: <|endoftext|> if in the vocab, else EOS
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.inputs:
-            raise UsageError("prepare-data needs at least one INPUT (file or directory)")
-        if not 0.0 < self.heldout < 1.0:
-            raise UsageError(f"--heldout must be in (0, 1), got {self.heldout}")
-        if self.seq_len < 2:
-            raise UsageError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if not self.text_field:
-            raise UsageError("--text-field must not be empty")
-        if self.doc_sep is not None and not self.doc_sep:
-            raise UsageError("--doc-sep must not be empty (leave it out for the default separator)")
 
 
 def document_separator(tokenizer, doc_sep: str | None, source: str = "") -> dict:

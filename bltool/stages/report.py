@@ -33,11 +33,12 @@ import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, check_output_dir, now_iso, write_arrow, write_json, write_manifest
+from bltool.configs import ReportConfig
 from bltool.errors import UsageError
 from bltool.eval import stats
 from bltool.results import figures
@@ -68,21 +69,6 @@ HEADERS = {
 
 # The artifacts a report cites as its inputs.
 REPORTED = (Stage.DISTILL, Stage.COMPRESS, Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    runs: tuple[str, ...]  # directories holding run artifacts (searched recursively)
-    out: str  # output directory
-    title: str = "bltool report"  # heading of report.md
-    readme: str | None = None  # a file whose marked section is replaced by the report
-    note: str = ""  # a paragraph placed under the heading (setting, machine, date)
-    allow_mixed: bool = False  # report rows evaluated differently (column marked) instead of refusing
-    overwrite: bool = False  # replace an existing --out
-
-    def __post_init__(self):
-        if not self.runs:
-            raise UsageError("report needs at least one RUN_DIR")
 
 
 def _measured_clause(r) -> str:

@@ -36,7 +36,7 @@ import shutil
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +55,12 @@ from bltool.artifacts import (
     write_json,
     write_manifest,
 )
+from bltool.configs import TeacherLogitsConfig
 from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.eval.nll import hidden_states
 from bltool.models.compiling import compile_layers
-from bltool.models.devices import check_dtype, resolve_device, resolve_dtype
+from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.loading import (
     load_model,
     load_tokenizer,
@@ -70,11 +71,9 @@ from bltool.models.loading import (
 )
 from bltool.train import distributed
 from bltool.train.batches import PackedSequences, collate, positions_to_indices
-from bltool.train.losses import check_kd_args
 from bltool.train.signals import StopSignals
 from bltool.train.teacher_cache import (
     ESTIMATORS,
-    MAX_SAMPLES,
     RUN_FILE,
     SAMPLED,
     TOPK,
@@ -90,56 +89,15 @@ SHARDS = "shards"  # the part files, in OUT.partial while the run works and in O
 RESUME_FREE = ("out", "resume", "overwrite", "save_seconds", "device", "compile")
 
 
-@dataclass(frozen=True)
-class TeacherLogitsConfig:
-    teacher: str  # teacher model: path, .gguf or alias
-    data: str  # a prepare-data output directory
-    out: str  # output directory
-    tokens: int = 2_000_000  # cover the sequences a run of this many tokens reads
-    seed: int = 0  # the data order of the distill runs that will use the cache
-    top_k: int | None = None  # the top-k form: logits kept per position (64 when --sample is not given)
-    sample: int | None = None  # the sampled form: draws per position from the teacher at --temperature
-    temperature: float = 3.0  # the distillation temperature (the tail's mass and the draws depend on it)
-    batch_size: int = 8  # sequences per teacher forward pass (also the unit of work and of resuming)
-    chunk: int = 256  # positions of each sequence per LM-head chunk: (batch, chunk, V) logits at a time
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    compile: bool = False  # torch.compile each decoder layer of the teacher (regional compilation)
-    overwrite: bool = False  # replace an existing --out (and an unfinished run of it)
-    resume: bool = False  # continue the unfinished run in OUT.partial
-    save_seconds: float = 300.0  # complete a part (resumable progress) at least this often; 0: every batch
-
-    def __post_init__(self):
-        if self.tokens < 1 or self.batch_size < 1:
-            raise UsageError("--tokens and --batch-size must be at least 1")
-        if not (self.save_seconds >= 0 and math.isfinite(self.save_seconds)):
-            raise UsageError(f"--save-seconds must be a non-negative number, got {self.save_seconds}")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: --resume continues OUT.partial, "
-                             "--overwrite starts over")
-        if self.top_k is not None and self.sample is not None:
-            raise UsageError("--top-k and --sample choose two different caches: give one of them (--top-k K keeps "
-                             "the K largest logits, --sample N keeps N draws from the teacher)")
-        if self.sample is None and self.top_k is None:
-            object.__setattr__(self, "top_k", 64)
-        if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.sample is not None and not 1 <= self.sample <= MAX_SAMPLES:
-            raise UsageError(f"--sample must be between 1 and {MAX_SAMPLES} (draws per position; their counts are "
-                             f"stored in one byte), got {self.sample}")
-        check_kd_args(self.temperature, 0.5, self.chunk)
-        check_dtype(self.dtype)
-
-    @property
-    def form(self) -> str:
-        """The cache's form: sampled with --sample, else top-k."""
-        return SAMPLED if self.sample is not None else TOPK
-
-
 def covered_sequences(tokens: int, seq_len: int, n: int, seed: int) -> np.ndarray:
     """Sequence indices a run's first ⌈tokens / seq_len⌉ positions read: the start of epoch 0, or all n
     sequences once the run goes past one epoch (later epochs re-read them)."""
     return positions_to_indices(0, min(math.ceil(tokens / seq_len), n), n, seed)
+
+
+def form(config: TeacherLogitsConfig) -> str:
+    """The cache's form: sampled with --sample, else top-k."""
+    return SAMPLED if config.sample is not None else TOPK
 
 
 def run(config: TeacherLogitsConfig) -> Path | None:
@@ -213,12 +171,12 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
                     index, rows = rows_of(mine[step])
                     if part is None:
                         part = _Part(partial, mine[step], config.batch_size, len(sequences), world.rank,
-                                     teacher.config.vocab_size if config.form == SAMPLED else None)
+                                     teacher.config.vocab_size if form(config) == SAMPLED else None)
                     ids, mask = collate(rows, pad_id, device)
                     hidden = hidden_states(teacher, ids, mask)  # (B, T, d)
                     predicting = hidden[:, :-1][mask[:, 1:].bool()]  # (Σ len − 1, d), row after row
                     lengths = [len(r) for r in rows]
-                    if config.form == SAMPLED:
+                    if form(config) == SAMPLED:
                         uniforms = torch.cat([sample_uniforms(config.seed, i, n - 1, config.sample)
                                               for i, n in zip(index, lengths)])
                         top = teacher_sample_rows(predicting, head, config.temperature, uniforms,
@@ -270,9 +228,9 @@ def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str
     mean_distinct = sum(p.get("distinct", 0) for p in parts) / positions if positions else None
     size = sum(p["bytes"] for p in parts)
     bytes_per_token = round(size / max(tokens, 1), 1)
-    sampled = config.form == SAMPLED
-    cache = {"form": config.form, "temperature": config.temperature, "bytes_per_token": bytes_per_token,
-             "estimator": ESTIMATORS[config.form],
+    sampled = form(config) == SAMPLED
+    cache = {"form": form(config), "temperature": config.temperature, "bytes_per_token": bytes_per_token,
+             "estimator": ESTIMATORS[form(config)],
              **({"samples": config.sample, "mean_distinct": mean_distinct,
                  "what": "N draws with replacement from the teacher's softmax(z/T) per position, kept as distinct "
                          "ids and counts; the loss's gradient uses p̂ = counts / N, unbiased (losses.kd_loss_sampled)"}

@@ -76,7 +76,9 @@ import time
 import traceback
 from pathlib import Path
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from bltool.models.families import FAMILIES
+
+TARGETS = FAMILIES["llama"].targets  # the teacher here is a Llama
 PEER = "peft-lora"
 # name → what it runs; "kind" picks the worker, the rest is bltool's DistillConfig
 CONFIGS: dict[str, dict] = {

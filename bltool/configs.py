@@ -13,6 +13,7 @@ from pathlib import Path
 from bltool.errors import UsageError
 from bltool.eval.probes import BUILTIN
 from bltool.models.devices import check_dtype
+from bltool.models.families import DEFAULT_TARGETS
 from bltool.options import at_least, check_fields, group, option, record
 from bltool.train import methods
 from bltool.train.budget import BudgetConfig
@@ -25,8 +26,6 @@ DEVICE_RANKED = "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."
 DTYPE = "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
 MODEL = "Model: checkpoint directory, .gguf file or alias."
 
-# The linears LoRA adapts by default (bltool.adapt.lora.DEFAULT_TARGETS; the family table takes these over).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KERNELS = ("auto", "linear", "mm", "compile")  # bltool.adapt.lowrank.KERNELS
 ENGINES = ("transformers", "vllm")
 MAX_SAMPLES = 255  # bltool.train.teacher_cache.MAX_SAMPLES: draws per position, counted in one byte

@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import save_tiny_model, train_tokenizer, write_corpus
 
+from bltool.models.families import FAMILIES, Family
+
 # The tests' models are tiny (hidden 32–64): they run on one intra-op thread. A second thread adds a
 # parallel region to every matmul (oneDNN opens one per call) that costs more than the work, and on a
 # busy machine it waits for the other thread to be scheduled: a 64 × 32 linear took ~1 ms on 2 threads
@@ -55,6 +57,27 @@ def tiny_llama(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory, tokenizer) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("mistral") / "teacher", tokenizer, "mistral", 12, tied=False)
+
+
+@pytest.fixture(params=list(FAMILIES.values()), ids=lambda family: family.model_type)
+def family(request) -> Family:
+    """Each family of bltool/models/families.py in turn: a test that takes it runs once per family."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tokenizer):
+    """family_models(model_type) → a tiny random model of that family (4 layers, tied embeddings, random
+    biases where the family has them), built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            root = tmp_path_factory.mktemp(f"family-{model_type}")
+            built[model_type] = save_tiny_model(root / "teacher", tokenizer, model_type, 4, tied=True, seed=2)
+        return built[model_type]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from bltool.adapt.adapters import adapter_section, save_adapted
 from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.artifacts import Stage, write_manifest
 from bltool.eval.probes import vocabulary
+from bltool.models.families import FAMILIES
 from bltool.models.loading import load_model, load_tokenizer, resolve_model
 
 WORDS = (
@@ -63,8 +64,16 @@ def train_tokenizer(vocab_size: int = 300, seed_text: str = ""):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
+# keyword arguments a family's tiny config needs beyond the common ones (by model type)
+TINY_EXTRA = {
+    "mistral": {"sliding_window": None},
+    "qwen3": {"head_dim": 16},  # Qwen3 decouples the head width from hidden / heads (32 / 4 = 8)
+}
+
+
 def tiny_config(arch: str, vocab_size: int, layers: int, tied: bool):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny config of any family of bltool/models/families.py (`arch` is its model type)."""
+    import transformers
 
     common = dict(
         vocab_size=vocab_size,
@@ -78,13 +87,9 @@ def tiny_config(arch: str, vocab_size: int, layers: int, tied: bool):
         eos_token_id=0,
         pad_token_id=0,
     )
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(arch)
+    if arch not in FAMILIES:
+        raise ValueError(arch)
+    return getattr(transformers, FAMILIES[arch].config_class)(**common, **TINY_EXTRA.get(arch, {}))
 
 
 def save_tiny_model(path: Path, tokenizer, arch: str = "llama", layers: int = 12, tied: bool = True,
@@ -94,10 +99,12 @@ def save_tiny_model(path: Path, tokenizer, arch: str = "llama", layers: int = 12
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), layers, tied))
-    with torch.no_grad():  # random, non-zero norms so layer identity matters in the outputs
+    with torch.no_grad():  # random, non-zero norms and biases so layer identity and biases matter in the outputs
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_refused, distilled_student, tiny_config
+from helpers import assert_refused, distilled_student, save_tiny_model, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest
 from bltool.cli import app
+from bltool.models.families import FAMILIES
 from bltool.models.loading import load_model, resolve_model, tokenizer_identity
 from bltool.stages.build_student import BuildStudentConfig, run, student_config
 
@@ -46,8 +47,13 @@ def save_sliding_qwen2(path: Path, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def teachers(tiny_llama, tiny_mistral, tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """A 12-layer teacher of every family: the tiny Llama (tied embeddings), the tiny Mistral (untied), a Qwen2
+    mixing sliding-window and full attention, and for any other family a plain untied one."""
     qwen2 = save_sliding_qwen2(tmp_path_factory.mktemp("qwen2") / "teacher", tokenizer)
-    return {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": qwen2}
+    known = {"llama": tiny_llama, "mistral": tiny_mistral, "qwen2": qwen2}
+    return {model_type: known.get(model_type) or save_tiny_model(tmp_path_factory.mktemp(model_type) / "teacher",
+                                                                 tokenizer, model_type, 12, tied=False, seed=1)
+            for model_type in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -89,27 +95,24 @@ class Skip(torch.nn.Module):
         return hidden_states
 
 
-CASES = [
-    ("llama", 6, "mixed", MIXED_6_OF_12),
-    ("mistral", 6, "mixed", MIXED_6_OF_12),
-    ("qwen2", 6, "mixed", MIXED_6_OF_12),
-    ("llama", 4, "last", [8, 9, 10, 11]),
-    ("mistral", 3, "middle", [4, 5, 6]),
-    ("qwen2", 5, "truncated", [0, 1, 2, 3, 4]),
-]
+OTHER_MODES = [(4, "last", [8, 9, 10, 11]), (3, "middle", [4, 5, 6]), (5, "truncated", [0, 1, 2, 3, 4])]
+# every family: 6 of 12 layers mixed, and one other mode (the families take the others in turn)
+CASES = ([(arch, 6, "mixed", MIXED_6_OF_12) for arch in FAMILIES]
+         + [(arch, *OTHER_MODES[i % len(OTHER_MODES)]) for i, arch in enumerate(FAMILIES)])
 
 
 @pytest.mark.parametrize(("arch", "layers", "mode", "indices"), CASES)
 def test_tensors_are_the_chosen_teacher_layers(build, arch, layers, mode, indices):
     student_dir, teacher_dir = build(arch, layers, mode)
+    family = FAMILIES[arch]
     student = load_file(student_dir / "model.safetensors")
     teacher = load_file(teacher_dir / "model.safetensors")
     expected = {}
     for key, tensor in teacher.items():
-        if key.startswith("model.layers."):
-            index, rest = key[len("model.layers."):].split(".", 1)
+        if key.startswith(f"{family.layers}."):
+            index, rest = key[len(family.layers) + 1:].split(".", 1)
             if int(index) in indices:
-                expected[f"model.layers.{indices.index(int(index))}.{rest}"] = tensor
+                expected[f"{family.layers}.{indices.index(int(index))}.{rest}"] = tensor
         else:
             expected[key] = tensor
     assert sorted(student) == sorted(expected)
@@ -118,13 +121,13 @@ def test_tensors_are_the_chosen_teacher_layers(build, arch, layers, mode, indice
         assert torch.equal(student[key], tensor), key
     assert torch.equal(student["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
     assert torch.equal(student["model.norm.weight"], teacher["model.norm.weight"])
-    if arch == "llama":  # tied: the LM head is the embedding, in the teacher and the student
+    if "lm_head.weight" not in teacher:  # tied: the LM head is the embedding, in the teacher and the student
         assert "lm_head.weight" not in student
     else:
         assert torch.equal(student["lm_head.weight"], teacher["lm_head.weight"])
         assert not torch.equal(student["lm_head.weight"], student["model.embed_tokens.weight"])
-    if arch == "qwen2":
-        assert any(k.endswith("q_proj.bias") for k in student)
+    assert {k for k in student if k.endswith(".bias")} == {
+        f"{family.layers}.{j}.{p}.bias" for j in range(layers) for p in family.biases}
 
 
 @pytest.mark.parametrize(("arch", "layers", "mode", "indices"), CASES)
@@ -137,15 +140,16 @@ def test_reloads_with_plain_transformers(build, arch, layers, mode, indices):
     assert not info["error_msgs"]
     teacher, _ = load(teacher_dir)
     assert student.config.model_type == teacher.config.model_type == arch
-    assert student.config.num_hidden_layers == layers == len(student.model.layers)
+    student_layers = student.get_submodule(FAMILIES[arch].layers)
+    assert student.config.num_hidden_layers == layers == len(student_layers)
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
                 "tie_word_embeddings", "rope_parameters", "rms_norm_eps"):
         assert getattr(student.config, key) == getattr(teacher.config, key), key
-    for j, layer in enumerate(student.model.layers):
+    for j, layer in enumerate(student_layers):
         assert layer.self_attn.layer_idx == j
     # in memory too: the head is (tied to) the teacher's
     assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
-    if arch == "llama":
+    if teacher.config.tie_word_embeddings:
         assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
     saved = json.loads((student_dir / "config.json").read_text())
     assert saved["num_hidden_layers"] == layers
@@ -185,9 +189,10 @@ def test_logits_equal_teacher_with_other_layers_skipped(build, arch, layers, mod
     student_dir, teacher_dir = build(arch, layers, mode)
     student, _ = load(student_dir)
     teacher, _ = load(teacher_dir)
-    teacher.model.layers = torch.nn.ModuleList(
-        [layer if i in indices else Skip() for i, layer in enumerate(teacher.model.layers)]
-    )
+    parent, _, name = FAMILIES[arch].layers.rpartition(".")
+    setattr(teacher.get_submodule(parent), name, torch.nn.ModuleList(
+        [layer if i in indices else Skip() for i, layer in enumerate(teacher.get_submodule(FAMILIES[arch].layers))]
+    ))
     ids = torch.randint(1, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = teacher(ids, use_cache=False).logits
@@ -196,7 +201,7 @@ def test_logits_equal_teacher_with_other_layers_skipped(build, arch, layers, mod
     assert expected.abs().max() > 1e-3  # the check is not vacuous
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_cached_generation_equals_uncached_greedy_loop(build, arch):
     student_dir, _ = build(arch)
     student, _ = load(student_dir)
@@ -220,7 +225,7 @@ def test_cached_generation_equals_uncached_greedy_loop(build, arch):
         torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_full_depth_first_student_is_the_teacher(build, arch):
     student_dir, teacher_dir = build(arch, 12, "first")
     student, _ = load(student_dir)
@@ -373,7 +378,7 @@ def test_cli_missing_required_options_is_usage_error(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, which the merge scales by ρ
+@pytest.mark.parametrize("arch", list(FAMILIES))  # qwen2: q/k/v biases, which the merge scales by ρ
 @pytest.mark.parametrize("form", ["distilled", "compressed"])
 def test_a_bltool_student_as_teacher_is_the_plain_model_it_computes(form, arch, tmp_path, teachers):
     """A distilled (adapters: ρ ∈ {0, 0.3, 1}, gates) or compressed (low-rank layers) student as --teacher: merged

@@ -14,6 +14,7 @@ import bltool
 from bltool.adapt.lowrank import LowRankLinear
 from bltool.artifacts import read_manifest
 from bltool.cli import app
+from bltool.models.families import FAMILIES
 
 
 def invoke(*args: str):
@@ -82,7 +83,7 @@ def test_kd_full_passes_through(tmp_path, tiny_llama):
     assert torch.equal(logits(plain_transformers(out)), logits(model))
 
 
-def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, tiny_llama):
+def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, family, family_models):
     """Low-rank modules must not load as a "llama" whose q_proj.weight transformers fills at random:
     transformers alone refuses the checkpoint in its own words; after `import bltool`, its Auto classes
     build the low-rank model, every weight used, computing what bltool.load_model computes."""
@@ -90,23 +91,23 @@ def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, tiny_llama):
     import sys
 
 
-    source, _ = distilled_student(tmp_path / "s", tiny_llama, rhos=(0.0, 1.0))
+    source, _ = distilled_student(tmp_path / "s", family_models(family.model_type), rhos=(0.0, 1.0))
     out = tmp_path / "c"
     assert invoke("compress", str(source), "--out", str(out)).exit_code == 0
     config = json.loads((out / "config.json").read_text())
     records = read_manifest(out)["compressed"]["modules"]
-    assert config["model_type"] == "bltool_lowrank_llama"
-    assert config["architectures"] == ["BltoolLowRankLlamaForCausalLM"]
+    assert config["model_type"] == family.compressed_type
+    assert config["architectures"] == [family.compressed_class]
     assert config["lowrank_modules"] == {r["name"]: r["rank"] for r in records if r["layout"] == "lowrank"}
     assert 0 < len(config["lowrank_modules"]) < len(records)
 
     alone = subprocess.run([sys.executable, "-c", "import sys; from transformers import AutoModelForCausalLM; "
                             "AutoModelForCausalLM.from_pretrained(sys.argv[1])", str(out)],
                            capture_output=True, text=True, timeout=300)
-    assert alone.returncode != 0 and "bltool_lowrank_llama" in alone.stderr, alone.stderr[-2000:]
+    assert alone.returncode != 0 and family.compressed_type in alone.stderr, alone.stderr[-2000:]
 
     hf = plain_transformers(out)  # in this process bltool is imported: the type is registered
-    assert type(hf).__name__ == "BltoolLowRankLlamaForCausalLM"
+    assert type(hf).__name__ == family.compressed_class
     ranks = {name: m.rank for name, m in hf.named_modules() if isinstance(m, LowRankLinear)}
     assert ranks == config["lowrank_modules"]
     assert torch.allclose(logits(hf), logits(bltool.load_model(out)), atol=1e-6)
@@ -114,21 +115,24 @@ def test_a_compressed_checkpoint_is_its_own_model_type(tmp_path, tiny_llama):
     assert torch.equal(again, bltool.load_model(out).generate(IDS, max_new_tokens=4, do_sample=False))
 
 
-def test_biased_projections_dropped_to_low_rank_load_everywhere(tmp_path, tokenizer):
-    """Qwen2's q/k/v have biases: a dropped one (ρ = 0) keeps a zero bias, so the compressed config's
-    architecture matches the checkpoint and both loaders take it strictly."""
-    teacher = save_tiny_model(tmp_path / "qwen2", tokenizer, arch="qwen2", layers=2)
+@pytest.mark.parametrize("family", [f for f in FAMILIES.values() if f.biases], ids=lambda f: f.model_type)
+def test_biased_projections_dropped_to_low_rank_load_everywhere(tmp_path, tokenizer, family):
+    """Projections with biases (Qwen2's q/k/v): a dropped one (ρ = 0) keeps a zero bias, so the compressed
+    config's architecture matches the checkpoint and both loaders take it strictly."""
+    teacher = save_tiny_model(tmp_path / family.model_type, tokenizer, arch=family.model_type, layers=2)
     source, _ = distilled_student(tmp_path / "s", teacher, rhos=(0.0, 0.1, 1.0))
     out = tmp_path / "c"
     assert invoke("compress", str(source), "--out", str(out)).exit_code == 0
     records = {r["name"]: r for r in read_manifest(out)["compressed"]["modules"]}
-    assert records["model.layers.0.self_attn.q_proj"]["form"] == "drop"  # ρ cycles 0, 0.1, 1 from here
-    assert records["model.layers.0.self_attn.q_proj"]["bias"]
+    first = f"{family.layers}.0.{family.projections[0]}"
+    assert records[first]["form"] == "drop"  # ρ cycles 0, 0.1, 1 from here
+    assert {n for n, r in records.items() if r["bias"]} == {
+        f"{family.layers}.{i}.{p}" for i in range(2) for p in family.biases}
     assert torch.allclose(logits(plain_transformers(out)), logits(bltool.load_model(out)), atol=1e-6)
 
 
-def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, tiny_llama):
-    source, _ = distilled_student(tmp_path / "s", tiny_llama, rhos=(0.0, 1.0))
+def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, family, family_models):
+    source, _ = distilled_student(tmp_path / "s", family_models(family.model_type), rhos=(0.0, 1.0))
     low = tmp_path / "low"
     dense = tmp_path / "dense"
     assert invoke("compress", str(source), "--out", str(low)).exit_code == 0
@@ -137,7 +141,7 @@ def test_densify_writes_a_plain_checkpoint_of_the_same_function(tmp_path, tiny_l
     assert "gives up the" in result.stderr and "speedup" in result.stderr
     section = read_manifest(dense)["compressed"]
     assert section["densified"] and {m["layout"] for m in section["modules"]} == {"dense"}
-    assert json.loads((dense / "config.json").read_text())["model_type"] == "llama"  # any loader reads it
+    assert json.loads((dense / "config.json").read_text())["model_type"] == family.model_type  # any loader reads it
     assert torch.allclose(logits(plain_transformers(dense)), logits(bltool.load_model(low)), atol=1e-5)
 
 

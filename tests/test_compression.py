@@ -199,8 +199,9 @@ def test_costlier_lowrank_form_is_multiplied_out():
 # Whole models and the checkpoint
 
 
-def test_compressed_model_matches_uncompressed_without_svd(tmp_path, tiny_llama):
-    _, model = distilled_student(tmp_path / "s", tiny_llama, rhos=(0.0, 1.0, 0.6), gate_scale=0.0)  # g = 0.5
+def test_compressed_model_matches_uncompressed_without_svd(tmp_path, family, family_models):
+    teacher = family_models(family.model_type)
+    _, model = distilled_student(tmp_path / "s", teacher, rhos=(0.0, 1.0, 0.6), gate_scale=0.0)  # g = 0.5
     with torch.no_grad():
         expected = model(IDS).logits
     records = compress_model(model, CompressionPolicy())
@@ -209,20 +210,22 @@ def test_compressed_model_matches_uncompressed_without_svd(tmp_path, tiny_llama)
         assert torch.allclose(model(IDS).logits, expected, atol=1e-4)
 
 
-def test_checkpoint_round_trip_is_exact_and_strict(tmp_path, tiny_llama, monkeypatch):
+def test_checkpoint_round_trip_is_exact_and_strict(tmp_path, family, family_models, monkeypatch):
     from bltool.stages.compress import CompressConfig, run
 
-    source, _ = distilled_student(tmp_path / "s", tiny_llama)
+    teacher = family_models(family.model_type)
+    source, _ = distilled_student(tmp_path / "s", teacher)
     out = run(CompressConfig(model=str(source), out=str(tmp_path / "c"), dense_fallback=False))
     section = json.loads((out / "manifest.json").read_text())["compressed"]
     loaded = bltool.load_model(out)
+    assert type(loaded).__name__ == family.compressed_class
     layouts = {r["name"]: r["layout"] for r in section["modules"]}
     assert {type(loaded.get_submodule(n)).__name__ for n, lay in layouts.items() if lay == "lowrank"} == {
         "LowRankLinear"}
     assert {r["form"] for r in section["modules"]} == {"drop", "svd", "keep"}
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
     # the same weights as compressing in memory
-    _, again = distilled_student(tmp_path / "s2", tiny_llama)
+    _, again = distilled_student(tmp_path / "s2", teacher)
     compress_model(again, CompressionPolicy(dense_fallback=False))
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, again(IDS).logits)
@@ -246,7 +249,7 @@ def test_checkpoint_round_trip_is_exact_and_strict(tmp_path, tiny_llama, monkeyp
     with pytest.raises(ArtifactError, match="cannot load|does not match|disagree"):
         load_compressed(out, bad)
     bad = json.loads(json.dumps(section))
-    bad["modules"][0]["name"] = "model.layers.0.self_attn.nope"
+    bad["modules"][0]["name"] = f"{family.layers}.0.self_attn.nope"
     with pytest.raises(ArtifactError, match="absent from its config"):
         load_compressed(out, bad)
 

@@ -112,17 +112,19 @@ def test_mac_accounting():
     assert layer.lora_macs == 128 * (768 + 192)
 
 
-def test_inject_into_llama_in_registration_order(tokenizer):
+def test_inject_in_registration_order(family, tokenizer):
+    """The default targets adapt every projection of every decoder layer of each family, layer by layer in
+    registration order (q, k, v, o, gate, up, down)."""
     from helpers import tiny_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer), 2, tied=True)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family.model_type, len(tokenizer), 2, tied=True)).eval()
     ids = torch.randint(0, len(tokenizer), (2, 9))
     before = model(ids).logits
     adapted = inject_lora(model, LoRASpec(rank=4, alpha=8.0, dropout=0.0))
     names = [name for name, _ in adapted]
-    assert len(names) == 14
+    assert names == [f"{family.layers}.{i}.{p}" for i in range(2) for p in family.projections]
     assert [n.rsplit(".", 1)[-1] for n in names[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"]
     assert all(isinstance(model.get_submodule(n), GatedLoRALinear) for n in names)

@@ -106,6 +106,29 @@ def test_kv_bytes_per_token_from_a_config():
     assert kv_shape(config.to_dict()) == shape
 
 
+def test_kv_shape_is_the_cache_each_family_allocates(family):
+    """For each family, from the config object and from config.json (which may leave head_dim out): one key
+    and one value of (KV heads, head width) per layer and token, as transformers' cache holds them."""
+    import json
+
+    import torch
+    from helpers import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family.model_type, 64, 3, tied=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3, 4, 5]]), use_cache=True)
+    cache = out.cache if "cache" in out else out.past_key_values
+    shape = kv_shape(config)
+    assert kv_shape(json.loads(config.to_json_string())) == shape
+    assert len(cache.layers) == shape.layers == 3
+    for layer in cache.layers:
+        assert tuple(layer.keys.shape) == tuple(layer.values.shape) == (1, shape.kv_heads, 5, shape.head_dim)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == 5 * kv_bytes_per_token(shape, 4)
+
+
 def test_kv_shape_prefers_an_explicit_head_dim_and_defaults_kv_heads():
     # Qwen3-style: head_dim 128 although hidden / heads = 64
     assert kv_shape({"num_hidden_layers": 2, "hidden_size": 512, "num_attention_heads": 8,

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from bltool import load_model
 from bltool.cli import app
+from bltool.models.families import FAMILIES
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
@@ -48,14 +49,9 @@ def vllm_python() -> str:
 
 def vllm_teacher(path: Path, tokenizer, arch: str) -> Path:
     """A random tiny model vLLM's CPU attention accepts (head size 32: it supports 32, 64, 80, ...)."""
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM
 
-    if arch == "qwen3":  # q/k norms; tests/helpers.py's tiny_config has no Qwen3
-        config = Qwen3Config(vocab_size=len(tokenizer), num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                             eos_token_id=0, pad_token_id=0)
-    else:
-        config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
+    config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
     config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -80,23 +76,22 @@ def compressed(root: Path, teacher: Path, method: str, name: str, rhos=(0.0, 0.1
 # odd layers: q SVD, k kept, v dropped, o kept, gate/up both kept (vLLM's fused gate_up_proj), down SVD.
 MIXED = (1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0,
          0.1, 1.0, 0.0, 1.0, 1.0, 1.0, 0.1)
-COMPILED = "budgeted"  # the one student served with vLLM's compiled graph (the others with enforce_eager)
+COMPILED = "llama"  # the one student served with vLLM's compiled graph (the others with enforce_eager)
 
 
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
-    """The compressed students: {name: path}."""
+    """The compressed students, {name: path}: a budgeted-lora student of each family of the table, named by
+    its model type (the Llama one with the MIXED ρ above; Qwen2's q/k/v biases become the low-rank `up.bias`),
+    and "dense", a kd-lora Llama student compressed to a plain checkpoint."""
     vllm_python()
     root = tmp_path_factory.mktemp("vllm")
     tokenizer = train_tokenizer()
-    llama = vllm_teacher(root / "llama", tokenizer, "llama")
-    teachers = {arch: vllm_teacher(root / arch, tokenizer, arch) for arch in ("qwen2", "mistral", "qwen3")}
-    return {"budgeted": compressed(root, llama, "budgeted-lora", "budgeted", rhos=MIXED),
-            "dense": compressed(root, llama, "kd-lora", "dense"),
-            # q/k/v biases: the low-rank `up.bias`
-            "qwen2": compressed(root, teachers["qwen2"], "budgeted-lora", "qwen2-budgeted"),
-            "mistral": compressed(root, teachers["mistral"], "budgeted-lora", "mistral-budgeted"),
-            "qwen3": compressed(root, teachers["qwen3"], "budgeted-lora", "qwen3-budgeted")}
+    teachers = {arch: vllm_teacher(root / arch, tokenizer, arch) for arch in FAMILIES}
+    students = {arch: compressed(root, teacher, "budgeted-lora", f"{arch}-budgeted",
+                                 rhos=MIXED if arch == COMPILED else (0.0, 0.1, 1.0))
+                for arch, teacher in teachers.items()}
+    return {**students, "dense": compressed(root, teachers["llama"], "kd-lora", "dense")}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +116,7 @@ def parallel(students, tmp_path_factory):
     python = vllm_python()
     out = tmp_path_factory.mktemp("parallel") / "out.json"
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-    run = subprocess.run([python, str(HERE / "vllm_parallel.py"), str(students["budgeted"]), str(out)], env=env,
+    run = subprocess.run([python, str(HERE / "vllm_parallel.py"), str(students[COMPILED]), str(out)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(out.read_text())
@@ -154,27 +149,25 @@ def forms(path: Path) -> set[tuple[str, str]]:
     return {(m["form"], m["layout"]) for m in manifest["compressed"]["modules"]}
 
 
-def expected_projections(lowrank: dict, layers: int) -> dict[str, str]:
+def expected_projections(family, lowrank: dict, layers: int) -> dict[str, str]:
     """The class each fused / row-parallel projection must be built as, for `lowrank_modules`: a fused
     group with a low-rank part is bltool's `Parts`, an all-dense one vLLM's fused layer; o / down_proj are
     bltool's `LowRankRowParallel` when low-rank, vLLM's `RowParallelLinear` otherwise."""
-    groups = {"self_attn.qkv_proj": (("q_proj", "k_proj", "v_proj"), "QKVParallelLinear"),
-              "mlp.gate_up_proj": (("gate_proj", "up_proj"), "MergedColumnParallelLinear")}
     want = {}
     for i in range(layers):
-        for fused, (members, dense) in groups.items():
-            block = fused.split(".")[0]
-            split = any(f"model.layers.{i}.{block}.{m}" in lowrank for m in members)
-            want[f"model.layers.{i}.{fused}"] = "Parts" if split else dense
-        for row in ("self_attn.o_proj", "mlp.down_proj"):
-            low = f"model.layers.{i}.{row}" in lowrank
-            want[f"model.layers.{i}.{row}"] = "LowRankRowParallel" if low else "RowParallelLinear"
+        layer = f"{family.layers}.{i}"
+        for group in family.fused:
+            split = any(f"{layer}.{m}" in lowrank for m in group.members)
+            want[f"{layer}.{group.name}"] = "Parts" if split else group.vllm_linear
+        for row in family.row_parallel:
+            want[f"{layer}.{row}"] = "LowRankRowParallel" if f"{layer}.{row}" in lowrank else "RowParallelLinear"
     return want
 
 
-@pytest.mark.parametrize("name", ["budgeted", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_compressed_student_matches_transformers(served, name):
     path, got = served[name]
+    family = FAMILIES[name]
     config = json.loads((path / "config.json").read_text())
     lowrank = config["lowrank_modules"]
     # the student has all three module forms, and low-rank modules in fused groups (q/k/v, gate/up)
@@ -183,9 +176,9 @@ def test_compressed_student_matches_transformers(served, name):
     assert any(n.endswith(("q_proj", "k_proj", "v_proj")) for n in lowrank)
     assert any(n.endswith(("o_proj", "down_proj")) for n in lowrank)
     # the class vLLM instantiated is bltool's (not vLLM's transformers fallback), built as the config says
-    assert config["architectures"][0].startswith("BltoolLowRank")
-    assert got["model_class"] == f"bltool.serve.vllm_models.{config['architectures'][0]}"
-    assert got["projections"] == expected_projections(lowrank, config["num_hidden_layers"])
+    assert config["model_type"] == family.compressed_type and config["architectures"] == [family.compressed_class]
+    assert got["model_class"] == f"bltool.serve.vllm_models.{family.compressed_class}"
+    assert got["projections"] == expected_projections(family, lowrank, config["num_hidden_layers"])
     assert got["eager"] is (name != COMPILED)
     assert_same_as_transformers(path, got)
 
@@ -219,7 +212,7 @@ def test_parallel_layouts_compute_the_unsharded_model(parallel, layout):
     it holds."""
     result = parallel["layouts"][layout]
     assert "error" not in result, result["error"]
-    assert parallel["class"] == "BltoolLowRankLlamaForCausalLM"
+    assert parallel["class"] == FAMILIES[COMPILED].compressed_class
     assert set(parallel["forms"].values()) >= {"Parts", "LowRankRowParallel", "QKVParallelLinear"}
     stages = result["stages"]
     assert [s["layers"] for s in stages] == ([[0, 1, 2, 3]] if result["pp"] == 1 else [[0, 1], [2, 3]])
@@ -244,7 +237,7 @@ def test_bench_serving_and_capacity_validate_on_vllm(served, tmp_path):
     """`bench-serving --engine vllm` measures the compressed student in vLLM, recording every scheduling
     iteration, and `capacity --validate` on that artifact serves the workload on vLLM again at several
     offered loads, beside the formula and the simulator (both run in the vLLM environment)."""
-    path, _ = served["budgeted"]
+    path, _ = served[COMPILED]
     bench, cap = tmp_path / "serve", tmp_path / "cap"
     # no VLLM_CPU_KVCACHE_SPACE: the server sizes vLLM's CPU cache itself (its default would reserve 92% of
     # the machine's memory and refuse to start with less free)

@@ -14,20 +14,24 @@ The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as bench
 model it built can be inspected directly (`LLM.apply_model`).
 """
 
+import functools
 import gc
 import json
 import os
 import sys
 
-PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+from bltool.models.families import family_of
 
 
-def built(model) -> dict:
-    """The class vLLM instantiated, and the class of each decoder layer's projections."""
-    layers = model.model.layers
+def built(model_type: str, model) -> dict:
+    """The class vLLM instantiated, and the class of each decoder layer's fused and row-parallel projections
+    (by the family table's names for `model_type`)."""
+    family = family_of(model_type)
+    names = [group.name for group in family.fused] + list(family.row_parallel)
+    layers = model.get_submodule(family.layers)
     return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "projections": {f"model.layers.{i}.{name}": type(layer.get_submodule(name)).__name__
-                            for i, layer in enumerate(layers) for name in PROJECTIONS}}
+            "projections": {f"{family.layers}.{i}.{name}": type(layer.get_submodule(name)).__name__
+                            for i, layer in enumerate(layers) for name in names}}
 
 
 def serve(path: str, eager: bool, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -38,7 +42,8 @@ def serve(path: str, eager: bool, prompts: list[list[int]], max_tokens: int) -> 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
                             prompt_logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    (inspected,) = llm.apply_model(built)
+    model_type = json.load(open(os.path.join(path, "config.json")))["model_type"]
+    (inspected,) = llm.apply_model(functools.partial(built, model_type))
     result = {
         "architecture": llm.llm_engine.model_config.architectures[0],
         **inspected,

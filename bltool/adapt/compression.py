@@ -32,8 +32,9 @@ from torch import nn
 from bltool.adapt.adapters import adapted_modules, merge_into_linear
 from bltool.adapt.lora import GatedLoRALinear
 from bltool.adapt.lowrank import LowRankLinear, default_kernel, set_kernel
-from bltool.adapt.lowrank_models import as_compressed, as_plain, family_of, replace_module
+from bltool.adapt.lowrank_models import as_compressed, as_plain, replace_module
 from bltool.errors import ArtifactError, UsageError
+from bltool.models.families import compressed_family, family_of
 from bltool.models.weights import load_weights_strict, quiet_transformers
 
 FORMS = ("keep", "svd", "drop")
@@ -279,7 +280,7 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype if dtype is not None else config.dtype)
     dtype = next(model.parameters()).dtype
-    built_lowrank = family_of(config.model_type) is not None
+    built_lowrank = compressed_family(config.model_type) is not None
     for entry in section.get("modules", []):
         name = entry["name"]
         try:
@@ -333,7 +334,10 @@ def projection_layers(model: nn.Module) -> dict[str, nn.Module]:
             else:
                 walk(full, child)
 
-    walk("model.layers", model.get_submodule("model.layers"))
+    family = family_of(model.config.model_type)
+    if family is None:
+        raise ValueError(f"no decoder layers known for model type {model.config.model_type!r}")
+    walk(family.layers, model.get_submodule(family.layers))
     return found
 
 

@@ -28,8 +28,7 @@ from torch import nn
 
 from bltool.adapt.kernels import frozen_linear
 from bltool.errors import UsageError
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from bltool.models.families import DEFAULT_TARGETS
 
 
 class GatedLoRALinear(nn.Module):

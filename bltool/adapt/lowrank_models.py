@@ -20,16 +20,7 @@ import functools
 from torch import nn
 
 from bltool.adapt.lowrank import LowRankLinear
-
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-PREFIX = "bltool_lowrank_"
-MODEL_TYPES = tuple(PREFIX + family for family in FAMILIES)
-
-
-def family_of(model_type: str) -> str | None:
-    """`bltool_lowrank_llama` → `llama`; None for any other model type."""
-    family = model_type[len(PREFIX):] if model_type.startswith(PREFIX) else None
-    return family if family in FAMILIES else None
+from bltool.models.families import FAMILIES, compressed_family
 
 
 def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -40,16 +31,16 @@ def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 
 @functools.cache
-def classes(family: str) -> tuple[type, type]:
-    """(config class, causal-LM class) of the compressed form of a model family."""
+def classes(model_type: str) -> tuple[type, type]:
+    """(config class, causal-LM class) of the compressed form of a model family (by its plain model type)."""
     import transformers
 
-    name = FAMILIES[family]
-    base_config = getattr(transformers, f"{name}Config")
-    base_model = getattr(transformers, f"{name}ForCausalLM")
+    family = FAMILIES[model_type]
+    base_config = getattr(transformers, family.config_class)
+    base_model = getattr(transformers, family.model_class)
 
     class Config(base_config):
-        model_type = PREFIX + family
+        model_type = family.compressed_type
         lowrank_modules: dict | None = None  # dotted module name → rank of its LowRankLinear
 
     class ForCausalLM(base_model):
@@ -63,8 +54,8 @@ def classes(family: str) -> tuple[type, type]:
                     dense.in_features, dense.out_features, int(rank), bias=dense.bias is not None,
                     device=dense.weight.device, dtype=dense.weight.dtype))
 
-    for cls, suffix in ((Config, "Config"), (ForCausalLM, "ForCausalLM")):
-        cls.__name__ = cls.__qualname__ = f"BltoolLowRank{name}{suffix}"
+    for cls, name in ((Config, family.compressed_config_class), (ForCausalLM, family.compressed_class)):
+        cls.__name__ = cls.__qualname__ = name
         cls.__module__ = __name__
     return Config, ForCausalLM
 
@@ -74,8 +65,8 @@ def register(_transformers=None) -> None:
     (called by `import bltool` once transformers is imported; safe to call again)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    for family in FAMILIES:
-        config_cls, model_cls = classes(family)
+    for model_type in FAMILIES:
+        config_cls, model_cls = classes(model_type)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
@@ -87,10 +78,10 @@ def as_compressed(model: nn.Module) -> nn.Module:
     lowrank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     if not lowrank:
         return model
-    family = family_of(model.config.model_type) or model.config.model_type
-    if family not in FAMILIES:
+    family = compressed_family(model.config.model_type) or FAMILIES.get(model.config.model_type)
+    if family is None:
         raise ValueError(f"no compressed form for model type {model.config.model_type!r}")
-    config_cls, model_cls = classes(family)
+    config_cls, model_cls = classes(family.model_type)
     values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
     config = config_cls(**{**values, "lowrank_modules": lowrank})
     config.architectures = [model_cls.__name__]
@@ -106,15 +97,14 @@ def as_plain(model: nn.Module) -> nn.Module:
     """The inverse of `as_compressed` for a model whose layers are all dense again: an instance of its
     family's own class (`LlamaForCausalLM`, ...) with the family's config. Other models are returned as
     they are."""
-    family = family_of(model.config.model_type)
+    family = compressed_family(model.config.model_type)
     if family is None:
         return model
     if any(isinstance(m, LowRankLinear) for m in model.modules()):
         raise ValueError("as_plain: the model still has low-rank layers")
     import transformers
 
-    name = FAMILIES[family]
-    config_cls, model_cls = getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+    config_cls, model_cls = getattr(transformers, family.config_class), getattr(transformers, family.model_class)
     values = {k: v for k, v in model.config.to_dict().items()
               if k not in ("model_type", "architectures", "lowrank_modules")}
     config = config_cls(**values)
@@ -130,8 +120,8 @@ def as_plain(model: nn.Module) -> nn.Module:
 def __getattr__(name: str):
     """`BltoolLowRankLlamaConfig`, `BltoolLowRankLlamaForCausalLM`, ...: the classes `classes()` builds,
     reachable by name so that pickle (vLLM sends the config to its engine processes) finds them."""
-    for family, title in FAMILIES.items():
-        for index, suffix in enumerate(("Config", "ForCausalLM")):
-            if name == f"BltoolLowRank{title}{suffix}":
-                return classes(family)[index]
+    for family in FAMILIES.values():
+        for index, class_name in enumerate((family.compressed_config_class, family.compressed_class)):
+            if name == class_name:
+                return classes(family.model_type)[index]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,12 +23,16 @@ import torch
 
 from bltool.adapt.lora import GatedLoRALinear
 from bltool.errors import UsageError
+from bltool.models.families import family_of, unsupported
 
 
 def decoder_layers(model: torch.nn.Module, flag: str = "--compile") -> torch.nn.ModuleList:
-    """The decoder's layer list (Llama, Mistral, Qwen2 and most Hugging Face causal LMs)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(decoder, "layers", None)
+    """The decoder's layer list, where the model's family (bltool/models/families.py) keeps it."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = family_of(model_type)
+    if family is None:
+        raise unsupported(f"{flag}: {type(model).__name__}", model_type)
+    layers = model.get_submodule(family.layers)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         raise UsageError(f"{flag}: no decoder layers found in {type(model).__name__}")
     return layers

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from bltool import ui
 from bltool.artifacts import Stage, atomic_output, read_manifest, sha256_file, write_manifest
-from bltool.errors import ArtifactError, BltoolError, UsageError
-from bltool.models.registry import SUPPORTED_MODEL_TYPES, bltool_home, safe_label
+from bltool.errors import ArtifactError, BltoolError
+from bltool.models.families import FAMILIES, unsupported
+from bltool.models.registry import bltool_home, safe_label
 from bltool.models.weights import quiet_transformers
 
 
@@ -42,8 +43,8 @@ def gguf_checkpoint(gguf: Path, flag: str = "MODEL") -> Path:
     except Exception as err:  # transformers raises many kinds for unreadable GGUF
         raise ArtifactError(f"{flag}: cannot read GGUF file {gguf}: {err}") from None
     config = quantized.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"{flag}: {gguf} is a {config.model_type!r} model; supported: {SUPPORTED_MODEL_TYPES}")
+    if config.model_type not in FAMILIES:
+        raise unsupported(f"{flag}: {gguf}", config.model_type, compressed=False)
     # A GGUF-loaded model carries a quantization config and refuses save_pretrained; the weights are
     # already dequantised to float32, so rebuild it as a plain model and copy them in.
     if hasattr(config, "quantization_config"):

@@ -1,7 +1,7 @@
 """Where a model comes from and how it is loaded.
 
 A model is named anywhere by one of:
-- a local Hugging Face checkpoint directory (config.json + safetensors; Llama / Mistral / Qwen2 family),
+- a local Hugging Face checkpoint directory (config.json + safetensors; a family of bltool/models/families.py),
 - a `.gguf` file, converted once into a cached safetensors checkpoint (bltool/models/gguf.py),
 - an alias, built in or from the user's registry (bltool/models/registry.py).
 
@@ -21,7 +21,6 @@ from typing import Any
 
 from bltool.adapt.adapters import load_adapted
 from bltool.adapt.compression import load_compressed
-from bltool.adapt.lowrank_models import MODEL_TYPES
 from bltool.artifacts import (
     MANIFEST,
     MODEL_STAGES,
@@ -32,8 +31,9 @@ from bltool.artifacts import (
     sha256_json,
 )
 from bltool.errors import ArtifactError, UsageError
+from bltool.models.families import family_of, unsupported
 from bltool.models.gguf import gguf_cache_dir, gguf_checkpoint
-from bltool.models.registry import SUPPORTED_MODEL_TYPES, load_registry, registry_path, safe_label
+from bltool.models.registry import load_registry, registry_path, safe_label
 from bltool.models.weights import quiet_transformers
 
 
@@ -122,11 +122,8 @@ def check_checkpoint_dir(path: Path, flag: str = "MODEL") -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{flag}: {config_path} is not valid JSON ({err})") from None
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES + MODEL_TYPES:
-        raise UsageError(
-            f"{flag}: {path} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(and bltool's compressed forms of them)"
-        )
+    if family_of(model_type) is None:
+        raise unsupported(f"{flag}: {path}", model_type)
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))

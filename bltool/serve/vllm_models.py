@@ -49,29 +49,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from bltool.adapt.lowrank_models import FAMILIES, PREFIX
 from bltool.adapt.lowrank_models import register as register_transformers
+from bltool.models.families import FAMILIES, Family, Fused, compressed_family
 
-# family → (vLLM module, vLLM class) it extends
-VLLM_BASES = {
-    "llama": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
-    "mistral": ("vllm.model_executor.models.mistral", "MistralForCausalLM"),
-    "qwen2": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
-}
-# vLLM's fused layer → the projections it holds, in the order its forward splits the output
-GROUPS = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
-# the vLLM linear class each of those is built with, by the name the family modules import it under
-BUILT_WITH = {"self_attn.qkv_proj": "QKVParallelLinear", "mlp.gate_up_proj": "MergedColumnParallelLinear",
-              "self_attn.o_proj": "RowParallelLinear", "mlp.down_proj": "RowParallelLinear"}
-
-
-def architecture(family: str) -> str:
-    return f"BltoolLowRank{FAMILIES[family]}ForCausalLM"
+ROW_PARALLEL_LINEAR = "RowParallelLinear"  # the vLLM class a family's `row_parallel` projections are built with
 
 
 def register() -> None:
@@ -80,8 +61,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     register_transformers()
-    for family in FAMILIES:
-        ModelRegistry.register_model(architecture(family), f"{__name__}:{architecture(family)}")
+    for family in FAMILIES.values():
+        ModelRegistry.register_model(family.compressed_class, f"{__name__}:{family.compressed_class}")
 
 
 class LowRankColumnParallel(nn.Module):
@@ -128,15 +109,15 @@ class Parts(nn.Module):
         return torch.cat([part(x)[0] for part in self.parts.values()], dim=-1), None
 
 
-def _layer_ranks(lowrank: dict, n_layers: int) -> list[dict[str, int]]:
+def _layer_ranks(family: Family, lowrank: dict, n_layers: int) -> list[dict[str, int]]:
     """`lowrank_modules` ({"model.layers.3.self_attn.q_proj": 12, ...}) as one {local name: rank} per
     layer; refuses names that are not an adapted projection of a decoder layer."""
     per_layer: list[dict[str, int]] = [{} for _ in range(n_layers)]
-    known = set(ROW_PARALLEL) | {p for parts in GROUPS.values() for p in parts}
+    known = set(family.row_parallel) | {p for group in family.fused for p in group.members}
     for name, rank in lowrank.items():
-        head, _, local = name.partition(".layers.")
+        head, _, local = name.partition(f"{family.layers}.")
         index, _, projection = local.partition(".")
-        if head != "model" or not index.isdigit() or int(index) >= n_layers or projection not in known:
+        if head or not index.isdigit() or int(index) >= n_layers or projection not in known:
             raise ValueError(f"config.json lowrank_modules: {name!r} is not an adapted projection of one of "
                              f"the model's {n_layers} decoder layers")
         per_layer[int(index)][projection] = int(rank)
@@ -156,9 +137,9 @@ def _parts(prefix: str, members: dict[str, int], ranks: dict[str, int], d_in: in
     return Parts(parts)
 
 
-def _builder(local: str, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
-    """What builds the module at `<layer>.<local>` from the arguments vLLM called its linear class with."""
-    if local == "self_attn.qkv_proj":
+def _fused_builder(group: Fused, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
+    """What builds a fused group's layer from the arguments vLLM called its linear class with."""
+    if group.vllm_linear == "QKVParallelLinear":
         def build(a: dict) -> nn.Module:
             from vllm.distributed import get_tensor_model_parallel_world_size
 
@@ -169,15 +150,21 @@ def _builder(local: str, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
                 raise ValueError(f"{a['prefix']}: low-rank q/k/v projections cannot be split over {tp} tensor-"
                                  f"parallel ranks, more than the model's {kv_heads} KV heads")
             q, kv = heads * a["head_size"], kv_heads * a["head_size"]
-            members = dict(zip(GROUPS[local], (q, kv, kv)))
+            members = dict(zip(group.members, (q, kv, kv), strict=True))
             return _parts(a["prefix"], members, ranks, a["hidden_size"], a["bias"])
-    elif local == "mlp.gate_up_proj":
+    elif group.vllm_linear == "MergedColumnParallelLinear":
         def build(a: dict) -> nn.Module:
-            members = dict(zip(GROUPS[local], a["output_sizes"], strict=True))
+            members = dict(zip(group.members, a["output_sizes"], strict=True))
             return _parts(a["prefix"], members, ranks, a["input_size"], a["bias"])
     else:
-        def build(a: dict) -> nn.Module:
-            return LowRankRowParallel(a["input_size"], a["output_size"], ranks[local], a["bias"], a["prefix"])
+        raise ValueError(f"{group.name}: no low-rank form for vLLM's {group.vllm_linear}")
+    return build
+
+
+def _row_builder(local: str, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
+    """What builds a row-parallel projection from the arguments vLLM called RowParallelLinear with."""
+    def build(a: dict) -> nn.Module:
+        return LowRankRowParallel(a["input_size"], a["output_size"], ranks[local], a["bias"], a["prefix"])
     return build
 
 
@@ -185,18 +172,22 @@ def plan(config, prefix: str = "") -> tuple[dict[str, Callable[[dict], nn.Module
     """From `config.lowrank_modules`: ({vLLM layer prefix: builder} for the fused and row-parallel layers
     to build in low-rank form, {checkpoint module name: vLLM module name} for every projection they
     compute, which `load_routed` loads directly). `prefix` is the causal LM's own vLLM prefix."""
-    model = f"{prefix}.model" if prefix else "model"
+    family = compressed_family(config.model_type)
+    if family is None:
+        raise ValueError(f"model type {config.model_type!r} is not one of bltool's compressed model types")
+    layers = f"{prefix}.{family.layers}" if prefix else family.layers
     builders: dict[str, Callable[[dict], nn.Module]] = {}
     routes: dict[str, str] = {}
-    for index, ranks in enumerate(_layer_ranks(config.lowrank_modules or {}, config.num_hidden_layers)):
-        layer = f"model.layers.{index}"
-        for fused, members in GROUPS.items():
-            if any(m in ranks for m in members):
-                builders[f"{model}.layers.{index}.{fused}"] = _builder(fused, ranks)
-                routes.update({f"{layer}.{m}": f"{layer}.{fused}.parts.{m.rpartition('.')[2]}" for m in members})
-        for member in ROW_PARALLEL:
+    for index, ranks in enumerate(_layer_ranks(family, config.lowrank_modules or {}, config.num_hidden_layers)):
+        layer = f"{family.layers}.{index}"
+        for group in family.fused:
+            if any(m in ranks for m in group.members):
+                builders[f"{layers}.{index}.{group.name}"] = _fused_builder(group, ranks)
+                routes.update({f"{layer}.{m}": f"{layer}.{group.name}.parts.{m.rpartition('.')[2]}"
+                               for m in group.members})
+        for member in family.row_parallel:
             if member in ranks:
-                builders[f"{model}.layers.{index}.{member}"] = _builder(member, ranks)
+                builders[f"{layers}.{index}.{member}"] = _row_builder(member, ranks)
                 routes[f"{layer}.{member}"] = f"{layer}.{member}"
     return builders, routes
 
@@ -211,7 +202,7 @@ def building(builders: dict[str, Callable[[dict], nn.Module]]):
     layers for every other call."""
     from vllm.model_executor.layers import linear
 
-    modules = [importlib.import_module(module) for module, _ in VLLM_BASES.values()]
+    modules = [importlib.import_module(family.vllm_module) for family in FAMILIES.values()]
     owner = threading.get_ident()
 
     def divert(original: type) -> Callable[..., nn.Module]:
@@ -228,7 +219,8 @@ def building(builders: dict[str, Callable[[dict], nn.Module]]):
 
         return build
 
-    classes = {name: getattr(linear, name) for name in set(BUILT_WITH.values())}
+    names = {ROW_PARALLEL_LINEAR} | {group.vllm_linear for family in FAMILIES.values() for group in family.fused}
+    classes = {name: getattr(linear, name) for name in names}
     with _building_lock:
         saved = [(m, name, m.__dict__[name]) for m in modules for name in classes if name in m.__dict__]
         try:
@@ -240,14 +232,15 @@ def building(builders: dict[str, Callable[[dict], nn.Module]]):
                 setattr(module, name, original)
 
 
-def check_built(model: nn.Module, builders: dict, prefix: str = "") -> None:
+def check_built(model: nn.Module, family: Family, builders: dict, prefix: str = "") -> None:
     """Every layer `builders` names, in the decoder layers this pipeline stage holds, was built in its
     low-rank form (a vLLM whose model classes build projections differently would leave it dense)."""
     from vllm.model_executor.models.utils import PPMissingLayer
 
     for name in builders:
         local = name[len(prefix) + 1:] if prefix else name
-        layer_name = ".".join(local.split(".")[:3])  # model.layers.<i>
+        index = local[len(family.layers) + 1:].partition(".")[0]
+        layer_name = f"{family.layers}.{index}"
         if isinstance(model.get_submodule(layer_name), PPMissingLayer):
             continue
         built = model.get_submodule(local)
@@ -284,20 +277,19 @@ def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tupl
         loaded.add(target)
 
 
-def _model_class(family: str) -> type:
-    module_name, class_name = VLLM_BASES[family]
-    base = getattr(importlib.import_module(module_name), class_name)
+def _model_class(family: Family) -> type:
+    base = getattr(importlib.import_module(family.vllm_module), family.model_class)
 
     class Compressed(base):
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
             config = vllm_config.model_config.hf_config
-            if config.model_type != PREFIX + family:
-                raise ValueError(f"{architecture(family)} serves model type {PREFIX + family}, not "
+            if config.model_type != family.compressed_type:
+                raise ValueError(f"{family.compressed_class} serves model type {family.compressed_type}, not "
                                  f"{config.model_type!r}")
             builders, routes = plan(config, prefix)
             with building(builders):
                 super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-            check_built(self, builders, prefix)
+            check_built(self, family, builders, prefix)
             self._bltool_routes = routes
 
         def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -305,7 +297,7 @@ def _model_class(family: str) -> type:
             rest = super().load_weights(load_routed(self, self._bltool_routes, weights, loaded))
             return loaded | set(rest)
 
-    Compressed.__name__ = Compressed.__qualname__ = architecture(family)
+    Compressed.__name__ = Compressed.__qualname__ = family.compressed_class
     Compressed.__module__ = __name__
     return Compressed
 
@@ -313,8 +305,8 @@ def _model_class(family: str) -> type:
 def __getattr__(name: str):
     """`BltoolLowRankLlamaForCausalLM` and its siblings, built on first use (vLLM imports them lazily
     from the registry's `module:class` strings)."""
-    for family in FAMILIES:
-        if name == architecture(family):
+    for family in FAMILIES.values():
+        if name == family.compressed_class:
             cls = _model_class(family)
             globals()[name] = cls
             return cls

@@ -36,7 +36,6 @@ from bltool import ui
 from bltool.adapt.compression import layer_macs, layer_weight_bytes
 from bltool.adapt.lora import GatedLoRALinear
 from bltool.adapt.lowrank import LowRankLinear, set_kernel
-from bltool.adapt.lowrank_models import family_of
 from bltool.artifacts import (
     MANIFEST,
     Stage,
@@ -50,6 +49,7 @@ from bltool.artifacts import (
 from bltool.configs import BenchConfig
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.devices import resolve_device, resolve_dtype
+from bltool.models.families import plain_type
 from bltool.models.loading import load_model, model_content_hash, model_inputs, resolve_model
 from bltool.serve import engines, vllm_bench
 from bltool.serve.end_to_end import end_to_end
@@ -76,7 +76,7 @@ def check_baseline(model, baseline, modules: list[dict], spec: str) -> None:
     for key in SAME_ARCHITECTURE:
         a, b = getattr(model.config, key, None), getattr(baseline.config, key, None)
         if key == "model_type":  # a compressed student is of its family's compressed type
-            a, b = family_of(a) or a, family_of(b) or b
+            a, b = plain_type(a), plain_type(b)
         if a != b:
             raise UsageError(f"--baseline: {spec} is not the same architecture as MODEL ({key} {b} vs {a})")
     for entry in modules:

@@ -12,7 +12,6 @@ are then loaded into it under their new indices, strictly.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from bltool import ui
 from bltool.adapt.compression import as_dense
 from bltool.artifacts import Stage, atomic_output, check_output_dir, write_manifest
 from bltool.configs import BuildStudentConfig
+from bltool.models.families import FAMILIES
 from bltool.models.layer_selection import select_layers
 from bltool.models.loading import (
     count_parameters,
@@ -33,7 +33,6 @@ from bltool.models.loading import (
 from bltool.models.weights import quiet_transformers
 
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def student_config(teacher_config, indices: list[int]):
@@ -48,16 +47,17 @@ def student_config(teacher_config, indices: list[int]):
     return config
 
 
-def student_state_dict(teacher_state: dict, indices: list[int]) -> dict:
-    """Teacher tensors renamed for the student: layer indices[j] → layer j, other layers dropped."""
+def student_state_dict(teacher_state: dict, indices: list[int], layers: str) -> dict:
+    """Teacher tensors renamed for the student: layer indices[j] → layer j, other layers dropped. `layers`
+    is the decoder layers' prefix (the family's `layers`)."""
     position = {teacher_index: j for j, teacher_index in enumerate(indices)}
     state = {}
     for key, tensor in teacher_state.items():
-        match = _LAYER_KEY.match(key)
-        if match is None:
+        index, _, rest = key[len(layers) + 1:].partition(".") if key.startswith(f"{layers}.") else ("", "", "")
+        if not (index.isdigit() and rest):
             state[key] = tensor
-        elif int(match.group(1)) in position:
-            state[f"model.layers.{position[int(match.group(1))]}.{match.group(2)}"] = tensor
+        elif int(index) in position:
+            state[f"{layers}.{position[int(index)]}.{rest}"] = tensor
     return state
 
 
@@ -75,7 +75,8 @@ def run(config: BuildStudentConfig) -> Path:
 
     with quiet_transformers():
         student = AutoModelForCausalLM.from_config(student_config(teacher.config, indices), dtype=teacher.dtype)
-    student.load_state_dict(student_state_dict(teacher.state_dict(), indices), strict=True)
+    layers = FAMILIES[teacher.config.model_type].layers  # load_model refused any other type; as_dense made it plain
+    student.load_state_dict(student_state_dict(teacher.state_dict(), indices, layers), strict=True)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     student.eval()
 

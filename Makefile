@@ -2,6 +2,10 @@
 #            the SmolLM2 teacher, the demo corpus) and run the tests.
 # make demo: the same set-up, then the pipeline on the embedded default (examples/demo.sh).
 # make test-fast: the unit and CLI tests only (no real teacher, no subprocess pipelines): under 2 minutes.
+# make test-gpu: the GPU tier (tests/test_gpu.py's cuda cases, marker `gpu`), under 8 minutes on one GPU:
+#            a bf16 distill step against float32, --compile without recompiles as rho moves, bench's CUDA
+#            timer, NCCL DDP (two GPUs, else skipped) and vLLM's CUDA build (BLTOOL_VLLM_PYTHON names a
+#            Python that has it, else skipped). Needs a CUDA build of torch in $(VENV); fails without a GPU.
 # make lint: ruff, as CI runs it (and the pre-commit hook in .pre-commit-config.yaml).
 # make vllm-install: a second environment, .venv-vllm, with vLLM's CPU build and bltool's plugin
 #            (vLLM pins transformers < 5.20, so it cannot share .venv); make test uses it for
@@ -16,7 +20,7 @@ VLLM_STAMP := $(VLLM_VENV)/.bltool-installed
 # tests/test_vllm.py runs vLLM from this environment, and fails (not skips) if it is missing
 VLLM_TEST_ENV := BLTOOL_VLLM_PYTHON=$(CURDIR)/$(VLLM_PY) BLTOOL_REQUIRE_VLLM=1
 
-.PHONY: install vllm-install test test-fast test-vllm demo corpus lint clean
+.PHONY: install vllm-install test test-fast test-gpu test-vllm demo corpus lint clean
 
 install: $(STAMP)
 
@@ -56,6 +60,12 @@ test-vllm: install vllm-install
 
 test-fast: install
 	$(PY) -m pytest -m "not real and not slow" -q
+
+# -m gpu selects the cuda cases only (their cpu twins run in make test); the check first, since without
+# CUDA every case would skip and the tier would look passed
+test-gpu: install
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make test-gpu: no CUDA device (torch ' + torch.__version__ + ' in $(VENV))')"
+	$(PY) -m pytest -m gpu
 
 lint: install
 	$(VENV)/bin/ruff check bltool tests benchmarks

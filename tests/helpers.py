@@ -1,5 +1,6 @@
-"""Builders the tests share: tiny tokenizers and random models, corpora, a distilled student written the
-way `bltool distill` writes one, the CLI's refusal check, and independent rules for the ICL probes.
+"""Builders the tests share: tiny tokenizers and random models, corpora, the inputs of a distill run, a
+distilled student written the way `bltool distill` writes one (and compressed), vLLM's environment, the
+CLI's refusal check, and independent rules for the ICL probes.
 
 Fixtures stay in conftest.py; these are plain functions that test modules import (`from helpers import
 ...`), so no test module imports another.
@@ -8,10 +9,12 @@ Fixtures stay in conftest.py; these are plain functions that test modules import
 from __future__ import annotations
 
 import calendar
+import os
 import random
 import string
 from pathlib import Path
 
+import pytest
 import torch
 
 from bltool.adapt.adapters import adapter_section, save_adapted
@@ -110,6 +113,30 @@ def save_tiny_model(path: Path, tokenizer, arch: str = "llama", layers: int = 12
     return path
 
 
+def distill_setting(root: Path, tokenizer) -> dict:
+    """A 4-layer tiny teacher, its 2-layer mixed student, and data packed into 32-token sequences:
+    {"teacher", "student", "data", "root"}, for distill runs."""
+    from bltool.stages.build_student import BuildStudentConfig
+    from bltool.stages.build_student import run as build_student
+    from bltool.stages.prepare_data import PrepareDataConfig
+    from bltool.stages.prepare_data import run as prepare_data
+
+    teacher = save_tiny_model(root / "teacher", tokenizer, "llama", layers=4, tied=True, seed=3)
+    corpus = write_corpus(root / "corpus", n_docs=80, seed=1)
+    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(root / "data"),
+                                          heldout=0.2, seq_len=32))
+    student = build_student(BuildStudentConfig(teacher=str(teacher), out=str(root / "student"), layers=2))
+    return {"teacher": teacher, "student": student, "data": data, "root": root}
+
+
+def read_log(path: Path) -> list[dict]:
+    """A distill output's per-step log (log.arrow) as rows."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path / "log.arrow")) as source:
+        return pa.ipc.open_stream(source).read_all().to_pylist()
+
+
 def write_corpus(root: Path, n_docs: int = 60, seed: int = 0) -> Path:
     """A directory of text documents (with a nested folder), as prepare-data reads them."""
     rng = random.Random(seed)
@@ -158,6 +185,50 @@ def distilled_student(path, teacher, method="budgeted-lora", rhos=(0.0, 0.3, 1.0
                                         "tau_drop": 0.05}
     write_manifest(path, Stage.DISTILL, config={"method": method}, inputs=[], **sections)
     return path, model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM's environment (tests/test_vllm.py, tests/test_gpu.py)
+
+
+def vllm_python() -> str:
+    python = os.environ.get("BLTOOL_VLLM_PYTHON")
+    if python and Path(python).exists():
+        return python
+    message = (f"BLTOOL_VLLM_PYTHON={python!r} is not a Python" if python else
+               "BLTOOL_VLLM_PYTHON is not set (make vllm-install builds .venv-vllm)")
+    if os.environ.get("BLTOOL_REQUIRE_VLLM") == "1":
+        pytest.fail(f"BLTOOL_REQUIRE_VLLM=1 but {message}")
+    pytest.skip(message)
+
+
+def vllm_teacher(path: Path, tokenizer, arch: str) -> Path:
+    """A random tiny model vLLM's CPU attention accepts (head size 32: it supports 32, 64, 80, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
+    config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def compressed_student(root: Path, teacher: Path, method: str, name: str, rhos=(0.0, 0.1, 1.0)) -> Path:
+    """`distilled_student(teacher)` compressed by `bltool compress` into root/name."""
+    from typer.testing import CliRunner
+
+    from bltool.cli import app
+
+    source, _ = distilled_student(root / f"{name}-distilled", teacher, method=method, rhos=rhos)
+    result = CliRunner().invoke(app, ["compress", str(source), "--out", str(root / name)])
+    assert result.exit_code == 0, result.output
+    return root / name
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """distill (docs/method.md §2–4): the three methods end to end on tiny models, the per-step log and compute
-accounting, resume equivalence (bitwise on CPU), stopping on SIGTERM, a 2-process gloo run against a
-1-process run with the same global batch, the teacher-logits cache, and bad input."""
+accounting, resume equivalence (bitwise on CPU), stopping on SIGTERM, the teacher-logits cache, and bad
+input. Two processes against one with the same global batch (gloo, and NCCL on GPUs): tests/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from helpers import assert_refused, save_tiny_model, write_corpus
+from helpers import assert_refused, distill_setting, read_log, save_tiny_model, write_corpus
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -47,24 +47,13 @@ SMALL = ["--rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--save-every"
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory, tokenizer):
     """A 4-layer tiny teacher, its 2-layer mixed student, and data packed into 32-token sequences."""
-    root = tmp_path_factory.mktemp("distill")
-    teacher = save_tiny_model(root / "teacher", tokenizer, "llama", layers=4, tied=True, seed=3)
-    corpus = write_corpus(root / "corpus", n_docs=80, seed=1)
-    data = prepare_data(PrepareDataConfig(inputs=(str(corpus),), tokenizer=str(teacher), out=str(root / "data"),
-                                          heldout=0.2, seq_len=32))
-    student = build_student(BuildStudentConfig(teacher=str(teacher), out=str(root / "student"), layers=2))
-    return {"teacher": teacher, "student": student, "data": data, "root": root}
+    return distill_setting(tmp_path_factory.mktemp("distill"), tokenizer)
 
 
 def invoke(setting, out, *args, env=None):
     base = ["distill", "--teacher", str(setting["teacher"]), "--student", str(setting["student"]),
             "--data", str(setting["data"]), "--out", str(out)]
     return CliRunner().invoke(app, base + list(args), env=env)
-
-
-def read_log(path: Path) -> list[dict]:
-    with pa.memory_map(str(path / "log.arrow")) as source:
-        return pa.ipc.open_stream(source).read_all().to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -224,35 +213,6 @@ def test_sigterm_writes_a_resumable_checkpoint(setting, tmp_path):
     assert not out.exists()
     state = json.loads((Path(f"{out}.checkpoint") / "state.json").read_text())
     assert 1 <= state["step"] < 5000 and len(state["log"]) == state["step"]
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one_with_the_same_global_batch(setting, tmp_path):
-    common = ["--teacher", str(setting["teacher"]), "--student", str(setting["student"]), "--data",
-              str(setting["data"]), "--method", "budgeted-lora", "--budget", "0.5", "--tokens", str(6 * 128),
-              "--rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--save-every", "0", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "-m", "bltool", "distill", *common, "--batch-size", "2",
-                          "--grad-accum", "2", "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=_cli_env())
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(29500 + os.getpid() % 1000), "-m", "bltool", "distill", *common, "--batch-size", "2",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=_cli_env())
-    assert two.returncode == 0, two.stderr
-    assert two.stdout.strip() == str(tmp_path / "two")  # only rank 0 prints the path
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
-    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["tokens"] for r in log_one] == [r["tokens"] for r in log_two]
-    assert [r["loss"] for r in log_one] == pytest.approx([r["loss"] for r in log_two], rel=1e-5)
-    # the logged gradient norm is the global gradient's (the one clipping uses), not world-size times it;
-    # the two runs sum the same gradient in another order, hence the tolerance
-    norms_one, norms_two = [r["grad_norm"] for r in log_one], [r["grad_norm"] for r in log_two]
-    assert all(n > 0 for n in norms_one)
-    assert norms_two == pytest.approx(norms_one, rel=1e-4)
 
 
 def test_teacher_logits_cache(setting, tmp_path, tokenizer):

@@ -23,52 +23,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from helpers import distilled_student, tiny_config, train_tokenizer
-from typer.testing import CliRunner
+from helpers import compressed_student, train_tokenizer, vllm_python, vllm_teacher
 
 from bltool import load_model
-from bltool.cli import app
 from bltool.models.families import FAMILIES
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 PROMPTS = [[1, 5, 9, 2, 7, 3, 11, 4], [20, 30, 40, 50], [100, 7, 8, 9, 200, 201, 17, 3, 250, 12, 4, 88]]
 MAX_TOKENS = 16
-
-
-def vllm_python() -> str:
-    python = os.environ.get("BLTOOL_VLLM_PYTHON")
-    if python and Path(python).exists():
-        return python
-    message = (f"BLTOOL_VLLM_PYTHON={python!r} is not a Python" if python else
-               "BLTOOL_VLLM_PYTHON is not set (make vllm-install builds .venv-vllm)")
-    if os.environ.get("BLTOOL_REQUIRE_VLLM") == "1":
-        pytest.fail(f"BLTOOL_REQUIRE_VLLM=1 but {message}")
-    pytest.skip(message)
-
-
-def vllm_teacher(path: Path, tokenizer, arch: str) -> Path:
-    """A random tiny model vLLM's CPU attention accepts (head size 32: it supports 32, 64, 80, ...)."""
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(arch, len(tokenizer), layers=4, tied=arch == "llama")
-    config.hidden_size, config.intermediate_size, config.head_dim = 128, 256, 32
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def compressed(root: Path, teacher: Path, method: str, name: str, rhos=(0.0, 0.1, 1.0)) -> Path:
-    source, _ = distilled_student(root / f"{name}-distilled", teacher, method=method, rhos=rhos)
-    result = CliRunner().invoke(app, ["compress", str(source), "--out", str(root / name)])
-    assert result.exit_code == 0, result.output
-    return root / name
 
 
 # ρ per module (q, k, v, o, gate, up, down), two layers' worth, repeated: drop at 0, SVD at 0.1, keep at 1.
@@ -88,10 +51,10 @@ def students(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     tokenizer = train_tokenizer()
     teachers = {arch: vllm_teacher(root / arch, tokenizer, arch) for arch in FAMILIES}
-    students = {arch: compressed(root, teacher, "budgeted-lora", f"{arch}-budgeted",
+    students = {arch: compressed_student(root, teacher, "budgeted-lora", f"{arch}-budgeted",
                                  rhos=MIXED if arch == COMPILED else (0.0, 0.1, 1.0))
                 for arch, teacher in teachers.items()}
-    return {**students, "dense": compressed(root, teachers["llama"], "kd-lora", "dense")}
+    return {**students, "dense": compressed_student(root, teachers["llama"], "kd-lora", "dense")}
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,6 @@
-"""Post-training compression of adapted students into dense / low-rank linears (docs/method.md §5), the
-compressed checkpoint format, and its MAC / parameter accounting (docs/method.md §7).
-
-Per gated LoRA module, with final dense retention ρ:
-1. Harden the rank gates: keep ranks with g_i ≥ τ_rank (at least the largest gate), and fold the kept
-   gates and α/r into the factors: B' = (α/r) · B[:, kept] · diag(g[kept]), A' = A[kept].
-2. Choose the deployed form:
-   - ρ < τ_drop          drop  y = B'(A'x)                                  LowRankLinear, rank = kept
-   - τ_drop ≤ ρ < τ_svd  svd   ρW ≈ U_k Σ_k V_kᵀ; A'' = [Σ_k V_kᵀ ; A'], B'' = [U_k , B']
-                               k = clip(round(k_max · (ρ − τ_drop)/(τ_svd − τ_drop)), 1, k_max)
-   - ρ ≥ τ_svd           keep  one dense linear W' = ρW + B'A' (bias ρb)
-Our choices where the paper is silent: `round` is half-up; k is also capped at min(d_in, d_out); and a
-low-rank form that would cost at least as many MACs as the dense matrix (small modules at large rank)
-is multiplied out into one dense linear computing the same function (`--no-dense-fallback` keeps it).
+"""Post-training compression of adapted students (docs/method.md §5): each gated LoRA module to a dense linear
+or a `LowRankLinear` (`compress_model`, `merge_model`, `densify_model`), the compressed checkpoint format
+(`save_compressed`, `load_compressed`), and its MAC / parameter accounting (docs/method.md §7).
 
 The compressed student is a Hugging Face checkpoint whose adapted linears are plain `nn.Linear`
 (`…q_proj.weight`) or `LowRankLinear` (`…q_proj.down.weight`, `…q_proj.up.weight`, `…q_proj.up.bias`).

@@ -1,18 +1,11 @@
-"""Gated LoRA linear layer (docs/method.md §2) and its injection into a model.
+"""Gated LoRA linear layer, `GatedLoRALinear` (docs/method.md §2), and its injection into a model (`inject_lora`).
 
-    y = ρ · W x  +  (α / r) · B · diag(g) · A · dropout(x)
-
-W is the frozen dense weight (with its bias, if any, scaled by ρ as well). A (r × d_in) and
-B (d_out × r) are the LoRA factors, and B starts at zero so the module starts equal to the dense layer.
-g = sigmoid(γ) are per-rank gates with trainable logits γ started at +4 (g ≈ 0.98). ρ ∈ [0, 1] is the
-dense retention coefficient: a buffer that the budget controller sets, not gradients. When ρ == 0 the
-dense matmul is not computed at all. The low-rank path never builds the d_out × d_in matrix.
-
-The LoRA parameters are float32 even when the frozen base weight is bfloat16 (`distill --dtype`): the
-low-rank path runs on its input upcast to float32 and its output is cast back to the input's dtype, so
-the parameters and their optimizer state keep full precision. ρ enters the computation as a tensor and
-the skip (ρ == 0 or not) is the module's only Python branch, so `torch.compile` (`distill --compile`)
-compiles each layer at most once per set of skipped modules, not once per value of ρ.
+The low-rank path never builds the d_out × d_in matrix. The LoRA parameters are float32 even when the frozen
+base weight is bfloat16 (`distill --dtype`): the low-rank path runs on its input upcast to float32 and its
+output is cast back to the input's dtype, so the parameters and their optimizer state keep full precision.
+ρ enters the computation as a tensor and the skip (ρ == 0 or not) is the module's only Python branch, so
+`torch.compile` (`distill --compile`) compiles each layer at most once per set of skipped modules, not once
+per value of ρ.
 
 Plain LoRA (`kd-lora`) is the same layer with `gated=False` and ρ left at 1.
 """

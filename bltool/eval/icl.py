@@ -1,19 +1,7 @@
-"""The ICL probe protocol (docs/method.md §6): prompts, demonstration sampling, batched greedy answers, scoring.
-
-Prompt: each demonstration is `Q:{input}\\nA:{output}`, demonstrations are separated by a blank line, and
-the query `Q:{input}\\nA:` comes last; there is no instruction. The answer is the greedy continuation up
-to its first newline, compared with the target by case-sensitive exact match after stripping
-surrounding whitespace.
-
-Sampling, for a task whose pool holds the pairs (x_1, y_1) … (x_m, y_m):
-- queries: `n` pool indices drawn without replacement by an RNG seeded with the task name only, so
-  every demonstration seed asks the same questions and variation across seeds comes from the
-  demonstrations alone;
-- demonstrations for demonstration seed s and query j: `shots` pairs drawn without replacement, by an
-  RNG seeded with (task, s, j), from the pairs whose input differs from the query's, so a query never
-  appears among its own demonstrations (nor does any other pair with the same input).
-Both are pure functions of the task's pairs, so a task written to a file and read back is asked the
-same prompts.
+"""The ICL probe protocol (docs/method.md §6): prompts (`format_prompt`), the queries and demonstrations of a
+task (`build_queries`), batched greedy answers up to the first newline (`greedy_answers`) and exact-match
+scoring (`is_correct`). Queries and demonstrations are pure functions of the task's pairs, so a task
+written to a file and read back is asked the same prompts.
 """
 
 from __future__ import annotations

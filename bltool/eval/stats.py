@@ -1,26 +1,13 @@
-"""The standard errors `report` decides with (docs/method.md §6), free of torch.
+"""The standard errors `report` decides with (docs/method.md §6), free of torch: a perplexity's over units
+(`ratio_se`), two perplexities' paired log ratio over the same windows (`paired_log_ratio`) and two ICL runs'
+paired difference over the same queries (`paired_icl`).
 
-Perplexity. `eval-ppl` writes `windows.arrow`: one row per piece of a scored window that belongs to one
-document (`window`, `document`, `tokens` scored, their `bytes`, `nll` = Σ NLL in nats), in scoring order; a
-window holding the end of one document and the start of the next has two rows. `document` is null when the
-prepared data does not mark its documents exactly (`bltool.eval.nll.document_separator`).
-
-Mean NLL is a ratio, Σ NLL / Σ tokens, over units: the held-out split's documents when they are known and
-there are at least two, else its windows. Documents are the unit because the split samples documents (the
-MD5 rule draws each one independently), while a document that straddles two windows makes those windows'
-NLLs correlated, so an SE over windows understates the noise when documents are long. The standard error
-is the delta method's for a ratio of sums over k units (sᵢ Σ NLL, nᵢ tokens of unit i, μ = Σs / Σn):
-
-    se(μ) = √(k / (k − 1) · Σ (sᵢ − μ nᵢ)²) / Σ nᵢ,     se(ppl) = ppl · se(μ)
-
-Two models scored on the same windows are compared by the log of their perplexities' ratio,
-log(ppl_a / ppl_b) = Σ (sᵢᵃ − sᵢᵇ) / Σ nᵢ, whose standard error is the same formula over the paired
-differences dᵢ = sᵢᵃ − sᵢᵇ: the units' own difficulty, shared by both models, cancels, so it is far smaller
-than √(se_a² + se_b²).
-
-ICL. Two runs that asked the same queries (matched by task, seed and query index, with the same input and
-target) are compared by the paired differences of their correctness: per task, `probes.standard_error` of the
-grid of differences (each query's mean difference over seeds, SE over queries), combined over tasks as
+Perplexity's input is `eval-ppl`'s `windows.arrow` (`read_pieces`): one row per piece of a scored window that
+belongs to one document (`window`, `document`, `tokens` scored, their `bytes`, `nll` = Σ NLL in nats), in
+scoring order; a window holding the end of one document and the start of the next has two rows. `document`
+is null when the prepared data does not mark its documents exactly (`bltool.eval.nll.document_separator`).
+ICL's is `eval-icl`'s `predictions.arrow` (`read_predictions`), matched by task, seed and query index, with
+the same input and target; per task the SE is `probes.standard_error`'s, combined over tasks as
 `probes.composite_se` combines a composite's.
 """
 

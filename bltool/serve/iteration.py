@@ -1,20 +1,12 @@
-"""Batch-iteration time as a function of what the iteration processed.
+"""Batch-iteration time as a function of what the iteration processed: b(p, d, k) of docs/method.md §8,
+fitted by least squares, no coefficient negative (`fit` → `IterationModel`), to the iterations
+`bench-serving` recorded; the fit's error is kept beside it, so a plan can say how well the form
+describes the server. A constant b̄ is the special case c_p = c_d = c_a = 0.
 
-One iteration of continuous batching runs one forward over every decoding sequence's new token and the
-prefill chunks scheduled beside them. Its time grows with both, and with the attention over the KV
-cache those tokens read:
-
-    b(p, d, k) = c₀ + c_p · p + c_d · d + c_a · (p + d) · k
-
-with `p` prefill tokens, `d` decoding sequences and `k` KV tokens the iteration's requests hold once it
-has written its own. The last term is attention: transformers' paged attention on CPU packs the batch
-into one query × key product, (p + d) queries against all k keys (masked), so on this CPU an
-iteration carrying a 256-token chunk beside 8 long decodes costs far more than either alone; kernels
-that attend per request cost less, and the fit then gives the term a small coefficient. The
-coefficients are fitted by least squares to the iterations `bench-serving` recorded (each record says
-what that iteration processed and how long it took), none negative; the fit's error is kept beside
-it, so a plan can say how well the form describes the server. A constant b̄ is the special case
-c_p = c_d = c_a = 0.
+The attention term c_a · (p + d) · k: transformers' paged attention on CPU packs the batch into one query ×
+key product, (p + d) queries against all k keys (masked), so on this CPU an iteration carrying a 256-token
+chunk beside 8 long decodes costs far more than either alone; kernels that attend per request cost less,
+and the fit then gives the term a small coefficient.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
-"""Serving capacity under KV-cache memory (docs/method.md §8): pure functions, no I/O.
-
-The model (Nie, Si & Zhou 2026): one GPU worker holds at most `M` KV tokens. A request with prompt
-length `s` and output length `o` is prefilled in chunks of `ŝ` tokens, one chunk per batch iteration,
-then decodes one token per iteration, and its KV cache is freed when it completes. Its lifetime memory
-`g(s, o)` is the number of KV tokens it holds, summed over the iterations it is in the batch. Because
-the cache never holds more than `M` tokens, `b̄` seconds of iteration serve at most `M` token·iterations,
-so no policy completes more than `μ = M / (b̄ · E[g])` requests per second.
-
-Counted as the servers run it (transformers' continuous batching and vLLM alike): the last prefill chunk
-emits the first output token, so a request is in the batch for `⌈s/ŝ⌉ + o − 1` iterations, not the
-paper's `⌈s/ŝ⌉ + o`, and its last token is never written to the cache; and the cache is allocated in
-pages, so a request holding `t` tokens occupies `⌈t/P⌉` pages of `P` tokens (`lifetime_memory(...,
-page_size)` counts g in whole pages, and M is then the cache's whole pages).
+"""Serving capacity under KV-cache memory (docs/method.md §8): pure functions, no I/O. The KV shape and
+bytes per token, the cache's capacity M, a request's lifetime memory g(s, o) counted as the servers run it
+and in whole pages (`lifetime_memory(..., page_size)`), the stable service rate μ, the slack δ, and the
+memory, sequence and token bounds (`iteration_model_bounds` with the fitted iteration time).
 
 Units: lengths in tokens, memory in bytes (KV and weights) or tokens (`M`, `g`), times in seconds,
 rates in requests per second.

@@ -1,12 +1,9 @@
 """build-student: copy chosen teacher layers, plus embeddings, final norm and LM head, into a smaller
 model that is a plain Hugging Face checkpoint (docs/method.md §1). A teacher that bltool made (a distilled
-or compressed student) is first made the plain model computing the same function: adapters merged, low-rank
-layers multiplied out.
+or compressed student) is first made the plain model computing the same function.
 
-The student is constructed from a copy of the teacher's config with `num_hidden_layers = n` (and
-per-layer config lists such as `layer_types` cut to the chosen layers), so transformers numbers its
-attention layers 0..n-1 and the KV cache is addressed correctly; the chosen teacher layers' weights
-are then loaded into it under their new indices, strictly.
+The student is built from a copy of the teacher's config (layers renumbered as §1 says), and the chosen
+teacher layers' weights are then loaded into it under their new indices, strictly.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""distill: KD-Full, KD-LoRA and Budgeted LoRA (docs/method.md §2–4, §7).
-
-A teacher (or its `teacher-logits` cache: top-k logits or samples) supervises a student on the prepared
-training split with the loss of §4. `kd-full` trains every student weight; `kd-lora` freezes the student
-and trains LoRA on the target projections; `budgeted-lora` adds per-rank gates and the budget controller,
-which lowers each module's dense retention ρ along the schedule until the dense cost is the budget F
-(modules at ρ = 0 stop computing their dense matmul, so training gets cheaper as it goes).
+"""distill: KD-Full, KD-LoRA and Budgeted LoRA (docs/method.md §2–4, §7), from a live teacher or its
+`teacher-logits` cache (top-k logits or samples).
 
 The loop, per optimizer step: read the step's sequences (a pure function of seed and step, so a data
 position is a step count), run the teacher under no_grad, the student's loss over sequence chunks,

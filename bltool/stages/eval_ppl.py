@@ -1,20 +1,10 @@
-"""eval-ppl: held-out perplexity and bits-per-byte (docs/method.md §6).
+"""eval-ppl: held-out perplexity and bits-per-byte (docs/method.md §6), with the standard error over the
+held-out documents (or the windows, when the data does not mark its documents exactly; `bltool.eval.stats`).
 
-Protocol: the held-out split's packed windows (documents joined with the separator `prepare-data` chose,
-non-overlapping windows of the data's sequence length), taken in file order until `--max-tokens` tokens; every
-token of a window except its first is predicted from the tokens before it in the same window.
-
-    ppl = exp(Σ NLL / tokens scored)
-    bpb = Σ NLL / (ln 2 · UTF-8 bytes of the scored tokens)
-
-Perplexity depends on the tokenizer; bits-per-byte does not, so it compares models with different
-vocabularies. Every scored token counts in both sums, the separator included (it stands for 0 bytes, so the
-cost of predicting document boundaries is charged to the text's bytes).
-
-Uncertainty: `perplexity_se` is the delta method's standard error over the held-out documents (the unit the
-split samples), or over the windows when the data does not mark its documents exactly (`bltool.eval.stats`).
-`windows.arrow` keeps Σ NLL, tokens and bytes per (window, document) piece, so `report` can compare two
-models scored on the same windows by the paired standard error of their perplexities' log ratio.
+The held-out split's packed windows are taken in file order until `--max-tokens` tokens. Writes into
+`--out`: `result.json`, `result.arrow`, `windows.arrow` (Σ NLL, tokens and bytes per (window, document)
+piece, so that `report` can compare two models scored on the same windows by their paired standard error)
+and `manifest.json`.
 """
 
 from __future__ import annotations

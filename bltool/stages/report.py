@@ -14,16 +14,10 @@ run's evaluation manifests. Otherwise `report` refuses, naming the setting and t
 distilled and the compressed form of a student (one evaluated, the other benched, say), or that has two
 evaluations of one model by the same stage, is refused the same way, or marked (†) on its name.
 
-The claim sentences judge differences against their paired standard errors (`bltool.eval.stats`): two models'
-perplexities by the log of their ratio over the same held-out documents (windows.arrow, matched by
-window and document), two ICL composites by the differences of their answers to the same queries
-(predictions.arrow, matched by task, seed and query). "Above" / "below", "higher" / "lower" only beyond
-NOISE_Z paired standard errors; "within noise" otherwise. The paired SE is far smaller than √(se₁² + se₂²),
-which counts the units' own difficulty twice although both models met the same units. "Lands near" also
-needs a practical tolerance, PPL_NEAR: a tiny slice would make any ratio "within noise", so near means
-that the ratio is at most PPL_NEAR even at its upper NOISE_Z-SE bound. Two ICL runs both at or below their
-baseline, or answering every query alike, are "not informative", never "within noise". Results without
-the per-unit files (written before bltool recorded them) get no verdict: re-run the evaluation.
+The claim sentences judge differences by their paired standard errors (docs/method.md §6, `bltool.eval.stats`;
+NOISE_Z standard errors, and PPL_NEAR for "lands near"). Two ICL runs both at or below their baseline, or
+answering every query alike, are "not informative", never "within noise". Results without the per-unit
+files (written before bltool recorded them) get no verdict: re-run the evaluation.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
-"""teacher-logits: run the teacher once and store what it says about the sequences distillation reads.
-
-Two forms: `--top-k K` (the default, K = 64) keeps the K largest logits of each position with the mass of
-the rest; `--sample N` keeps N draws from the teacher's distribution at the distillation temperature (their
-distinct ids and counts), from which the loss's gradient is unbiased (`losses.kd_loss_sampled`).
+"""teacher-logits: run the teacher once and store what it says about the sequences distillation reads, in
+the top-k or the sampled form of docs/method.md §4 (file format: `bltool.train.teacher_cache`).
 
 The sequences are those at positions [0, ⌈tokens / seq_len⌉) of the run order for `--seed` (see
 `bltool.train.batches`), so any `distill --teacher-logits DIR` with the same data, seed and temperature and at
 most `--tokens` tokens finds every sequence it needs, whatever its batch size or number of processes.
-A sweep over budgets then pays for the teacher once. See `bltool.train.teacher_cache` for the file format,
-`losses.kd_loss_topk` for how the loss treats the tail beyond the top k and `losses.kd_loss_sampled` for the
-sampled estimate. The draws of the sampled form are a pure function of (--seed, sequence), so they too are
-the same whatever the batches, processes or resumptions.
+A sweep over budgets then pays for the teacher once.
 
 Work and files. The covered sequences, in run order, are cut into batches of `--batch-size`; batch b is
 always the same sequences, so the stored rows do not depend on how the batches are spread over processes

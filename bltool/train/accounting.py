@@ -1,18 +1,6 @@
-"""Training compute of the adapted modules: the proxy of docs/method.md §7 and what a run really executed.
-
-MACs per token, counted over the adapted linears only (attention scores, norms, embeddings and the LM
-head are the same for every method, so they cancel in the comparison):
-
-    kd-full        3D          forward, activation backward and weight backward of every dense matmul
-    kd-lora        2D + 3L     the frozen dense path needs no weight gradient; LoRA pays all three
-    budgeted-lora  2D·ρ̄ + 3L   ρ̄ = s0 + (s1 − s0)(1 + F)/2 + (1 − s1)F, the schedule's mean retention
-
-with D = Σ d_in·d_out and L = Σ r(d_in + d_out). The proxy is normalised so that kd-full is 1.
-
-The proxy assumes dense cost falls with ρ. It does not: a module's dense matmul runs in full for any
-ρ > 0 and stops only at ρ = 0. `ComputeMeter` therefore counts, step by step, the dense MACs actually
-executed (2·Σ_{ρ_m > 0} c_m per token for the LoRA methods) and reports them with the same
-normalisation as `realised`.
+"""Training compute of the adapted modules (docs/method.md §7): the proxy (3D, 2D + 3L, 2D·ρ̄ + 3L,
+normalised so that kd-full is 1) and `ComputeMeter`, which counts step by step the dense MACs a run
+actually executed (`realised`, normalised the same way).
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""Budget schedule and controller (docs/method.md §3).
+"""Budget schedule and controller (docs/method.md §3): the target fraction f(s) (`target_fraction`), the
+settings (`BudgetConfig`, with its warning for runs too short for ρ to settle) and `BudgetController`.
 
 The controller works on numbers only: module dense costs c_m = d_in · d_out in registration order, and
-their retention coefficients ρ_m. The training loop copies ρ into the modules after each step. Because
+their retention coefficients ρ_m; the training loop copies ρ into the modules after each step. Because
 it is a pure function of the step count, every data-parallel rank computes the same ρ without
 communicating.
-
-Each step, with C(t) = Σ ρ_m c_m and target C*(t) = f(s) · C:
-  if C(t) > C*(t), walk the modules in ascending c_m (ties: registration order) and lower each one's
-  target ρ̂_m as far as needed (never below 0) until Σ ρ̂_m c_m ≤ C*(t); then smooth
-  ρ_m ← β ρ_m + (1 − β) ρ̂_m, and clamp ρ_m < τ_drop to exactly 0. ρ never rises.
 """
 
 from __future__ import annotations

@@ -1,32 +1,15 @@
 """The distillation loss of docs/method.md §4, fused with the student's LM head.
 
-Over the non-padding next-token positions (position t predicts token t+1, right padding):
-
-    L = α_kd · T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)) + (1 − α_kd) · CE(z_S, labels)
-
-KL is summed over the vocabulary and both terms are averaged per predicted token; the T² keeps the
-soft term's gradient on the scale of the hard term's as T grows (Hinton et al. 2015).
-
-How it is computed (`kd_loss`, `kd_loss_topk`): one pass over the positions, `chunk` tokens at a time
-(rows × positions: ⌊chunk / B⌋ positions of every row, at least one), that
-applies the student's head to the final hidden states, the teacher's head (live form) under no_grad,
-computes the loss and, in the same pass, its gradient with respect to the logits in closed form,
-
-    ∂L/∂z_S = (α_kd · T / N) · (softmax(z_S/T) − p_T) + ((1 − α_kd) / N) · (softmax(z_S) − onehot(label)),
-
-and from it the gradients with respect to the hidden states (g · W) and, when the head trains, the head's
-weight (gᵀ · h) and bias. A small autograd Function hands those gradients back in the backward pass.
-So neither model's (B, T, V) logits ever exist, only one chunk's (`chunk`, V), whatever the batch, and nothing
-is recomputed:
-each head runs once per position (an autograd graph through the heads would keep every chunk's (B, c, V)
-intermediates, and activation checkpointing would run both heads twice; for SmolLM2's 49k vocabulary the
-head is the most expensive matmul of a small student). This is the approach of Liger-Kernel's fused
-linear cross-entropy and distillation losses. Padding needs no host sync: padded positions get weight 0.
-
-The cached forms (a `teacher-logits` cache) have the same structure: the top-k form with the
-coarse-grained KL of `kd_loss_topk`, the sampled form with the unbiased estimate of `kd_loss_sampled`; their
-gradients are derived there. `kd_loss_reference`, `kd_loss_topk_reference` and `kd_loss_sampled_reference`
-are the plain autograd forms from full logits, for tests and comparisons.
+`kd_loss` (a live teacher), `kd_loss_topk` and `kd_loss_sampled` (a `teacher-logits` cache; their gradients
+are derived there) make one pass over the positions, `chunk` tokens at a time (rows × positions: ⌊chunk / B⌋
+positions of every row, at least one), computing the loss and its closed-form gradient with respect to the
+logits, then the gradients with respect to the hidden states and, when the head trains, the head's weight
+and bias, which a small autograd Function hands back in the backward pass. So neither model's (B, T, V)
+logits ever exist, only one chunk's, and each head runs once per position (an autograd graph through the
+heads would keep every chunk's intermediates, and activation checkpointing would run both heads twice): the
+approach of Liger-Kernel's fused linear cross-entropy and distillation losses. Padded positions get weight 0,
+without a host sync. `kd_loss_reference`, `kd_loss_topk_reference` and `kd_loss_sampled_reference` are the
+plain autograd forms from full logits, for tests and comparisons.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The teacher-logits cache: what a teacher says about the sequences a distillation run will read.
+"""The teacher-logits cache (docs/method.md §4, "A cached teacher"): what a teacher says about the sequences a
+distillation run will read, in the top-k or the sampled form, recorded in the manifest's `cache` section.
 
-Two forms, chosen by `bltool teacher-logits --top-k K` (the default) or `--sample N`, recorded in the
-manifest's `cache` section. `bltool teacher-logits` writes Arrow IPC streams under `shards/`, one per
-completed part of each process's share (`part-B.arrow`, B its first batch), listed with their rows and
-positions in the manifest's `shards`; top-k caches made before sharding hold one `topk.arrow`, read the
-same way. Each stream has one row per training sequence (every sequence in exactly one file), with
-lists over its predicting positions 0..T-2 (position t predicts token t+1), position-major.
+`bltool teacher-logits` writes Arrow IPC streams under `shards/`, one per completed part of each process's
+share (`part-B.arrow`, B its first batch), listed with their rows and positions in the manifest's `shards`;
+top-k caches made before sharding hold one `topk.arrow`, read the same way. Each stream has one row per
+training sequence (every sequence in exactly one file), with lists over its predicting positions 0..T-2
+(position t predicts token t+1), position-major.
 
 The top-k form (`topk`, estimator `topk-tail-bucket`, `losses.kd_loss_topk`):
 
@@ -15,15 +15,10 @@ The top-k form (`topk`, estimator `topk-tail-bucket`, `losses.kd_loss_topk`):
                                     so ≤ 0: float16 is most precise near 0, where the mass is
     lse          list<float32>      (T-1) log-sum-exp of all V logits / temperature, minus largest / T
     tail         list<float32>      (T-1) log of the teacher's probability mass beyond its top k at the
-                                    cache's temperature, computed from the float32 logits (−inf at k = V)
+                                    cache's temperature, computed from the float32 logits (−inf at k = V),
+                                    exact to float32 rather than 1 − Σ of k float16-rounded probabilities
 
-`lse` turns the k logits into probabilities at the distillation temperature, and `tail` is the mass of
-everything else, exact to float32 rather than 1 − Σ of k float16-rounded probabilities.
-
-The sampled form (`sampled`, estimator `rs-kd`, `losses.kd_loss_sampled`): N token ids drawn with
-replacement from the teacher's softmax(z/T) at the distillation temperature T (Anshumann et al., "Sparse
-Logit Sampling", ACL 2025), stored as the distinct ids with their counts, so that p̂ = counts / N, whose
-expectation is the teacher's distribution:
+The sampled form (`sampled`, estimator `rs-kd`, `losses.kd_loss_sampled`; draws from `sample_uniforms`):
 
     sequence       int64                 index of the sequence in the data's train split
     sample_ids     list<uint16|int32>    the distinct drawn ids, ascending at each position, position
@@ -32,10 +27,6 @@ expectation is the teacher's distribution:
     sample_unique  list<uint8>           (T-1) how many distinct ids each position has
     entropy        list<float32>         (T-1) the teacher's entropy at T (turns the estimated cross-
                                          entropy into an estimate of the KL, for the log; no gradient)
-
-The draws come from uniforms that are a pure function of (--seed, sequence) (`sample_uniforms`), so the
-cache does not depend on batches, processes or resumption. Both forms depend on the temperature, so a cache
-serves runs at the temperature it was made with, and `distill` refuses another.
 """
 
 from __future__ import annotations

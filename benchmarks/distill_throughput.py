@@ -77,6 +77,7 @@ import traceback
 from pathlib import Path
 
 from bltool.models.families import FAMILIES
+from bltool.options import from_flags
 
 TARGETS = FAMILIES["llama"].targets  # the teacher here is a Llama
 PEER = "peft-lora"
@@ -339,7 +340,7 @@ def bltool_worker(spec: dict) -> dict:
     fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
     if "dtype" in fields:  # `distill --dtype`, where this bltool has it
         kw["dtype"] = spec["dtype"]
-    run, state = _bltool_state(distill.DistillConfig(**kw))
+    run, state = _bltool_state(from_flags(distill.DistillConfig, **kw))
     budget = {"dense_computed_fraction": 1.0}
     if state.controller is not None:
         budget = _settle_budget(state, cfg["budget"])

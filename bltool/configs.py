@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from bltool.checks import check_compression, check_kd, check_lora
 from bltool.errors import UsageError
 from bltool.eval.probes import BUILTIN
 from bltool.models.devices import check_dtype
@@ -40,16 +41,6 @@ def _names(value, flag):
 
 def _none_if_empty(value, flag):
     return value or None
-
-
-def _check_kd(temperature: float, kd_weight: float, chunk: int) -> None:
-    """bltool.train.losses.check_kd_args, for the config layer (which does not import torch)."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"--temperature must be a positive number, got {temperature}")
-    if not 0.0 <= kd_weight <= 1.0:  # also rejects NaN
-        raise UsageError(f"--kd-weight must be in [0, 1], got {kd_weight}")
-    if chunk < 1:
-        raise UsageError(f"--chunk must be at least 1, got {chunk}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,16 +284,9 @@ class DistillConfig:
         elif c.budget is not None:
             takers = " or ".join(m.name for m in methods.budgeted())
             raise UsageError(f"--budget applies to --method {takers} only, not {self.method}")
-        if method.lora:  # the checks of bltool.adapt.lora.LoRASpec
-            if lora.rank < 1:
-                raise UsageError(f"--rank must be at least 1, got {lora.rank}")
-            if lora.lora_alpha <= 0:
-                raise UsageError(f"--lora-alpha must be positive, got {lora.lora_alpha}")
-            if not 0.0 <= lora.lora_dropout < 1.0:
-                raise UsageError(f"--lora-dropout must be in [0, 1), got {lora.lora_dropout}")
-            if not lora.target_modules:
-                raise UsageError("--target-modules must name at least one module")
-        _check_kd(self.kd.temperature, self.kd.kd_weight, self.chunk)
+        if method.lora:
+            check_lora(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.target_modules)
+        check_kd(self.kd.temperature, self.kd.kd_weight, self.chunk)
         check_dtype(self.dtype)
         for flag, value in (("--tokens", self.tokens), ("--batch-size", self.batch_size),
                             ("--grad-accum", self.grad_accum)):
@@ -385,7 +369,7 @@ class TeacherLogitsConfig:
         if self.sample is not None and not 1 <= self.sample <= MAX_SAMPLES:
             raise UsageError(f"--sample must be between 1 and {MAX_SAMPLES} (draws per position; their counts are "
                              f"stored in one byte), got {self.sample}")
-        _check_kd(self.temperature, 0.5, self.chunk)
+        check_kd(self.temperature, 0.5, self.chunk)
         check_dtype(self.dtype)
 
 
@@ -404,15 +388,9 @@ class CompressConfig:
                                        "speedup.")
     overwrite: bool = option(False, help=OVERWRITE)
 
-    def __post_init__(self):  # the checks of bltool.adapt.compression.CompressionPolicy, at τ_drop's default 0.05
-        tau_drop = self.tau_drop if self.tau_drop is not None else 0.05
-        if not 0.0 <= self.tau_rank <= 1.0:
-            raise UsageError(f"--tau-rank must be in [0, 1], got {self.tau_rank}")
-        if not 0.0 <= tau_drop < self.tau_svd <= 1.0:
-            raise UsageError(f"--tau-drop must be below --tau-svd, both in [0, 1]; got {tau_drop} and "
-                             f"{self.tau_svd}")
-        if self.k_max < 1:
-            raise UsageError(f"--k-max must be at least 1, got {self.k_max}")
+    def __post_init__(self):  # at τ_drop's default where the distill run does not say
+        check_compression(self.tau_rank, self.tau_drop if self.tau_drop is not None else 0.05, self.tau_svd,
+                          self.k_max)
 
 
 @dataclass(frozen=True)

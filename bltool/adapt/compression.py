@@ -22,7 +22,8 @@ from bltool.adapt.adapters import adapted_modules, merge_into_linear
 from bltool.adapt.lora import GatedLoRALinear
 from bltool.adapt.lowrank import LowRankLinear, default_kernel, set_kernel
 from bltool.adapt.lowrank_models import as_compressed, as_plain, replace_module
-from bltool.errors import ArtifactError, UsageError
+from bltool.checks import check_compression
+from bltool.errors import ArtifactError
 from bltool.models.families import compressed_family, family_of
 from bltool.models.weights import load_weights_strict, quiet_transformers
 
@@ -39,13 +40,7 @@ class CompressionPolicy:
     dense_fallback: bool = True  # --dense-fallback: multiply out low-rank forms that cost ≥ dense
 
     def __post_init__(self):
-        if not 0.0 <= self.tau_rank <= 1.0:
-            raise UsageError(f"--tau-rank must be in [0, 1], got {self.tau_rank}")
-        if not 0.0 <= self.tau_drop < self.tau_svd <= 1.0:
-            raise UsageError(f"--tau-drop must be below --tau-svd, both in [0, 1]; got {self.tau_drop} and "
-                             f"{self.tau_svd}")
-        if self.k_max < 1:
-            raise UsageError(f"--k-max must be at least 1, got {self.k_max}")
+        check_compression(self.tau_rank, self.tau_drop, self.tau_svd, self.k_max)
 
 
 def choose_form(rho: float, policy: CompressionPolicy) -> str:

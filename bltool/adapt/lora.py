@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bltool.adapt.kernels import frozen_linear
+from bltool.checks import check_lora
 from bltool.errors import UsageError
 from bltool.models.families import DEFAULT_TARGETS
 
@@ -165,14 +166,7 @@ class LoRASpec:
     gated: bool = True  # per-rank gates (budgeted-lora) or plain LoRA (kd-lora)
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise UsageError(f"--lora-alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
-            raise UsageError("--target-modules must name at least one module")
+        check_lora(self.rank, self.alpha, self.dropout, self.targets)
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:

@@ -14,14 +14,13 @@ plain autograd forms from full logits, for tests and comparisons.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from bltool.adapt.kernels import linear
-from bltool.errors import UsageError
+from bltool.checks import check_kd
 
 IGNORE_INDEX = -100  # label of a position with no target (padding), as in F.cross_entropy
 
@@ -32,16 +31,6 @@ class KDLoss(NamedTuple):
     loss: torch.Tensor  # α_kd · T² · kl + (1 − α_kd) · ce
     kl: torch.Tensor  # mean KL(teacher ‖ student) per token at temperature T, without the T²
     ce: torch.Tensor  # mean cross-entropy of the student against the labels, at temperature 1
-
-
-def check_kd_args(temperature: float, kd_weight: float, chunk: int = 1) -> None:
-    """Raise UsageError, naming the CLI flag, for a temperature, KD weight or chunk out of range."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"--temperature must be a positive number, got {temperature}")
-    if not 0.0 <= kd_weight <= 1.0:  # also rejects NaN
-        raise UsageError(f"--kd-weight must be in [0, 1], got {kd_weight}")
-    if chunk < 1:
-        raise UsageError(f"--chunk must be at least 1, got {chunk}")
 
 
 def next_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,7 +155,7 @@ def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_
     Per position, with q = softmax(z_S/T) and p = softmax(z_T/T):
     KL = Σ p log p − Σ p · z_S/T + lse(z_S/T), and ∂KL/∂(z_S/T) = q − p.
     """
-    check_kd_args(temperature, kd_weight, chunk)
+    check_kd(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
     t_head = _Head.of(teacher_head)
 
@@ -206,7 +195,7 @@ def kd_loss_topk(student_hidden: torch.Tensor, student_head: torch.nn.Module, to
     the teacher's tail mass); q_j / Q_tail is computed as exp(z_j/T − lse over the tail), exact however
     little mass the student leaves there.
     """
-    check_kd_args(temperature, kd_weight, chunk)
+    check_kd(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
 
     def chunk_terms(z: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor, lse_t: torch.Tensor,
@@ -250,7 +239,7 @@ def kd_loss_sampled(student_hidden: torch.Tensor, student_head: torch.nn.Module,
     KD gradient q − p: unbiased, whatever the student. The loss's value, KL̂ = −H(p) − Σ_j p̂_j log q_j,
     is unbiased for the KL too (and can be negative at a position). The CE term needs no teacher.
     """
-    check_kd_args(temperature, kd_weight, chunk)
+    check_kd(temperature, kd_weight, chunk)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
 
     def chunk_terms(z: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, entropy: torch.Tensor):
@@ -280,7 +269,7 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       attention_mask: torch.Tensor, temperature: float = 3.0, kd_weight: float = 0.8) -> KDLoss:
     """The same loss from full logits (B, T, V) of both models, unchunked, by autograd: for tests and
     comparisons."""
-    check_kd_args(temperature, kd_weight)
+    check_kd(temperature, kd_weight)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
     valid = labels != IGNORE_INDEX
     z_s = _fp32(student_logits[:, :-1][valid])  # (N, V) the N predicted positions
@@ -297,7 +286,7 @@ def kd_loss_topk_reference(student_logits: torch.Tensor, topk_ids: torch.Tensor,
                            attention_mask: torch.Tensor, temperature: float = 3.0,
                            kd_weight: float = 0.8) -> KDLoss:
     """`kd_loss_topk` from the student's full logits (B, T, V), unchunked, by autograd (tests)."""
-    check_kd_args(temperature, kd_weight)
+    check_kd(temperature, kd_weight)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
     valid = labels != IGNORE_INDEX
     z = _fp32(student_logits[:, :-1][valid]) / temperature  # (N, V)
@@ -317,7 +306,7 @@ def kd_loss_sampled_reference(student_logits: torch.Tensor, sample_ids: torch.Te
                               teacher_entropy: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                               temperature: float = 3.0, kd_weight: float = 0.8) -> KDLoss:
     """`kd_loss_sampled` from the student's full logits (B, T, V), unchunked, by autograd (tests)."""
-    check_kd_args(temperature, kd_weight)
+    check_kd(temperature, kd_weight)
     labels = next_token_labels(input_ids, attention_mask)  # (B, T-1)
     valid = labels != IGNORE_INDEX
     z = _fp32(student_logits[:, :-1][valid])  # (N, V)

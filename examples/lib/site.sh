@@ -7,7 +7,8 @@
 #   BLTOOL_DATA_ROOT   where prepared data goes
 #   BLTOOL_RUNS_ROOT   where runs go
 # The file is $BLTOOL_ENV, else ${XDG_CONFIG_HOME:-$HOME/.config}/bltool/site.env, read when it exists.
-# A variable already set in the environment wins over the file. Nothing here assumes the repository is the
+# Values are taken literally (no quotes, no $expansion). A variable already set in the environment wins
+# over the file. Nothing here assumes the repository is the
 # working directory.
 bltool_site_env=${BLTOOL_ENV:-${XDG_CONFIG_HOME:-$HOME/.config}/bltool/site.env}
 if [ -n "${BLTOOL_ENV:-}" ] && [ ! -f "$BLTOOL_ENV" ]; then
@@ -24,7 +25,7 @@ if [ -f "$bltool_site_env" ]; then
          exit 2 ;;
     esac
     if [ -z "${!bltool_name:-}" ]; then
-      export "$bltool_name=$(eval "printf '%s' ${bltool_line#*=}")"
+      export "$bltool_name=${bltool_line#*=}"
     fi
   done < "$bltool_site_env"
 fi

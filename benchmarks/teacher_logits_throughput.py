@@ -15,7 +15,16 @@ warm-up batch (for the compiled variants it includes the compilation, reported a
 `bltool teacher-logits` computes a batch (writing the Arrow part is not timed). The rounds run the variants
 in an order rotated by one per round; a variant's figure is the median batch time over all its timed
 batches; tokens/s is batch tokens ÷ that. The break-even for a compiled variant is the number of tokens
-after which its compilation has paid for itself against eager at the same dtype.
+after which its compilation has paid for itself against eager at the same dtype. `÷ float32` sets each
+bf16 variant beside its float32 twin (bf16 ÷ eager, bf16-compile ÷ compile).
+
+Model FLOPs and MFU. FLOPs/token = 2·M, M the teacher's forward matmul MACs per token of the timed batches
+(`bltool.adapt.compression.macs_per_token`): the seven projections, attention QKᵀ and A·V over each
+sequence's mean causal context (L + 1)/2, and the LM head for the predicting positions (L − 1 of L); the
+top-k statistics are not counted. MFU = tokens/s × FLOPs/token ÷ the machine's matmul peak for the
+variant's dtype, measured in this process at the start of every round, interleaved with the variants, on
+the same threads (`bltool.serve.timing.matmul_peak`: the fastest of F.linear and oneDNN on a square
+--peak-size GEMM; the median over rounds).
 
     .venv/bin/python benchmarks/teacher_logits_throughput.py --rounds 3
     .venv/bin/python benchmarks/teacher_logits_throughput.py --smoke     # tiny random teacher, for the tests
@@ -42,6 +51,7 @@ VARIANTS = {"eager-mkl": ("float32", False), "eager": ("float32", False), "compi
 def worker(spec: dict) -> dict:
     import torch
 
+    from bltool.adapt.compression import macs_per_token
     from bltool.adapt.kernels import use_onednn
     from bltool.data.prepared import PreparedData
     from bltool.eval.nll import hidden_states
@@ -74,8 +84,11 @@ def worker(spec: dict) -> dict:
             teacher_topk_rows(predicting, head, spec["top_k"], 3.0, len(rows) * 256)
             times.append(time.perf_counter() - began)
             tokens.append(sum(len(r) for r in rows))
+    lengths = [len(train[j]) for j in range(b, (1 + spec["batches"]) * b)]  # the timed batches' sequences
+    macs = macs_per_token(teacher, context=sum(n * (n + 1) / 2 for n in lengths) / sum(lengths),
+                          logits_per_token=sum(n - 1 for n in lengths) / sum(lengths))
     return {"variant": spec["variant"], "round": spec["round"], "first_batch_s": times[0], "batch_s": times[1:],
-            "tokens_per_batch": tokens[1:]}
+            "tokens_per_batch": tokens[1:], "flops_per_token": 2 * macs["total"], "macs": macs}
 
 
 def _run_worker(spec: dict) -> dict:
@@ -115,7 +128,21 @@ def _demo_data(args) -> str:
     return str(out)
 
 
-def summarise(results: list[dict]) -> dict:
+def measure_peak(size: int, threads: int | None) -> dict:
+    """The float32 and bf16 matmul peaks on this process's threads (bltool.serve.timing.matmul_peak)."""
+    import torch
+
+    from bltool.serve.timing import matmul_peak
+
+    if threads:
+        torch.set_num_threads(threads)
+    return matmul_peak(("float32", "bfloat16"), size=size)
+
+
+def summarise(results: list[dict], peaks: list[dict] | None = None) -> dict:
+    """Per variant: tokens/s, ratios, compile break-even; with `peaks` (one `measure_peak` per round) its
+    model GFLOP/s and MFU against the median peak of its dtype."""
+    peak = {d: statistics.median(p[d]["gflops"] for p in peaks) for d in ("float32", "bfloat16")} if peaks else {}
     rows = {}
     for variant in VARIANTS:
         runs = [r for r in results if r["variant"] == variant and "error" not in r]
@@ -124,13 +151,21 @@ def summarise(results: list[dict]) -> dict:
         times = [t for r in runs for t in r["batch_s"]]
         tokens = statistics.median([n for r in runs for n in r["tokens_per_batch"]])
         median = statistics.median(times)
-        rows[variant] = {"tokens_per_s": tokens / median, "median_batch_s": median, "timed_batches": len(times),
-                         "first_batch_s": statistics.median(r["first_batch_s"] for r in runs)}
+        flops = runs[0]["flops_per_token"]
+        rows[variant] = {"dtype": VARIANTS[variant][0], "tokens_per_s": tokens / median, "median_batch_s": median,
+                         "timed_batches": len(times),
+                         "first_batch_s": statistics.median(r["first_batch_s"] for r in runs),
+                         "flops_per_token": flops, "model_gflops": tokens / median * flops / 1e9}
+        if peak:
+            rows[variant]["mfu"] = rows[variant]["model_gflops"] / peak[VARIANTS[variant][0]]
     for variant, row in rows.items():
         dtype, compiled = VARIANTS[variant]
         for ref in ("eager", "eager-mkl"):
             if ref in rows:
                 row[f"vs_{ref}"] = row["tokens_per_s"] / rows[ref]["tokens_per_s"]
+        twin = "compile" if compiled else "eager"  # the float32 variant a bf16 one is set beside
+        if dtype == "bfloat16" and twin in rows:
+            row["vs_float32"] = row["tokens_per_s"] / rows[twin]["tokens_per_s"]
         base = "eager" if dtype == "float32" else "bf16"
         if compiled and base in rows:
             saving = rows[base]["median_batch_s"] - row["median_batch_s"]  # per batch, steady state
@@ -153,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--peak-size", type=int, default=2048, help="the square GEMM of the matmul peak (MFU)")
     parser.add_argument("--out", help="JSON results (default WORK/teacher_logits_throughput.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny random teacher, 1 round, 2 batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -168,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.teacher, args.data = _smoke_inputs(work)
         args.rounds, args.batches, args.batch, args.top_k, args.threads = 1, 2, 2, 5, args.threads or 1
+        args.peak_size = 256
     data = args.data or _demo_data(args)
-    results = []
+    results, peaks = [], []
     for round_ in range(args.rounds):
+        peaks.append(measure_peak(args.peak_size, args.threads))
+        print(f"teacher_logits_throughput: round {round_} matmul peak: "
+              + ", ".join(f"{d} {p['gflops']:.0f} GFLOP/s ({p['kernel']})" for d, p in peaks[-1].items()),
+              file=sys.stderr, flush=True)
         k = round_ % len(variants)
         for variant in variants[k:] + variants[:k]:
             spec = {"variant": variant, "round": round_, "teacher": args.teacher, "data": data, "batch": args.batch,
@@ -180,22 +221,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teacher_logits_throughput: round {round_} {variant}: "
                   + (f"error {r['error'][-300:]}" if "error" in r else
                      f"{statistics.median(r['batch_s']):.3f} s/batch"), file=sys.stderr, flush=True)
-    rows = summarise(results)
+    rows = summarise(results, peaks)
+    peak = {d: statistics.median(p[d]["gflops"] for p in peaks) for d in ("float32", "bfloat16")}
     out = Path(args.out) if args.out else work / "teacher_logits_throughput.json"
-    out.write_text(json.dumps({"rows": rows, "workers": results, "batch": args.batch, "rounds": args.rounds,
-                               "batches": args.batches, "data": data, "teacher": args.teacher}, indent=2) + "\n",
-                   encoding="utf-8")
-    print("| variant | tokens/s | ÷ eager | ÷ eager-mkl | first batch s | break-even tokens |")
-    print("|---|---:|---:|---:|---:|---:|")
+    out.write_text(json.dumps({"rows": rows, "workers": results, "peaks": peaks, "peak_gflops": peak,
+                               "peak_size": args.peak_size, "batch": args.batch, "rounds": args.rounds,
+                               "batches": args.batches, "data": data, "teacher": args.teacher, "threads": args.threads},
+                              indent=2) + "\n", encoding="utf-8")
+    nan = float("nan")
+    print(f"matmul peak ({args.peak_size}³ GEMM, median of {len(peaks)}): float32 {peak['float32']:.0f} GFLOP/s, "
+          f"bfloat16 {peak['bfloat16']:.0f} GFLOP/s")
+    print("| variant | dtype | tokens/s | ÷ eager | ÷ eager-mkl | ÷ float32 | MFLOP/token | GFLOP/s | MFU "
+          "| first batch s | break-even tokens |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant in variants:
         if variant not in rows:
-            print(f"| {variant} | FAILED | | | | |")
+            print(f"| {variant} | {VARIANTS[variant][0]} | FAILED | | | | | | | | |")
             continue
         row = rows[variant]
-        be = row.get("break_even_tokens")
-        print(f"| {variant} | {row['tokens_per_s']:.1f} | {row.get('vs_eager', float('nan')):.2f}× | "
-              f"{row.get('vs_eager-mkl', float('nan')):.2f}× | {row['first_batch_s']:.1f} | "
-              f"{'' if be is None else f'{be:,.0f}'} |")
+        be, f32 = row.get("break_even_tokens"), row.get("vs_float32")
+        print(f"| {variant} | {row['dtype']} | {row['tokens_per_s']:.1f} | {row.get('vs_eager', nan):.2f}× | "
+              f"{row.get('vs_eager-mkl', nan):.2f}× | {'' if f32 is None else f'{f32:.2f}×'} | "
+              f"{row['flops_per_token'] / 1e6:.4g} | {row['model_gflops']:.4g} | {row['mfu']:.1%} | "
+              f"{row['first_batch_s']:.1f} | {'' if be is None else f'{be:,.0f}'} |")
     return 0 if len(rows) == len(variants) else 1
 
 

@@ -25,6 +25,10 @@ OVERWRITE = "Replace an existing --out made by this command."
 DEVICE = "auto, cpu, cuda or cuda:N."
 DEVICE_RANKED = "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."
 DTYPE = "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
+# distill and teacher-logits: their frozen weights only feed training or a cache, so `auto` takes bf16 where the
+# CPU has it natively (bltool.models.devices.cpu_bf16); evaluation and bench keep float32 on every CPU
+FROZEN_AUTO = ("auto (bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else float32; "
+               "BLTOOL_CPU_BF16=0 keeps float32 on every CPU)")
 MODEL = "Model: checkpoint directory, .gguf file or alias."
 
 KERNELS = ("auto", "linear", "mm", "compile")  # bltool.adapt.lowrank.KERNELS
@@ -263,9 +267,8 @@ class DistillConfig:
     chunk: int = option(512, help="Tokens (sequences × positions) per LM-head chunk in the loss: bounds its "
                                   "(chunk, vocabulary) buffers.")
     device: str = option("auto", help=DEVICE_RANKED)
-    dtype: str = option("auto", help="Frozen weights (teacher; the student's base under LoRA): auto (bfloat16 on "
-                                     "CUDA, float32 on CPU), float32, bfloat16 or float16. Trained parameters stay "
-                                     "float32.")
+    dtype: str = option("auto", help=f"Frozen weights (teacher; the student's base under LoRA): {FROZEN_AUTO}, "
+                                     "float32, bfloat16 or float16. Trained parameters stay float32.")
     compile: bool = option(False, help="torch.compile each decoder layer of the student and of the live teacher.",
                            decls=("--compile",))
     activation_checkpointing: bool = option(
@@ -345,7 +348,7 @@ class TeacherLogitsConfig:
     save_seconds: float = option(300.0, help="Complete a part file (what --resume keeps) at least this often, in "
                                              "seconds; 0: after every batch.")
     resume: bool = option(False, help="Continue the unfinished run in OUT.partial (the same flags).")
-    dtype: str = option("auto", help=DTYPE)
+    dtype: str = option("auto", help=f"The teacher's weights: {FROZEN_AUTO}, float32, bfloat16, float16.")
     device: str = option("auto", help=DEVICE_RANKED)
     compile: bool = option(False, help="torch.compile each decoder layer of the teacher (pays off on long runs).",
                            decls=("--compile",))

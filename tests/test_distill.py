@@ -27,6 +27,7 @@ from bltool.artifacts import file_table, read_manifest, sha256_json
 from bltool.cli import app
 from bltool.errors import UsageError
 from bltool.eval.nll import hidden_states
+from bltool.models import devices
 from bltool.options import from_flags
 from bltool.stages import distill as distill_stage
 from bltool.stages.build_student import BuildStudentConfig
@@ -635,7 +636,30 @@ def test_bfloat16_frozen_base_trains_float32_adapters_and_saves_the_full_precisi
     for name, value in bases.items():  # the frozen base: the student's float32 weights, bit for bit
         torch.testing.assert_close(value, original[name], rtol=0, atol=0)
     manifest = read_manifest(out, ("distill",))
-    assert manifest["config"]["dtype"] == "bfloat16"
+    assert manifest["config"]["dtype"] == "bfloat16" and manifest["training"]["frozen_dtype"] == "bfloat16"
+
+
+def test_auto_dtype_is_recorded_resolved_and_a_resume_keeps_it(setting, monkeypatch, tmp_path):
+    """--dtype auto: float32 under BLTOOL_CPU_BF16=0, bf16 on a CPU with native bf16 (patched in). A run
+    checkpointed in one is not resumed in the other (it would change precision mid-run); naming its dtype
+    resumes it whatever auto means here."""
+    args = ["--method", "kd-lora", "--tokens", str(6 * 64), *SMALL]
+    _stop_at(monkeypatch, 2)
+    out = tmp_path / "run"
+    assert invoke(setting, out, *args, env={"BLTOOL_CPU_BF16": "0"}).exit_code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert json.loads((Path(f"{out}.checkpoint") / "state.json").read_text())["frozen_dtype"] == "float32"
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    bf16 = {"BLTOOL_CPU_BF16": "1"}
+    refused = invoke(setting, out, *args, "--resume", env=bf16)
+    assert_refused(refused, "--resume", "float32", "bfloat16 here", "--dtype float32")
+    resumed = invoke(setting, out, *args, "--resume", "--dtype", "float32", env=bf16)
+    assert resumed.exit_code == 0, resumed.stderr
+    manifest = read_manifest(out, ("distill",))
+    assert manifest["training"]["frozen_dtype"] == "float32" and manifest["config"]["dtype"] == "float32"
+    fresh = invoke(setting, tmp_path / "fresh", *args, env=bf16)  # auto on a native-bf16 CPU
+    assert fresh.exit_code == 0, fresh.stderr
+    assert read_manifest(tmp_path / "fresh", ("distill",))["training"]["frozen_dtype"] == "bfloat16"
 
 
 def test_bfloat16_base_keeps_lora_parameters_float32_in_the_module():

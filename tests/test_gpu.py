@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from bltool import load_model
 from bltool.adapt.lora import LoRASpec, inject_lora
 from bltool.cli import app
+from bltool.models import devices
 from bltool.models.compiling import compile_layers
 from bltool.options import from_flags
 from bltool.serve.timing import measure
@@ -92,9 +93,15 @@ def float32_step(setting, tmp_path_factory):
     return row, grad
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_bf16_distill_step_is_float32_within_bf16_rounding(device, setting, float32_step, tmp_path):
-    row, grad, run, state = _distill_step(setting, tmp_path / "out", device, "bfloat16")
+def test_a_bf16_distill_step_is_float32_within_bf16_rounding(device, dtype, setting, float32_step, monkeypatch,
+                                                             tmp_path):
+    """--dtype bfloat16, and --dtype auto where it means bf16: on CUDA, and on a CPU with native bf16 (patched
+    in here, so that the check runs on every CPU: bf16 is emulated where it is not native)."""
+    monkeypatch.setenv("BLTOOL_CPU_BF16", "1")
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    row, grad, run, state = _distill_step(setting, tmp_path / "out", device, dtype)
     want_row, want_grad = float32_step
     # what ran was the bf16 step: frozen weights in bf16, the trained parameters in float32
     assert run.frozen_dtype == torch.bfloat16

@@ -26,6 +26,7 @@ from bltool.artifacts import (
 )
 from bltool.cli import app
 from bltool.errors import ArtifactError, UsageError
+from bltool.models import devices
 from bltool.models.devices import resolve_device, resolve_dtype
 from bltool.models.families import FAMILIES
 from bltool.models.gguf import gguf_cache_dir
@@ -393,6 +394,29 @@ def test_devices_and_dtypes():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_auto_is_bfloat16_for_frozen_weights_on_a_cpu_with_native_bf16_only(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(devices, "native_bf16", lambda native=native: native)
+        for env, want in (("1", torch.bfloat16 if native else torch.float32), ("0", torch.float32)):
+            monkeypatch.setenv("BLTOOL_CPU_BF16", env)
+            assert resolve_dtype("auto", "cpu", cpu_auto_bf16=True) == want, (native, env)
+            assert resolve_dtype("auto", "cpu") == torch.float32  # evaluation: float32 on every CPU
+            assert resolve_dtype("float32", "cpu", cpu_auto_bf16=True) == torch.float32
+            assert resolve_dtype("auto", "cuda", cpu_auto_bf16=True) == torch.bfloat16
+    monkeypatch.delenv("BLTOOL_CPU_BF16")  # unset: on
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    assert resolve_dtype("auto", "cpu", cpu_auto_bf16=True) == torch.bfloat16
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags of Linux")
+def test_native_bf16_agrees_with_the_cpu_flags():
+    """torch's checks (AVX512-BF16, AMX) give what the kernel's CPU flags say."""
+    flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for f in line.split()}
+    native = bool({"avx512_bf16", "amx_bf16"} & flags) and torch.backends.mkldnn.is_available()
+    assert devices.native_bf16() == native
 
 
 # ---------------------------------------------------------------------------------------------------

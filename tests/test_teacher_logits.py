@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 from bltool.artifacts import read_manifest, write_manifest
 from bltool.cli import app
+from bltool.models import devices
 from bltool.stages import teacher_logits as stage
 from bltool.stages.prepare_data import PrepareDataConfig
 from bltool.stages.prepare_data import run as prepare_data
-from bltool.train.teacher_cache import FILE, TeacherCache, teacher_topk, teacher_topk_rows
+from bltool.train.teacher_cache import FILE, SCHEMA, TeacherCache, teacher_topk, teacher_topk_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -146,14 +147,54 @@ def test_stopped_run_resumes_to_the_rows_of_an_uninterrupted_one(setting, whole,
     # starting over needs --overwrite; resuming needs the same settings
     assert_refused(invoke(setting, out), "--resume", "--overwrite", "unfinished")
     assert_refused(invoke(setting, out, "--resume", "--top-k", "6"), "--resume", "--top-k (5 there, 6 here)")
+    # --dtype auto where it now means bf16 (a CPU with native bf16, patched in): the teacher's precision is
+    # kept, and naming it (auto resolved to float32 there) resumes
+    monkeypatch.setattr(devices, "native_bf16", lambda: True)
+    bf16 = {"BLTOOL_CPU_BF16": "1"}
+    assert_refused(CliRunner().invoke(app, args(setting, out, "--resume"), env=bf16),
+                   "--resume", "--dtype (the teacher ran in float32 there, bfloat16 here)")
+    assert_refused(invoke(setting, out, "--resume", "--dtype", "bfloat16"), "--resume", "--dtype")
 
-    resumed = invoke(setting, out, "--resume", "--save-seconds", "0")
+    resumed = CliRunner().invoke(app, args(setting, out, "--resume", "--save-seconds", "0", "--dtype", "float32"),
+                                 env=bf16)
     assert resumed.exit_code == 0, resumed.stderr
+    monkeypatch.undo()
     assert not partial.exists()
     manifest = read_manifest(out)
     assert manifest["timing"]["resumed"] and manifest["timing"]["tokens"] == 3 * SEQ  # batches 3 and 4 only
     assert_same_rows(whole, out)
     assert_refused(invoke(setting, out, "--resume"), "--resume", "finished")
+
+
+def test_a_bf16_teacher_writes_the_same_stored_types_and_the_float32_rows_within_bf16_rounding(setting, whole,
+                                                                                                tmp_path):
+    """The cache stores float16 logits and float32 log-sum-exp and tail whatever the teacher's dtype (the
+    statistics are worked in float32); the manifest records the dtype the teacher ran in, and the rows read
+    back as the float32 teacher's within bf16's rounding."""
+    out = tmp_path / "bf16"
+    result = invoke(setting, out, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.stderr
+    assert read_manifest(out)["teacher"]["dtype"] == "bfloat16"
+    assert read_manifest(whole)["teacher"]["dtype"] == "float32"
+    for shard in read_manifest(out)["shards"]:
+        with pa.OSFile(str(out / shard["file"])) as f:
+            assert pa.ipc.open_stream(f).schema.equals(SCHEMA)
+    low, high = rows(out), rows(whole)
+    assert low.keys() == high.keys()
+    agree = total = 0
+    for sequence in high:
+        ids16, logits16, lse16, tail16 = low[sequence]
+        ids32, logits32, lse32, tail32 = high[sequence]
+        assert logits16.dtype == lse16.dtype == torch.float32  # as distill reads them
+        # measured: 1e-3 (lse), 4e-3 (logits), 1e-5 (tail) on this tiny random teacher
+        torch.testing.assert_close(lse16, lse32, rtol=0, atol=0.01)
+        torch.testing.assert_close(tail16, tail32, rtol=0, atol=1e-3)
+        same = ids16 == ids32  # the logits of the ids both hold in the same place
+        torch.testing.assert_close(logits16[same], logits32[same], rtol=0, atol=0.02)
+        agree += int((ids16[..., 0] == ids32[..., 0]).sum())
+        total += ids32[..., 0].numel()
+    assert agree >= 0.9 * total  # the top-1 id, where bf16 may swap near-ties
+    assert not all(torch.equal(low[s][2], high[s][2]) for s in high)  # bf16 did round (not float32 twice)
 
 
 @pytest.mark.slow

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 from bltool.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_BF16_ENV = "BLTOOL_CPU_BF16"  # "0": `auto` stays float32 on every CPU
 
 
 def check_dtype(dtype: str, flag: str = "--dtype") -> None:
@@ -12,13 +16,46 @@ def check_dtype(dtype: str, flag: str = "--dtype") -> None:
         raise UsageError(f"{flag} must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def resolve_dtype(dtype: str, device: str):
-    """`auto` is bfloat16 on CUDA and float32 on CPU."""
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, through oneDNN), by torch's own
+    checks, or the kernel's CPU flags where this torch lacks them."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(check is not None for check in checks):
+        return any(check() for check in checks)
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and {"avx512_bf16", "amx_bf16"} & set(line.split())
+               for line in text.splitlines())
+
+
+def cpu_bf16() -> bool:
+    """Whether `auto` picks bfloat16 for a CPU's frozen weights: native bf16, unless BLTOOL_CPU_BF16=0."""
+    return os.environ.get(CPU_BF16_ENV, "1") != "0" and native_bf16()
+
+
+def resolve_dtype(dtype: str, device: str, cpu_auto_bf16: bool = False):
+    """`auto` is bfloat16 on CUDA and float32 on CPU; with `cpu_auto_bf16` (the stages whose frozen weights
+    only feed training or a cache: distill, teacher-logits) bfloat16 on a CPU with native bf16 too
+    (`cpu_bf16`). Evaluation keeps float32 on every CPU, so that its figures compare across machines."""
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda") or (cpu_auto_bf16 and device == "cpu" and cpu_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def dtype_name(dtype) -> str:
+    """`torch.bfloat16` → "bfloat16", as manifests record it."""
+    return str(dtype).replace("torch.", "")
 
 
 def resolve_device(device: str, flag: str = "--device") -> str:

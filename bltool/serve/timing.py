@@ -18,6 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+from bltool.adapt.kernels import onednn_available
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -67,6 +70,36 @@ def measure(candidates: dict[str, Callable[[], Any]], warmup: int = 3, repeats: 
                "repeats": len(values), "samples_s": values}
         for name, values in samples.items()
     }
+
+
+def matmul_peak(dtypes: tuple[str, ...] = ("float32", "bfloat16"), size: int = 2048, warmup: int = 2,
+                repeats: int = 5, device: str | torch.device = "cpu") -> dict[str, dict[str, Any]]:
+    """The machine's matmul rate per dtype, the denominator of a benchmark's MFU: a (size × size) ·
+    (size × size) product, 2·size³ FLOPs, through each kernel bltool's frozen linears can take (`F.linear`;
+    oneDNN's for float32 on the CPU, bltool.adapt.kernels), every candidate timed interleaved (`measure`)
+    on this process's threads; the fastest kernel's median is the dtype's peak.
+
+    Returns {dtype: {"gflops", "kernel", "median_s", "size", "kernels": {kernel: gflops}}}."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(size, size, generator=generator) for _ in range(2))
+    candidates = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        xd, wd = x.to(device, dtype), w.to(device, dtype)
+        candidates[(name, "linear")] = lambda xd=xd, wd=wd: F.linear(xd, wd)
+        if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+            candidates[(name, "onednn")] = (
+                lambda xd=xd, wd=wd: torch.ops.mkldnn._linear_pointwise(xd, wd, None, "none", [], ""))
+    timings = measure({f"{n}/{k}": fn for (n, k), fn in candidates.items()}, warmup, repeats, device)
+    flops = 2.0 * size**3
+    peaks = {}
+    for name in dtypes:
+        rates = {k: flops / timings[f"{n}/{k}"]["median_s"] / 1e9 for n, k in candidates if n == name}
+        kernel = max(rates, key=rates.get)
+        peaks[name] = {"gflops": rates[kernel], "kernel": kernel, "median_s": timings[f"{name}/{kernel}"]["median_s"],
+                       "size": size, "kernels": rates}
+    return peaks
 
 
 def machine_info(device: str | torch.device) -> dict[str, Any]:

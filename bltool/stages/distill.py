@@ -43,7 +43,7 @@ from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.eval.nll import PieceCounter, document_separator, heldout_windows, hidden_states, token_nll
 from bltool.models.compiling import checkpoint_layers, compile_layers
-from bltool.models.devices import resolve_dtype
+from bltool.models.devices import dtype_name, resolve_dtype
 from bltool.models.loading import (
     artifact_manifest,
     count_parameters,
@@ -215,11 +215,12 @@ def _schedule(config: DistillConfig, world: distributed.World, inputs: Inputs, g
 
 
 def _load_teacher(config: DistillConfig, world: distributed.World, inputs: Inputs) -> torch.nn.Module | None:
-    """The live teacher, frozen, in --dtype (auto: bf16 on CUDA); None when the run reads --teacher-logits."""
+    """The live teacher, frozen, in --dtype (auto: bf16 on CUDA and on CPUs with native bf16); None when the run
+    reads --teacher-logits."""
     if inputs.cache is not None:
         return None
-    teacher = load_model(inputs.teacher_ref, dtype=resolve_dtype(config.dtype, world.device), device=world.device,
-                         flag="--teacher")
+    teacher = load_model(inputs.teacher_ref, dtype=resolve_dtype(config.dtype, world.device, cpu_auto_bf16=True),
+                         device=world.device, flag="--teacher")
     teacher.requires_grad_(False).eval()
     use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.adapt.kernels)
     if config.compile:  # the live teacher's forward is most of a step: compile its layers too
@@ -248,8 +249,9 @@ class Run:
 
     @property
     def frozen_dtype(self) -> torch.dtype:
-        """The dtype of the weights that do not train: the teacher, and the student's base under LoRA."""
-        return resolve_dtype(self.config.dtype, self.world.device)
+        """The dtype of the weights that do not train: the teacher, and the student's base under LoRA (auto:
+        bf16 on CUDA and on CPUs with native bf16, `bltool.models.devices.cpu_bf16`)."""
+        return resolve_dtype(self.config.dtype, self.world.device, cpu_auto_bf16=True)
 
     @property
     def pad_id(self) -> int:
@@ -321,7 +323,8 @@ def _train(run: Run, state: TrainState, stop: StopSignals) -> None:
     config, world = run.config, run.world
     with _progress(world) as progress:
         ui.info(f"distill {config.method}: {run.steps} steps × {run.global_batch} sequences of "
-                f"{run.inputs.data.seq_len} on {world.size} × {world.device}, lr {config.learning_rate:g}, "
+                f"{run.inputs.data.seq_len} on {world.size} × {world.device} ({dtype_name(run.frozen_dtype)} frozen "
+                f"weights), lr {config.learning_rate:g}, "
                 f"warm-up {run.warmup}"
                 + (f", budget {config.controller.budget}" if state.controller else ""))
         task = progress.add_task(Stage.DISTILL, total=run.steps, completed=state.step, loss=float("nan"), dense=1.0,
@@ -362,7 +365,7 @@ def setup(run: Run) -> TrainState:
     """Load the student, make it trainable the method's way, build optimizer, schedule and controller,
     restore a checkpoint with --resume, and start the background loader of the coming batches."""
     config, world, method = run.config, run.world, run.method
-    # a full fine-tune trains every weight, in float32; LoRA keeps the frozen base in --dtype (bf16 on CUDA)
+    # a full fine-tune trains every weight, in float32; LoRA keeps the frozen base in --dtype (auto: bf16 where native)
     dtype = run.frozen_dtype if method.lora else torch.float32
     student = load_model(run.inputs.student_ref, dtype=dtype, device=world.device, flag="--student")
     if run.teacher is not None:
@@ -573,7 +576,8 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
         meta = {"step": state.step, "total_steps": run.steps, "scheduler": state.scheduler.state_dict(),
                 "controller": state.controller.state_dict() if state.controller else None,
                 "meter": state.meter.state_dict(), "log": state.log, "world_size": run.world.size,
-                "seconds": state.seconds, "lr_history": state.lr_history}
+                "seconds": state.seconds, "lr_history": state.lr_history,
+                "frozen_dtype": dtype_name(run.frozen_dtype)}
         trainstate.save(run.config.checkpoint_path, state.student, state.optimizer, rng, meta, run.config.record())
     distributed.barrier(run.world)
 
@@ -592,11 +596,17 @@ def _resume(run: Run, student: torch.nn.Module, optimizer: torch.optim.Optimizer
     ckpt, record, world = run.config.checkpoint_path, run.config.record(), run.world
     saved_state, trainable, optim, rng = trainstate.load(ckpt)
     saved = read_manifest(ckpt, (Stage.DISTILL_CHECKPOINT,), "--checkpoint-dir")["config"]
-    differing = [k for k in record if k not in RESUME_FREE + RESUME_RESCALE and saved.get(k) != record[k]]
+    # --dtype: what it resolved to (auto differs between machines, and with BLTOOL_CPU_BF16), where recorded
+    frozen, saved_frozen = dtype_name(run.frozen_dtype), saved_state.get("frozen_dtype")
+    free = RESUME_FREE + RESUME_RESCALE + (("dtype",) if saved_frozen is not None else ())
+    differing = [k for k in record if k not in free and saved.get(k) != record[k]]
     if differing:
         flags = ", ".join(f"--{k.replace('_', '-')} ({saved.get(k)!r} there, {record[k]!r} here)"
                           for k in differing)
         raise UsageError(f"--resume: the checkpoint in {ckpt} is from a run with other settings: {flags}")
+    if saved_frozen is not None and saved_frozen != frozen:  # a run keeps its frozen weights' precision
+        raise UsageError(f"--resume: the checkpoint in {ckpt} trained with its frozen weights in {saved_frozen}, "
+                         f"--dtype {run.config.dtype} is {frozen} here; resume with --dtype {saved_frozen}")
     if saved_state["world_size"] != world.size:
         raise UsageError(
             f"--resume: the checkpoint in {ckpt} was written by {saved_state['world_size']} process(es), this run "
@@ -659,9 +669,9 @@ def _peak_memory_mib(device: str) -> dict:
 
 
 def _with_float32_base(run: Run, state: TrainState) -> torch.nn.Module:
-    """The trained student to save. Its frozen base weights trained in --dtype (bf16 on CUDA) but never
-    changed: the saved student gets them from the --student checkpoint at full precision, with the
-    trained adapters and ρ."""
+    """The trained student to save. Its frozen base weights trained in --dtype (auto: bf16 on CUDA and on
+    CPUs with native bf16) but never changed: the saved student gets them from the --student checkpoint at
+    full precision, with the trained adapters and ρ."""
     if all(m.base.weight.dtype == torch.float32 for _, m in state.adapted):
         return state.student
     model = load_model(run.inputs.student_ref, dtype=torch.float32, device="cpu", flag="--student")
@@ -707,6 +717,7 @@ def save(run: Run, state: TrainState) -> None:
             training={"tokens_seen": meter.tokens, "steps": run.steps, "seconds": round(seconds, 3),
                       "tokens_per_s": round(meter.tokens / seconds, 1) if seconds > 0 else None,
                       "final_loss": log[-1]["loss"] if log else None, "device": world.device,
+                      "frozen_dtype": dtype_name(run.frozen_dtype),
                       "peak_memory_mib": _peak_memory_mib(world.device),
                       "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
                       "parameters": count_parameters(student)},

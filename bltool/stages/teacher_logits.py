@@ -54,7 +54,7 @@ from bltool.data.prepared import PreparedData
 from bltool.errors import BltoolError, Interrupted, UsageError
 from bltool.eval.nll import hidden_states
 from bltool.models.compiling import compile_layers
-from bltool.models.devices import resolve_device, resolve_dtype
+from bltool.models.devices import dtype_name, resolve_device, resolve_dtype
 from bltool.models.loading import (
     load_model,
     load_tokenizer,
@@ -115,12 +115,13 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
     if len(train) == 0:
         raise UsageError(f"--data: {data.path} has no training sequences")
     content = model_content_hash(ref)
+    device = world.device if world.distributed else resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device, cpu_auto_bf16=True)  # auto: bf16 on CUDA and native-bf16 CPUs
     record = {"config": {k: v for k, v in asdict(config).items() if k not in RESUME_FREE},
-              "teacher": content, "data": data.manifest["hash"]}
+              "teacher": content, "data": data.manifest["hash"], "dtype": dtype_name(dtype)}
     if config.resume:
         _check_resume(partial, record)
-    device = world.device if world.distributed else resolve_device(config.device)
-    teacher = load_model(ref, dtype=resolve_dtype(config.dtype, device), device=device, flag="--teacher")
+    teacher = load_model(ref, dtype=dtype, device=device, flag="--teacher")
     if config.top_k is not None and config.top_k > teacher.config.vocab_size:
         raise UsageError(f"--top-k {config.top_k} is larger than the vocabulary ({teacher.config.vocab_size})")
     use_onednn(teacher)  # its linears through oneDNN on the CPU (bltool.adapt.kernels)
@@ -204,13 +205,13 @@ def _run(config: TeacherLogitsConfig, world: distributed.World) -> Path | None:
     distributed.barrier(world)
     if not world.main:
         return None
-    return _finish(config, out, partial, run_id=run_id, world=world, device=device, ref=ref, content=content,
-                   data=data, vocab=teacher.config.vocab_size, sequences=len(sequences), computed=computed,
-                   seconds=seconds)
+    return _finish(config, out, partial, run_id=run_id, world=world, device=device, dtype=dtype_name(dtype), ref=ref,
+                   content=content, data=data, vocab=teacher.config.vocab_size, sequences=len(sequences),
+                   computed=computed, seconds=seconds)
 
 
-def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str, ref, content, data, vocab: int,
-            sequences: int, computed: int, seconds: float) -> Path:
+def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str, dtype: str, ref, content, data,
+            vocab: int, sequences: int, computed: int, seconds: float) -> Path:
     """Link the completed parts into `out` with the manifest, atomically, and drop OUT.partial."""
     parts = sorted(_completed_parts(partial), key=lambda p: p["positions"][0][0])
     if not _done_batches(parts, sequences, config.batch_size).all():
@@ -242,7 +243,7 @@ def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str
         write_manifest(
             tmp, Stage.TEACHER_LOGITS, config=asdict(config),
             inputs=[{"role": "teacher", **ref.describe(), "content": content}, data.ref()],
-            teacher={**ref.describe(), "content": content, "vocab_size": vocab},
+            teacher={**ref.describe(), "content": content, "vocab_size": vocab, "dtype": dtype},
             coverage={"positions": math.ceil(config.tokens / data.seq_len), "sequences": sequences,
                       "tokens": tokens},
             cache=cache, **sections,
@@ -261,7 +262,7 @@ def _finish(config, out: Path, partial: Path, *, run_id: str, world, device: str
               f"mean tail mass beyond the top {config.top_k}: {mean_tail or 0:.4f}")
     ui.info(f"teacher-logits: {what} of {sequences:,} sequences ({tokens:,} tokens, "
             f"{size / max(tokens, 1):,.0f} bytes/token, {len(parts)} part(s)); {computed:,} tokens computed in "
-            f"{seconds:,.1f} s on {world.size} process(es); {detail} at T = {config.temperature:g}")
+            f"{seconds:,.1f} s on {world.size} process(es), teacher in {dtype}; {detail} at T = {config.temperature:g}")
     return out
 
 
@@ -407,12 +408,16 @@ def _check_resume(partial: Path, record: dict) -> None:
     except (OSError, ValueError) as err:
         raise UsageError(f"--resume: {partial / RUN_FILE} is unreadable ({err}); start over with --overwrite") \
             from None
+    # --dtype: what it resolved to (auto differs between machines, and with BLTOOL_CPU_BF16), where recorded
+    free = ("dtype",) if "dtype" in saved else ()
     differing = [f"--{k.replace('_', '-')} ({saved['config'].get(k)!r} there, {v!r} here)"
-                 for k, v in record["config"].items() if saved.get("config", {}).get(k) != v]
+                 for k, v in record["config"].items() if k not in free and saved.get("config", {}).get(k) != v]
     if saved.get("teacher") != record["teacher"]:
         differing.append("--teacher (another model's weights there)")
     if saved.get("data") != record["data"]:
         differing.append("--data (another dataset there)")
+    if saved.get("dtype", record["dtype"]) != record["dtype"]:  # the cache's rows all from one precision
+        differing.append(f"--dtype (the teacher ran in {saved['dtype']} there, {record['dtype']} here)")
     if differing:
         raise UsageError(f"--resume: the unfinished run in {partial} has other settings: {', '.join(differing)}; "
                          "resume with its flags or start over with --overwrite")

@@ -1,26 +1,52 @@
-"""Distillation throughput and peak memory, bltool side by side with the way a user would write it.
+"""Distillation throughput, peak memory and MFU: bltool side by side with competent peers.
 
-Same teacher, student, data, batch and sequence length for every row; one command, one run:
+Same teacher, student, data, batch, sequence length, teacher kernels and batch prefetching for every row;
+one command, one run:
 
-  peft-lora      the peer: PEFT `get_peft_model` LoRA (r 128, α 256, dropout 0.05, q k v o gate up down) on
-                 the student, the plain full-logit KD loss of docs/method.md §4 (teacher logits under
-                 no_grad, student logits, F.kl_div of the log-softmaxes at T = 3 times T², weight 0.8, plus
-                 0.2 · cross-entropy, over the non-padding next-token positions), torch.optim.AdamW,
-                 gradient clipping at 1.0. No chunking, no checkpointing: the afternoon version.
-  full-ft        the same plain loop training every student weight (AdamW, lr 1e-4).
+  peft-lora      the naive peer: PEFT `get_peft_model` LoRA (r 128, α 256, dropout 0.05, q k v o gate up
+                 down) on the student, the plain full-logit KD loss of docs/method.md §4 (both models'
+                 (B, T, V) logits, F.kl_div of the log-softmaxes at T = 3 times T², weight 0.8, plus 0.2 ·
+                 cross-entropy, over the non-padding next-token positions), torch.optim.AdamW, gradient
+                 clipping at 1.0: the afternoon version.
+  peft-chunked   the competent peer: the same PEFT LoRA and loss, chunked over positions through both LM
+                 heads (torchtune's chunked-output KL, taken one step further): both models' final hidden
+                 states, then per chunk of --chunk tokens the two heads' logits, the loss by autograd and
+                 its backward into a detached copy of the student's hidden states, and one backward of the
+                 decoder from there. No (B, T, V) tensor of either model, each head once per position.
+  peft-cache     the cache peer: the same chunked PEFT loop reading the same top-64 teacher-logits cache
+                 as kd-lora-cache (bltool's reader), with the same loss form (the teacher's top k and its
+                 tail as one bucket, docs/method.md §4), written by autograd.
+  full-ft        the naive loop training every student weight (AdamW, lr 1e-4).
   kd-lora        bltool `distill --method kd-lora`, live teacher.
-  kd-lora-cache  bltool kd-lora from a top-64 teacher-logits cache (`bltool teacher-logits`).
-  bl-0.4, bl-0.0 bltool budgeted-lora at F = 0.4 and F = 0, live teacher, ρ at the final budget.
+  kd-lora-cache  bltool kd-lora from the top-64 teacher-logits cache (`bltool teacher-logits`).
+  bl-0.4, bl-0.0 bltool budgeted-lora at F = 0.4 and F = 0, live teacher, steady state: ρ at F.
+  bl-0.4-sched, bl-0.0-sched  the same over a whole schedule (see below).
   kd-full        bltool kd-full, live teacher.
 
+Fairness switches, alike for every row. --kernels onednn (the default): every row's live teacher runs
+its linears through bltool's oneDNN frozen linear (`bltool.adapt.kernels.use_onednn`, what bltool's
+`distill` does; the peers call it on their teacher too), the students' own kernels are each row's own;
+--kernels aten: BLTOOL_ONEDNN=0 in every worker, every linear of every row through `F.linear`.
+--prefetch on (the default): every row builds its coming batches (collation, cache reads) in a
+background thread (`bltool.train.batches.Prefetcher`, what `distill` does); off: every row builds them
+inside the timed step.
+
 bltool's rows run bltool's own training step: `bltool.stages.distill` builds its `Run` and `TrainState`
-with `distill.prepare`, as `distill.run` does (the background loader included), and each step is
-`distill.train_step`. Budgeted rows: the timed steps must see ρ at the
-final budget, after the decay window and the EMA settling. The run is W + S steps long, so s ≥ s1 from
-the first controller step; before the warm-up the controller is stepped on its own (`_advance_budget`,
-no training, which changes nothing but ρ) until ρ stops moving (≈ log τ_drop / log β ≈ 29 steps for
-the modules cut to 0, longer for the one partly cut module), and the worker checks that the target and
-the actual dense fraction equal F.
+with `distill.prepare`, as `distill.run` does, and each step is `distill.train_step`. Steady-state
+budgeted rows (bl-F): the timed steps must see ρ at the final budget, after the decay window and the
+EMA settling. The run is W + S steps long, so s ≥ s1 from the first controller step; before the warm-up
+the controller is stepped on its own (`_advance_budget`, no training, which changes nothing but ρ) until
+ρ stops moving, and the worker checks that the target and the actual dense fraction equal F.
+
+Schedule rows (bl-F-sched): the run is as long as a `distill` run of --schedule-tokens (default 2M, the
+`--tokens` default) at the setting's batch, N steps, so ρ moves from 1 through the decay (s0 0.1 to s1
+0.3) to F. The controller's trajectory over the N steps is simulated on its own; the run is sampled at
+the midpoints of --schedule-points equal strata (default 10), and each distinct set of computed modules
+(ρ > 0: what a step's cost depends on) among them is timed: the controller is set to that point's
+state, pinned there for its W + S steps (restored after each step), and the step times taken. The
+schedule's step time is the mean over the points (each point the median of its set's steps), i.e. the
+time-weighted mean over the schedule, whose mean retention is ρ̄ of docs/method.md §7 (in the JSON,
+beside the sampled and the exact mean computed fraction).
 
 Protocol. Every (setting, row, repetition) runs in its own process (a fork of a server that imported
 torch, transformers, peft and bltool once: `--launcher forkserver`, the default; `--launcher subprocess`
@@ -29,8 +55,13 @@ steps, and reports the step times and its peak memory. For each setting and each
 run one after another in an order rotated by one per repetition. A row's step time is the median over
 all its timed steps of all repetitions; tokens/s is the tokens of a step (batch × seq len) divided by
 it. Loading and process start-up are not timed. The step time is a perf_counter around the whole
-optimizer step (data collation, teacher forward or cache read, student forward + backward, clipping,
-AdamW; on CUDA synchronised before and after).
+optimizer step (data collation unless prefetched, teacher forward or cache read, student forward +
+backward, clipping, AdamW; on CUDA synchronised before and after).
+
+Ratios. Speed: a live-teacher row against the faster of peft-lora and peft-chunked in that setting, a
+cached row (kd-lora-cache, its variants) against peft-cache. Memory: a live row against peft-chunked,
+a cached row against peft-cache. (A missing peer falls back to the other peers; the table names the
+peer of every ratio.)
 
 Peak memory. CUDA: `torch.cuda.max_memory_allocated` of the process (weights, optimizer state,
 activations; bf16 frozen teacher and bf16 frozen base weights, autocast bf16). CPU: the peak resident
@@ -47,11 +78,16 @@ Model FLOPs (for TFLOP/s and MFU), per token, with M = matmul MACs per token:
   forward 2·M for each model; the student's backward ≈ 2·M for the activation gradients (through frozen
   weights too) plus 2·M_trainable for the weight gradients of the trained matrices only (LoRA A and B for
   the LoRA rows; every projection and the LM head for the full rows). M counts the seven projections
-  (for budgeted rows only the modules with ρ > 0, which are computed), the LoRA factors r·(d_in + d_out),
-  the LM head V·d and attention, n_heads·head_dim·(T + 1) per layer (QKᵀ and A·V over the causal mean
-  context (T + 1)/2). The cache row has no teacher term. Softmaxes and norms are not counted, as MFU
-  conventionally counts only the model's work.
-  MFU = achieved FLOP/s ÷ --peak-tflops (on CUDA guessed from the device name when not given).
+  (for budgeted rows only the modules with ρ > 0, which are computed; over a schedule their mean over
+  the sampled points), the LoRA factors r·(d_in + d_out), the LM head V·d and attention,
+  n_heads·head_dim·(T + 1) per layer (QKᵀ and A·V over the causal mean context (T + 1)/2). The cached
+  rows have no teacher term. Softmaxes and norms are not counted, as MFU conventionally counts only the
+  model's work; nor is recomputation (activation checkpointing).
+  MFU = achieved FLOP/s ÷ the measured matmul peak of the dtype the row computes in (bf16 on CUDA
+  under autocast; on the CPU the dtype of its frozen weights, float32 for the full rows): the best
+  median rate of an n × n × n product over the kernels the rows use (`torch.mm`, oneDNN's linear),
+  measured in a worker like the rows (same threads) before and after the rows, the larger taken.
+  --peak-tflops replaces the measurement with one figure for every row.
 
     .venv/bin/python benchmarks/distill_throughput.py --settings 2x512,8x1024 --out results.json
     .venv/bin/python benchmarks/distill_throughput.py --smoke        # tiny random models, < 1 min on CPU
@@ -80,19 +116,32 @@ from bltool.models.families import FAMILIES
 from bltool.options import from_flags
 
 TARGETS = FAMILIES["llama"].targets  # the teacher here is a Llama
-PEER = "peft-lora"
-# name → what it runs; "kind" picks the worker, the rest is bltool's DistillConfig
+LIVE_PEERS = ("peft-lora", "peft-chunked")  # a live-teacher row's speed is compared with the faster of these
+CHUNKED_PEER = "peft-chunked"  # ... and its memory with this one
+CACHE_PEER = "peft-cache"  # a cached row's speed and memory are compared with this one
+PEERS = (*LIVE_PEERS, CACHE_PEER)
+PEAK_JOB = "matmul-peak"  # the worker job measuring the matmul peak (not a row)
+# name → what it runs; "kind" picks the worker, "loss" the peers' loss, the rest is bltool's DistillConfig
 CONFIGS: dict[str, dict] = {
-    "peft-lora": {"kind": "plain", "lora": True,
-                  "what": "PEFT LoRA, plain full-logit KD loss, AdamW (the peer)"},
-    "full-ft": {"kind": "plain", "lora": False, "what": "plain full fine-tune, full-logit KD loss, AdamW"},
+    "peft-lora": {"kind": "plain", "lora": True, "loss": "full",
+                  "what": "PEFT LoRA, plain full-logit KD loss, AdamW (the naive peer)"},
+    "peft-chunked": {"kind": "plain", "lora": True, "loss": "chunked",
+                     "what": "PEFT LoRA, KD loss chunked through both heads, AdamW (the competent peer)"},
+    "peft-cache": {"kind": "plain", "lora": True, "loss": "topk", "cache": True,
+                   "what": "PEFT LoRA, chunked top-64 KD loss from the same cache, AdamW (the cache peer)"},
+    "full-ft": {"kind": "plain", "lora": False, "loss": "full",
+                "what": "plain full fine-tune, full-logit KD loss, AdamW"},
     "kd-lora": {"kind": "bltool", "method": "kd-lora", "what": "bltool kd-lora, live teacher"},
     "kd-lora-cache": {"kind": "bltool", "method": "kd-lora", "cache": True,
                       "what": "bltool kd-lora, top-64 teacher-logits cache"},
     "bl-0.4": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.4,
-               "what": "bltool budgeted-lora F = 0.4 (ρ at F), live teacher"},
+               "what": "bltool budgeted-lora F = 0.4, steady state (ρ at F), live teacher"},
     "bl-0.0": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.0,
-               "what": "bltool budgeted-lora F = 0 (ρ at F), live teacher"},
+               "what": "bltool budgeted-lora F = 0, steady state (ρ at F), live teacher"},
+    "bl-0.4-sched": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.4, "schedule": True,
+                     "what": "bltool budgeted-lora F = 0.4 over a whole schedule (ρ from 1 to F), live teacher"},
+    "bl-0.0-sched": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.0, "schedule": True,
+                     "what": "bltool budgeted-lora F = 0 over a whole schedule (ρ from 1 to F), live teacher"},
     "kd-full": {"kind": "bltool", "method": "kd-full", "what": "bltool kd-full, live teacher"},
     # bltool's options for speed and memory (not the defaults)
     "kd-lora-ckpt": {"kind": "bltool", "method": "kd-lora", "activation_checkpointing": True,
@@ -104,12 +153,12 @@ CONFIGS: dict[str, dict] = {
     "bl-0.0-compile": {"kind": "bltool", "method": "budgeted-lora", "budget": 0.0, "compile": True,
                        "what": "bltool budgeted-lora F = 0 --compile (ρ at F), live teacher"},
 }
-DEFAULT_CONFIGS = ("peft-lora", "full-ft", "kd-lora", "kd-lora-cache", "bl-0.4", "bl-0.0", "kd-full")
-# bf16 dense peak TFLOP/s by device name, for MFU when --peak-tflops is not given (vendor figures)
-PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
+DEFAULT_CONFIGS = ("peft-lora", "peft-chunked", "peft-cache", "full-ft", "kd-lora", "kd-lora-cache", "bl-0.4",
+                   "bl-0.0", "bl-0.4-sched", "bl-0.0-sched", "kd-full")
 FLOPS_FORMULA = ("FLOPs/token = 2*M_teacher + 4*M_student + 2*M_trainable; M = matmul MACs/token: the 7 "
-                 "projections (budgeted: only modules with rho > 0), LoRA r*(d_in+d_out), LM head V*d, attention "
-                 "n_heads*head_dim*(T+1) per layer; no teacher term from a cache; recomputation not counted")
+                 "projections (budgeted: only modules with rho > 0; over a schedule, their mean over the sampled "
+                 "points), LoRA r*(d_in+d_out), LM head V*d, attention n_heads*head_dim*(T+1) per layer; no teacher "
+                 "term from a cache; recomputation not counted")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,6 +234,50 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_peak(dtype: str, device: str = "cpu", n: int | None = None, repeats: int = 10) -> dict:
+    """The measured matmul peak of `dtype` on `device` (TFLOP/s): the best, over the kernels the rows use
+    (`torch.mm`; on the CPU also oneDNN's linear, `bltool.adapt.kernels`), of the median rate of an
+    n × n × n product (n 2048 on the CPU, 8192 on CUDA) after 3 warm-up products."""
+    import torch
+
+    from bltool.adapt.kernels import onednn_available
+
+    cuda = device.startswith("cuda")
+    n = n or (8192 if cuda else 2048)
+    torch_dtype = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g, device=device).to(torch_dtype) for _ in range(2))
+    kernels = {"torch.mm": lambda: torch.mm(a, b)}
+    if not cuda and onednn_available():
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    rates = {}
+    for name, run in kernels.items():
+        try:
+            times = []
+            for i in range(3 + repeats):
+                _sync(device)
+                began = time.perf_counter()
+                run()
+                _sync(device)
+                if i >= 3:
+                    times.append(time.perf_counter() - began)
+        except (RuntimeError, NotImplementedError) as err:  # a kernel without this dtype
+            rates[name] = f"{type(err).__name__}: {err}"[:200]
+            continue
+        rates[name] = 2 * n**3 / statistics.median(times) / 1e12
+    measured = [v for v in rates.values() if isinstance(v, float)]
+    if not measured:
+        raise RuntimeError(f"no matmul kernel ran in {dtype}: {rates}")
+    return {"tflops": max(measured), "kernels": rates, "n": n, "dtype": dtype, "repeats": repeats}
+
+
+def peak_worker(spec: dict) -> dict:
+    """The matmul peak of each dtype in spec["dtypes"], measured in a worker like the rows'."""
+    device = _device(spec["device"])
+    return {"peaks": {d: matmul_peak(d, device, spec.get("peak_n"), spec.get("peak_repeats", 10))
+                      for d in spec["dtypes"]}}
+
+
 def _timed_steps(step, spec: dict, device: str) -> tuple[list[float], list[float], list[float]]:
     """Run `step(i)` for warm-up then timed steps; (timed seconds, warm-up seconds, losses)."""
     times, losses = [], []
@@ -228,26 +321,70 @@ def _frozen_dtype(spec: dict, device: str):
     return getattr(torch, spec["dtype"])
 
 
+def _fairness(teacher, prefetched: bool) -> dict:
+    """What must be alike for every row: the live teacher's linears through bltool's frozen-linear kernel
+    (how many; 0 from a cache), whether that kernel is oneDNN (--kernels), whether batches were prefetched."""
+    from bltool.adapt.kernels import InferenceLinear, onednn_available
+
+    onednn = 0 if teacher is None else sum(isinstance(m, InferenceLinear) for m in teacher.modules())
+    return {"teacher_onednn_linears": onednn, "prefetched": prefetched,
+            "onednn": os.environ.get("BLTOOL_ONEDNN", "1") != "0" and onednn_available()}
+
+
+def _compute_dtype(device: str, base_dtype: str) -> str:
+    """The dtype a row's matmuls run in, for its MFU: bf16 under CUDA autocast, else its frozen weights'."""
+    return "bfloat16" if device.startswith("cuda") else base_dtype.removeprefix("torch.")
+
+
+def chunked_backward(hidden, positions: int, chunk_loss):
+    """The competent peer's chunked KD loss: `chunk_loss(h, start, stop)` is the loss of predicting
+    positions [start, stop) from `h`, a slice of a detached copy of `hidden` (B, T, d); each chunk's loss is
+    backpropagated at once (through the LM heads into the copy's gradient), so only one chunk's logits ever
+    exist and each head runs once per position; then one backward of the decoder from `hidden`. Returns
+    the summed loss (detached)."""
+    import torch
+
+    leaf = hidden.detach().requires_grad_()
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    predicting = hidden.shape[1] - 1
+    for start in range(0, predicting, positions):
+        stop = min(start + positions, predicting)
+        loss = chunk_loss(leaf[:, start:stop], start, stop)
+        loss.backward()
+        total += loss.detach().float()
+    hidden.backward(leaf.grad)
+    return total
+
+
 def plain_worker(spec: dict) -> dict:
-    """The peer (PEFT LoRA) or the plain full fine-tune: the afternoon KD loop."""
+    """The peers (PEFT LoRA) and the plain full fine-tune: the naive full-logit loop, the chunked loop, and
+    the chunked loop reading the teacher-logits cache."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
+    from bltool.adapt.kernels import use_onednn
     from bltool.data.prepared import PreparedData
     from bltool.models.loading import resolve_model
-    from bltool.train.batches import PackedSequences, collate, micro_batch_indices
+    from bltool.train.batches import PackedSequences, Prefetcher, collate, micro_batch_indices
+    from bltool.train.teacher_cache import TeacherCache
 
     cfg = CONFIGS[spec["config"]]
+    loss_kind = cfg["loss"]
     device = _device(spec["device"])
     frozen = _frozen_dtype(spec, device)
     data = PreparedData.open(Path(spec["data"]))
     train = PackedSequences(data.split_path("train"))
     pad_id = int(data.tokenizer["eos_token_id"])
     batch, seed, temp, kd_weight = spec["batch"], spec["seed"], spec["temperature"], spec["kd_weight"]
+    positions = max(1, spec["chunk"] // batch)  # --chunk tokens over the batch's rows, as bltool's loss
+    cache = TeacherCache.open(Path(spec["cache"])) if cfg.get("cache") else None
 
-    teacher = AutoModelForCausalLM.from_pretrained(str(resolve_model(spec["teacher"]).path), dtype=frozen)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = None
+    if cache is None:
+        teacher = AutoModelForCausalLM.from_pretrained(str(resolve_model(spec["teacher"]).path), dtype=frozen)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        use_onednn(teacher)  # the same teacher kernels as bltool's rows (F.linear under --kernels aten)
     torch.manual_seed(seed)
     if cfg["lora"]:
         from peft import LoraConfig, get_peft_model
@@ -261,14 +398,24 @@ def plain_worker(spec: dict) -> dict:
         student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32).to(device)
         lr = 1e-4
     student.train()
+    base = student.get_base_model() if cfg["lora"] else student
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else \
         contextlib.nullcontext
 
-    def step(i: int) -> float:
-        index = micro_batch_indices(i, 0, 0, 1, batch, 1, len(train), seed)
-        ids, mask = collate([train[int(j)] for j in index], pad_id, device)
+    def host_batch(i: int) -> tuple:
+        index = [int(j) for j in micro_batch_indices(i, 0, 0, 1, batch, 1, len(train), seed)]
+        rows = [train[j] for j in index]
+        ids, mask = collate(rows, pad_id, None)
+        padded = any(len(r) < ids.shape[1] for r in rows)
+        predicted = int(mask[:, 1:].sum())
+        return ids, mask, padded, predicted, *(cache.batch(index, ids.shape[1], "cpu") if cache else ())
+
+    steps = spec["warmup"] + spec["steps"]
+    prefetch = Prefetcher(host_batch, range(steps), device) if spec["prefetch"] == "on" else None
+
+    def naive(ids, mask) -> torch.Tensor:
         with torch.no_grad(), autocast():
             teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
         with autocast():
@@ -281,19 +428,76 @@ def plain_worker(spec: dict) -> dict:
         ce = F.cross_entropy(s, ids[:, 1:][valid])
         loss = kd_weight * temp**2 * kl + (1 - kd_weight) * ce
         loss.backward()
+        return loss.detach()
+
+    def chunked(ids, mask, padded, predicted, *cached) -> torch.Tensor:
+        attention = mask if padded else None  # unpadded rows: plain causal attention
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        teacher_hidden = None
+        if teacher is not None:
+            with torch.no_grad(), autocast():
+                teacher_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=attention,
+                                                       use_cache=False).last_hidden_state
+        with autocast():
+            hidden = base.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        head, n = base.get_output_embeddings(), max(predicted, 1)
+
+        def live_loss(h, start, stop):
+            with autocast():
+                z = head(h).float()  # (B, c, V)
+                with torch.no_grad():
+                    z_t = teacher.get_output_embeddings()(teacher_hidden[:, start:stop]).float()
+            y = labels[:, start:stop]
+            kl = F.kl_div(F.log_softmax(z / temp, dim=-1), F.log_softmax(z_t / temp, dim=-1), log_target=True,
+                          reduction="none").sum(-1)  # (B, c)
+            ce = F.cross_entropy(z.transpose(1, 2), y, ignore_index=-100, reduction="sum")
+            return (kd_weight * temp**2 * torch.where(y != -100, kl, 0.0).sum() + (1 - kd_weight) * ce) / n
+
+        def topk_loss(h, start, stop):
+            # the teacher's top k and the rest of its mass as one bucket (docs/method.md §4, the cache's form)
+            ids_k, logits_k, lse_t, log_tail = (x[:, start:stop] for x in cached)
+            with autocast():
+                z = head(h).float()
+            y = labels[:, start:stop]
+            zt = z / temp
+            lse = torch.logsumexp(zt, dim=-1, keepdim=True)
+            log_q = zt.gather(-1, ids_k) - lse  # (B, c, k)
+            log_q_tail = torch.logsumexp(zt.scatter(-1, ids_k, float("-inf")), dim=-1) - lse.squeeze(-1)
+            log_p = logits_k.float() / temp - lse_t.float().unsqueeze(-1)
+            p_tail = log_tail.float().exp()
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1) + torch.where(
+                p_tail > 0, p_tail * (log_tail.float() - log_q_tail), 0.0)
+            ce = F.cross_entropy(z.transpose(1, 2), y, ignore_index=-100, reduction="sum")
+            return (kd_weight * temp**2 * torch.where(y != -100, kl, 0.0).sum() + (1 - kd_weight) * ce) / n
+
+        return chunked_backward(hidden, positions, topk_loss if cached else live_loss)
+
+    def step(i: int) -> float:
+        if prefetch is not None:
+            ids, mask, padded, predicted, *cached = prefetch.get(i)
+        else:
+            ids, mask, padded, predicted, *cached = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                                     for t in host_batch(i))
+        loss = naive(ids, mask) if loss_kind == "full" else chunked(ids, mask, padded, predicted, *cached)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
     reset_ok, load_peak = _after_load(device)
-    timed, warm, losses = _timed_steps(step, spec, device)
-    base = student.get_base_model() if cfg["lora"] else student
-    flops = model_flops(base.config, teacher.config, spec["seq_len"], spec["rank"] if cfg["lora"] else 0, 1.0)
+    try:
+        timed, warm, losses = _timed_steps(step, spec, device)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    flops = model_flops(base.config, None if teacher is None else teacher.config, spec["seq_len"],
+                        spec["rank"] if cfg["lora"] else 0, 1.0)
+    base_dtype = str(next(p for p in student.parameters() if not p.requires_grad).dtype) if cfg["lora"] else \
+        str(params[0].dtype)
     return {"step_seconds": timed, "warmup_seconds": warm, "losses": losses, **_memory(device, reset_ok, load_peak),
-            **flops, "trainable_parameters": sum(p.numel() for p in params),
-            "base_dtype": str(next(p for p in student.parameters() if not p.requires_grad).dtype)
-            if cfg["lora"] else str(params[0].dtype), "dense_computed_fraction": 1.0}
+            **flops, "trainable_parameters": sum(p.numel() for p in params), "base_dtype": base_dtype,
+            "compute_dtype": _compute_dtype(device, base_dtype), "dense_computed_fraction": 1.0,
+            **_fairness(teacher, prefetch is not None)}
 
 
 def _bltool_state(config):
@@ -321,6 +525,41 @@ def _settle_budget(state, budget: float) -> dict:
             "modules_dropped": sum(r == 0 for r in ctl.rho), "dense_computed_fraction": ctl.computed_fraction()}
 
 
+def schedule_points(controller, points: int) -> dict:
+    """The controller's trajectory over its whole run (simulated on its own from ρ = 1), sampled at the
+    midpoints of `points` equal strata of the run: the phases to time, one per distinct set of computed
+    modules (ρ > 0) among the points, in the order they come, each with its first point's controller state
+    and its share of the points; and the exact means over every step of the run."""
+    from bltool.train.budget import BudgetController, scheduled_mean_retention
+
+    n, config = controller.total_steps, controller.config
+    sim = BudgetController(controller.costs, config, n)
+    marks = [min(n - 1, int((k + 0.5) * n / points)) for k in range(points)]
+    wanted, seen = set(marks), {}
+    computed = actual = 0.0
+    for t in range(n):  # the state step t computes with: the controller after t steps
+        if t in wanted:
+            seen[t] = {"step": t, "state": sim.state_dict(), "computed_fraction": sim.computed_fraction(),
+                       "actual_fraction": sim.actual_fraction(), "target_fraction": sim.target(t),
+                       "modules_dropped": sum(r == 0 for r in sim.rho),
+                       "computed": tuple(r > 0 for r in sim.rho)}
+        computed += sim.computed_fraction()
+        actual += sim.actual_fraction()
+        sim.step()
+    phases: dict[tuple, dict] = {}
+    for t in marks:
+        point = seen[t]
+        phase = phases.setdefault(point["computed"], {**point, "points": 0, "point_steps": []})
+        phase["points"] += 1
+        phase["point_steps"].append(t)
+    for phase in phases.values():
+        del phase["computed"]
+    return {"steps": n, "points": points, "phases": list(phases.values()),
+            "mean_retention": scheduled_mean_retention(config.budget, config.decay_start, config.decay_end),
+            "mean_computed_fraction": computed / n, "mean_actual_fraction": actual / n,
+            "sampled_computed_fraction": sum(p["computed_fraction"] * p["points"] for p in phases.values()) / points}
+
+
 def bltool_worker(spec: dict) -> dict:
     """bltool's rows: `distill.train_step` on the state `distill.run` builds."""
     import dataclasses
@@ -329,53 +568,89 @@ def bltool_worker(spec: dict) -> dict:
 
     cfg = CONFIGS[spec["config"]]
     device = _device(spec["device"])
+    per_step = spec["batch"] * spec["seq_len"]
+    steps = spec["warmup"] + spec["steps"]
+    if cfg.get("schedule"):  # the run of a `distill --tokens SCHEDULE_TOKENS`, so ρ goes from 1 to F
+        steps = max(steps, spec["schedule_tokens"] // per_step)
     kw = {"student": spec["student"], "data": spec["data"], "out": str(Path(spec["tmp"]) / "out"),
           "teacher": None if cfg.get("cache") else spec["teacher"], "method": cfg["method"],
-          "budget": cfg.get("budget"), "tokens": (spec["warmup"] + spec["steps"]) * spec["batch"] * spec["seq_len"],
+          "budget": cfg.get("budget"), "tokens": steps * per_step,
           "batch_size": spec["batch"], "temperature": spec["temperature"], "kd_weight": spec["kd_weight"],
           "rank": spec["rank"], "lora_alpha": spec["lora_alpha"], "lora_dropout": spec["lora_dropout"],
           "teacher_logits": spec["cache"] if cfg.get("cache") else None, "seed": spec["seed"], "save_every": 0,
-          "device": device, "overwrite": True, "compile": bool(cfg.get("compile")),
+          "device": device, "overwrite": True, "compile": bool(cfg.get("compile")), "chunk": spec["chunk"],
           "activation_checkpointing": bool(cfg.get("activation_checkpointing"))}
     fields = {f.name for f in dataclasses.fields(distill.DistillConfig)}
     if "dtype" in fields:  # `distill --dtype`, where this bltool has it
         kw["dtype"] = spec["dtype"]
     run, state = _bltool_state(from_flags(distill.DistillConfig, **kw))
+    if spec["prefetch"] == "off":  # every row builds its batches inside the timed step
+        state.prefetch.close()
+        state.prefetch = None
+    fair = _fairness(run.teacher, state.prefetch is not None)
+    ctl = state.controller
     budget = {"dense_computed_fraction": 1.0}
-    if state.controller is not None:
+    if ctl is not None and not cfg.get("schedule"):
         budget = _settle_budget(state, cfg["budget"])
     rows = []
 
-    def step(i: int) -> float:
+    def step(i: int, pinned: dict | None = None) -> float:
         row = distill.train_step(run, state)
         rows.append(row)
+        if pinned is not None:  # the controller stays at the sampled point
+            ctl.load_state_dict(pinned)
+            distill._set_rho(state.adapted, ctl)
         return row["loss"]
 
     reset_ok, load_peak = _after_load(device)
-    timed, warm, losses = _timed_steps(step, spec, device)
-    if state.controller is not None:  # still at F after the timed steps
-        budget["actual_fraction_after"] = state.controller.actual_fraction()
+    try:
+        if cfg.get("schedule"):
+            schedule = schedule_points(ctl, spec["schedule_points"])
+            timed, warm, losses = [], [], []
+            for phase in schedule["phases"]:
+                pinned = phase.pop("state")
+                ctl.load_state_dict(pinned)
+                distill._set_rho(state.adapted, ctl)
+                t, w, lo = _timed_steps(lambda i, pinned=pinned: step(i, pinned), spec, device)
+                phase.update(step_seconds=t, warmup_seconds=w, losses=lo, controller_step_after=ctl.step_count,
+                             computed_fraction_steps=sorted({r["computed_fraction"] for r in rows[-len(lo):]}))
+                timed, warm, losses = timed + t, warm + w, losses + lo
+            budget = {"schedule": schedule, "dense_computed_fraction": schedule["sampled_computed_fraction"]}
+        else:
+            timed, warm, losses = _timed_steps(step, spec, device)
+    finally:
+        if state.prefetch is not None:
+            state.prefetch.close()
+    if ctl is not None and not cfg.get("schedule"):  # still at F after the timed steps
+        budget["actual_fraction_after"] = ctl.actual_fraction()
     teacher_cfg = run.teacher.config if run.teacher is not None else None
     lora_rank = 0 if cfg["method"] == "kd-full" else spec["rank"]
     flops = model_flops(state.student.config, teacher_cfg, spec["seq_len"], lora_rank,
                         budget["dense_computed_fraction"])
     frozen = [p for p in state.student.parameters() if not p.requires_grad]
+    base_dtype = str((frozen or state.params)[0].dtype)
     return {"step_seconds": timed, "warmup_seconds": warm, "losses": losses, **_memory(device, reset_ok, load_peak),
             **flops, **budget, "trainable_parameters": sum(p.numel() for p in state.params),
-            "train_step_seconds": [r["seconds"] for r in rows][spec["warmup"]:],
-            "base_dtype": str((frozen or state.params)[0].dtype)}
+            "train_step_seconds": [r["seconds"] for r in rows],  # every step, warm-up included
+            "base_dtype": base_dtype,
+            "compute_dtype": _compute_dtype(device, base_dtype), **fair}
 
 
 def worker(spec: dict) -> dict:
     """One configuration in this process; never raises (the error is in the result)."""
     began = time.perf_counter()
     try:
+        if spec.get("kernels") == "aten":  # every linear of every row through F.linear
+            os.environ["BLTOOL_ONEDNN"] = "0"
         if spec.get("threads"):
             import torch
 
             torch.set_num_threads(spec["threads"])
-        kind = CONFIGS[spec["config"]]["kind"]
-        result = (plain_worker if kind == "plain" else bltool_worker)(spec)
+        if spec["config"] == PEAK_JOB:
+            result = peak_worker(spec)
+        else:
+            kind = CONFIGS[spec["config"]]["kind"]
+            result = (plain_worker if kind == "plain" else bltool_worker)(spec)
     except BaseException as err:  # noqa: BLE001 - reported, the parent decides
         result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
     result.update(config=spec["config"], setting=spec["setting"], repeat=spec["repeat"],
@@ -574,7 +849,42 @@ def build_smoke(work: Path) -> tuple[str, str]:
 # Aggregation and report
 
 
-def aggregate(results: list[dict], settings, configs, peak_tflops: float | None) -> dict:
+def _ok(rows: dict, name: str) -> bool:
+    return name in rows and "error" not in rows[name]
+
+
+def peers_of(config: str, rows: dict) -> tuple[str | None, str | None]:
+    """(speed peer, memory peer) of a row: a live row's speed against the faster live peer and its memory
+    against the chunked peer; a cached row's both against the cache peer (missing peers: the others)."""
+    live = [p for p in LIVE_PEERS if _ok(rows, p)]
+    fastest = max(live, key=lambda p: rows[p]["tokens_per_s"]) if live else None
+    chunked = CHUNKED_PEER if _ok(rows, CHUNKED_PEER) else fastest
+    if CONFIGS[config].get("cache") and _ok(rows, CACHE_PEER):
+        return CACHE_PEER, CACHE_PEER
+    return (fastest or (CACHE_PEER if _ok(rows, CACHE_PEER) else None),
+            chunked or (CACHE_PEER if _ok(rows, CACHE_PEER) else None))
+
+
+def _schedule_summary(runs: list[dict]) -> tuple[float, dict]:
+    """A schedule row's step time: the mean over the sampled points, each point the median step time of
+    its phase over every repetition; and the schedule's figures."""
+    first = runs[0]["schedule"]
+    phases = []
+    for k, phase in enumerate(first["phases"]):
+        times = [t for r in runs for t in r["schedule"]["phases"][k]["step_seconds"]]
+        phases.append({key: phase[key] for key in ("point_steps", "points", "computed_fraction", "actual_fraction",
+                                                   "target_fraction", "modules_dropped", "computed_fraction_steps",
+                                                   "controller_step_after")}
+                      | {"step_seconds_median": statistics.median(times), "timed_steps": len(times)})
+    step = sum(p["points"] * p["step_seconds_median"] for p in phases) / first["points"]
+    keys = ("steps", "points", "mean_retention", "mean_computed_fraction", "mean_actual_fraction",
+            "sampled_computed_fraction")
+    return step, {key: first[key] for key in keys} | {"phases": phases}
+
+
+def aggregate(results: list[dict], settings, configs, peaks: dict[str, float]) -> dict:
+    """Per setting and row: the median step time, tokens/s, peak memory, FLOPs, MFU (`peaks`: TFLOP/s by
+    dtype, or {"*": one figure}) and the ratios against the row's peers (`peers_of`)."""
     out = {}
     for batch, seq_len in settings:
         name = f"{batch}x{seq_len}"
@@ -587,8 +897,11 @@ def aggregate(results: list[dict], settings, configs, peak_tflops: float | None)
                 row["error"] = errors[0] if errors else "no result"
             else:
                 times = [t for r in runs for t in r["step_seconds"]]
-                step = statistics.median(times)
                 first = runs[0]
+                if "schedule" in first:
+                    step, row["schedule"] = _schedule_summary(runs)
+                else:
+                    step = statistics.median(times)
                 row.update(
                     step_seconds_median=step, step_seconds=times, timed_steps=len(times),
                     tokens_per_step=first["tokens_per_step"], tokens_per_s=first["tokens_per_step"] / step,
@@ -597,28 +910,36 @@ def aggregate(results: list[dict], settings, configs, peak_tflops: float | None)
                     first_loss=first["losses"][0], flops_per_token=first["flops_per_token"],
                     macs_teacher=first["macs_teacher"], macs_student=first["macs_student"],
                     macs_trainable=first["macs_trainable"], trainable_parameters=first["trainable_parameters"],
-                    base_dtype=first["base_dtype"], dense_computed_fraction=first["dense_computed_fraction"],
+                    base_dtype=first["base_dtype"], compute_dtype=first["compute_dtype"],
+                    teacher_onednn_linears=first["teacher_onednn_linears"], prefetched=first["prefetched"],
+                    onednn=first["onednn"],
+                    dense_computed_fraction=first["dense_computed_fraction"],
                     achieved_tflops=first["flops_per_token"] * first["tokens_per_step"] / step / 1e12,
                 )
                 for key in ("target_fraction", "actual_fraction", "actual_fraction_after", "modules_dropped",
                             "controller_steps"):
                     if key in first:
                         row[key] = first[key]
-                if peak_tflops:
-                    row["mfu"] = row["achieved_tflops"] / peak_tflops
+                peak = peaks.get(row["compute_dtype"], peaks.get("*"))
+                if peak:
+                    row.update(mfu=row["achieved_tflops"] / peak, peak_tflops=peak)
             rows[config] = row
-        peer = rows.get(PEER)
-        for row in rows.values():
-            if peer and "error" not in peer and "error" not in row:
-                row["tokens_per_s_vs_peer"] = row["tokens_per_s"] / peer["tokens_per_s"]
-                row["peak_mib_vs_peer"] = row["peak_mib"] / peer["peak_mib"]
+        for config, row in rows.items():
+            if "error" in row:
+                continue
+            speed, memory = peers_of(config, rows)
+            row.update(speed_peer=speed, memory_peer=memory)
+            if speed:
+                row["tokens_per_s_vs_peer"] = row["tokens_per_s"] / rows[speed]["tokens_per_s"]
+            if memory:
+                row["peak_mib_vs_peer"] = row["peak_mib"] / rows[memory]["peak_mib"]
         out[name] = rows
     return out
 
 
-def table(name: str, rows: dict, show_mfu: bool) -> str:
-    head = ["row", "what", "tokens/s", "tok/s ÷ peer", "peak MiB", "mem ÷ peer", "step s (median, n)", "TFLOP/s"]
-    head += ["MFU"] if show_mfu else []
+def table(name: str, rows: dict) -> str:
+    head = ["row", "what", "tokens/s", "tok/s ÷ peer", "peak MiB", "mem ÷ peer", "peers (speed / mem)",
+            "step s (median, n)", "MFLOP/token", "TFLOP/s", "MFU (dtype)"]
     lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, row in rows.items():
         if "error" in row:
@@ -626,16 +947,23 @@ def table(name: str, rows: dict, show_mfu: bool) -> str:
         else:
             ratio = row.get("tokens_per_s_vs_peer")
             mem = row.get("peak_mib_vs_peer")
+            how = "schedule, " if "schedule" in row else ""
+            mfu = f"{100 * row['mfu']:.1f}% ({row['compute_dtype']})" if "mfu" in row else ""
             cells = [config, row["what"], f"{row['tokens_per_s']:,.0f}", f"{ratio:.2f}×" if ratio else "n/a",
                      f"{row['peak_mib']:,.0f}", f"{mem:.2f}×" if mem else "n/a",
-                     f"{row['step_seconds_median']:.3f} ({row['timed_steps']})", f"{row['achieved_tflops']:.3g}"]
-            if show_mfu:
-                cells.append(f"{100 * row['mfu']:.1f}%" if "mfu" in row else "")
+                     f"{row.get('speed_peer') or '-'} / {row.get('memory_peer') or '-'}",
+                     f"{row['step_seconds_median']:.3f} ({how}{row['timed_steps']})",
+                     f"{row['flops_per_token'] / 1e6:,.1f}", f"{row['achieved_tflops']:.3g}", mfu]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _peak_dtypes(device: str) -> list[str]:
+    """The dtypes whose matmul peak is measured: bf16 on CUDA (autocast); float32 and bfloat16 on the CPU."""
+    return ["bfloat16"] if device.startswith("cuda") else ["float32", "bfloat16"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -665,13 +993,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=3.0)
     parser.add_argument("--kd-weight", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (CUDA default: from the device name)")
+    parser.add_argument("--chunk", type=int, default=512, help="tokens per LM-head chunk of every chunked loss "
+                        "(bltool's --chunk and the peers'; default 512, bltool's default)")
+    parser.add_argument("--kernels", choices=("onednn", "aten"), default="onednn",
+                        help="onednn: every row's live teacher through bltool's oneDNN frozen linears (the peers' "
+                             "too); aten: BLTOOL_ONEDNN=0 for every row, every linear through F.linear")
+    parser.add_argument("--prefetch", choices=("on", "off"), default="on",
+                        help="build the coming batches in a background thread, for every row (off: in the step)")
+    parser.add_argument("--schedule-tokens", type=int, default=2_000_000,
+                        help="the schedule rows' run length in tokens (default 2M, distill's --tokens default)")
+    parser.add_argument("--schedule-points", type=int, default=10,
+                        help="points sampled over a schedule row's run (midpoints of equal strata; default 10)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="one matmul peak for every row's MFU, instead of measuring each dtype's")
     parser.add_argument("--launcher", choices=("forkserver", "subprocess"), default="forkserver")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's; --smoke: 1)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     parser.add_argument("--out", help="JSON results (default WORK/distill_throughput.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny random models and data built here, "
-                        "setting 2x32, 1 warm-up + 2 steps, rank 8; for the test suite")
+                        "setting 2x32, 1 warm-up + 2 steps, rank 8, every row; for the test suite")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one configuration's JSON spec (--launcher subprocess)
     args = parser.parse_args(argv)
 
@@ -684,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
             args.work = str(Path(args.work) / "smoke")
         args.teacher, args.corpus = build_smoke(Path(args.work))
         args.glob, args.student_layers = "**/*.txt", 2
-        for key, value in {"settings": "2x32", "warmup": 1, "steps": 2, "repeats": 1, "rank": 8,
+        for key, value in {"settings": "2x32", "warmup": 1, "steps": 2, "repeats": 1, "rank": 8, "chunk": 16,
                            "lora_alpha": 16.0, "threads": 1, "configs": ",".join(CONFIGS)}.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
@@ -694,6 +1034,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     if args.warmup < 0 or args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1, --warmup at least 0")
+    if args.chunk < 1 or args.schedule_points < 1 or args.schedule_tokens < 1:
+        parser.error("--chunk, --schedule-points and --schedule-tokens must be at least 1")
     settings = parse_settings(args.settings)
     out = Path(args.out) if args.out else Path(args.work) / "distill_throughput.json"
 
@@ -701,23 +1043,35 @@ def main(argv: list[str] | None = None) -> int:
 
     device = _device(args.device)
     inputs = prepare_inputs(args, settings)
-    peak_tflops = args.peak_tflops
     machine = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu_count": os.cpu_count()}
     if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        machine["device_name"] = name
-        if peak_tflops is None:
-            peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-            machine["peak_tflops_assumed_from_name"] = peak_tflops
+        machine["device_name"] = torch.cuda.get_device_name(device)
 
     preload = ["torch", "transformers", "transformers.models.llama.modeling_llama", "bltool.stages.distill",
                "pyarrow", "pandas"]
-    if PEER in args.configs:
+    if any(CONFIGS[c]["kind"] == "plain" and CONFIGS[c]["lora"] for c in args.configs):
         preload.append("peft")
     launch = Launcher(args.launcher, preload)
+    # the matmul peak of each dtype a row computes in, measured in a worker before and after the rows
+    peak_spec = {"config": PEAK_JOB, "setting": "-", "repeat": 0, "batch": 0, "seq_len": 0, "device": args.device,
+                 "threads": args.threads, "kernels": args.kernels, "dtypes": _peak_dtypes(device),
+                 "peak_n": 256 if args.smoke else None, "peak_repeats": 3 if args.smoke else 10}
+    peak_runs = []
+
+    def measure_peak(when: str) -> None:
+        if args.peak_tflops is None:
+            result = launch(peak_spec, args.timeout)
+            peak_runs.append({"when": when, **result})
+            if "error" in result:
+                _log(f"matmul peak ({when}): FAILED {result['error']}")
+            else:
+                _log(f"matmul peak ({when}): " + ", ".join(f"{d} {v['tflops'] * 1e3:,.0f} GFLOP/s"
+                                                            for d, v in result["peaks"].items()))
+
     _log(f"inputs ready; {len(settings)} setting(s) × {args.repeats} repeat(s) × {len(args.configs)} rows")
     results, began = [], time.perf_counter()
+    measure_peak("before")
     with tempfile.TemporaryDirectory(prefix="distill-throughput-") as tmp:
         for batch, seq_len in settings:
             name = f"{batch}x{seq_len}"
@@ -730,7 +1084,9 @@ def main(argv: list[str] | None = None) -> int:
                             "cache": inputs["caches"].get(seq_len), "rank": args.rank,
                             "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                             "temperature": args.temperature, "kd_weight": args.kd_weight, "seed": args.seed,
-                            "threads": args.threads,
+                            "threads": args.threads, "chunk": args.chunk, "kernels": args.kernels,
+                            "prefetch": args.prefetch, "schedule_tokens": args.schedule_tokens,
+                            "schedule_points": args.schedule_points,
                             "tmp": str(Path(tmp) / f"{name}-{config}-{repeat}")}
                     result = launch(spec, args.timeout)
                     results.append(result)
@@ -742,14 +1098,24 @@ def main(argv: list[str] | None = None) -> int:
                         med = statistics.median(result["step_seconds"])
                         _log(f"{name} {config} #{repeat}: {result['tokens_per_step'] / med:,.0f} tok/s, "
                              f"peak {result['peak_mib']:,.0f} MiB, first loss {result['losses'][0]:.4f}")
-    summary = aggregate(results, settings, args.configs, peak_tflops)
+    measure_peak("after")
+    peaks = {"*": args.peak_tflops} if args.peak_tflops is not None else {
+        d: max(r["peaks"][d]["tflops"] for r in peak_runs if "error" not in r)
+        for d in peak_spec["dtypes"] if any("error" not in r for r in peak_runs)}
+    summary = aggregate(results, settings, args.configs, peaks)
     report = {
         "benchmark": "distill_throughput", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": time.perf_counter() - began, "machine": machine, "peak_tflops": peak_tflops,
-        "flops_formula": FLOPS_FORMULA, "peer": PEER,
+        "seconds": time.perf_counter() - began, "machine": machine, "peak_tflops": peaks,
+        "matmul_peak": peak_runs, "flops_formula": FLOPS_FORMULA,
+        "peers": {"live": list(LIVE_PEERS), "chunked": CHUNKED_PEER, "cache": CACHE_PEER,
+                  "rule": "speed: live rows against the faster live peer, cached rows against the cache peer; "
+                          "memory: live rows against the chunked peer, cached rows against the cache peer"},
         "protocol": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "launcher": args.launcher,
+                     "kernels": args.kernels, "prefetch": args.prefetch, "chunk": args.chunk,
+                     "schedule_tokens": args.schedule_tokens, "schedule_points": args.schedule_points,
                      "order": "per setting and repetition, the rows in an order rotated by one per repetition",
-                     "statistic": "median step time over all timed steps of all repetitions; peak memory: max over "
+                     "statistic": "median step time over all timed steps of all repetitions (schedule rows: the "
+                                  "mean over the sampled points of each point's median); peak memory: max over "
                                   "repetitions"},
         "settings": [f"{b}x{t}" for b, t in settings], "configs": args.configs,
         "args": {k: v for k, v in vars(args).items() if k != "worker"}, "inputs": inputs,
@@ -757,14 +1123,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
-    show_mfu = peak_tflops is not None
-    print(f"# Distillation throughput ({machine.get('device_name', device)}, dtype {args.dtype}; "
-          f"{args.warmup} warm-up + {args.steps} timed steps × {args.repeats} repeats; peer = {PEER})\n")
+    print(f"# Distillation throughput ({machine.get('device_name', device)}, dtype {args.dtype}, kernels "
+          f"{args.kernels}, prefetch {args.prefetch}; {args.warmup} warm-up + {args.steps} timed steps × "
+          f"{args.repeats} repeats)\n")
     for name, rows in summary.items():
-        print(table(name, rows, show_mfu) + "\n")
-    print(f"Tokens/s: batch × seq len ÷ median optimizer-step time. Peak memory: "
+        print(table(name, rows) + "\n")
+    peak_text = ", ".join(f"{d} {v * 1e3:,.0f} GFLOP/s" for d, v in peaks.items())
+    print(f"Tokens/s: batch × seq len ÷ median optimizer-step time (schedule rows: mean over the sampled points). "
+          f"Speed ÷ the faster of {' and '.join(LIVE_PEERS)} (cached rows: {CACHE_PEER}); memory ÷ {CHUNKED_PEER} "
+          f"(cached rows: {CACHE_PEER}). Peak memory: "
           f"{'CUDA max_memory_allocated' if device.startswith('cuda') else 'peak RSS after loading'}. "
-          f"{FLOPS_FORMULA}" + (f"; MFU against {peak_tflops} TFLOP/s" if show_mfu else "") + f". JSON: {out}")
+          f"{FLOPS_FORMULA}; MFU against the matmul peak ({peak_text or 'not measured'}). JSON: {out}")
     failed = [(s, c) for s, rows in summary.items() for c, row in rows.items() if "error" in row]
     return 1 if failed else 0
 

@@ -32,7 +32,7 @@ def compressed(tmp_path_factory, tiny_llama):
 
     root = tmp_path_factory.mktemp("bench")
     source, _ = distilled_student(root / "distilled", tiny_llama)
-    return run(CompressConfig(model=str(source), out=str(root / "compressed")))
+    return run(CompressConfig(model=str(source), out=str(root / "compressed"), dense_fallback=False))
 
 
 def read_arrow(path):
@@ -65,6 +65,11 @@ def test_summaries_sum_over_modules_and_pick_the_bound():
     assert prefill["speedup"] == 2.0 and prefill["mac_ratio"] == 150 / 70 and prefill["bound"] == "macs"
     assert prefill["fraction_of_bound"] == pytest.approx(2.0 / (150 / 70))
     assert decode["speedup"] == 1.5 and decode["bytes_ratio"] == 3.0 and decode["fraction_of_bound"] == 0.5
+    assert prefill["ungrouped_speedup"] == 2.0  # a row without an ungrouped time is its own ungrouped form
+    rows[0]["ungrouped_s"] = 2.0
+    prefill = summarize_modules(rows)[0]
+    assert prefill["ungrouped_speedup"] == 1.5
+    assert prefill["ungrouped_fraction_of_bound"] == pytest.approx(1.5 / (150 / 70))
     e2e = summarize_end_to_end([
         {"model": "baseline", "phase": "decode", "batch": 2, "tokens_per_s": 10.0,
          "macs_per_token": {"projections": 80, "total": 100}},
@@ -83,14 +88,19 @@ def test_bench_writes_tables_arrow_and_json(tmp_path, compressed, tiny_llama):
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{out}\n"
     for needle in ("(a) adapted modules", "(b) end to end", "(c) size", "(d) training compute", "proxy 0.59",
-                   "realised 0.61", "kernel mm", "1 threads"):
+                   "realised 0.61", "kernel mm", "1 threads", "ungrouped"):
         assert needle in result.stderr, needle
     data = json.loads((out / "result.json").read_text())
     section = read_manifest(compressed)["compressed"]
     modules = read_arrow(out / "modules.arrow")
-    assert modules.num_rows == len(section["modules"]) * 3  # prefill + two decode shapes
-    assert set(modules.column("name").to_pylist()) == {m["name"] for m in section["modules"]}
-    assert modules.column("macs").to_pylist()[:1] == [section["modules"][0]["macs"]]
+    # one row per module, or per group of low-rank members (q/k/v, gate/up) timed together, and shape
+    units = modules.column("name").to_pylist()
+    assert modules.num_rows == len(set(units)) * 3  # prefill + two decode shapes
+    assert sorted(n for unit in set(units) for n in unit.split("+")) == sorted(m["name"] for m in section["modules"])
+    grouped = [r for r in modules.to_pylist() if r["members"] > 1]
+    assert grouped and all(r["layout"] == "+".join(["lowrank"] * r["members"]) for r in grouped)
+    macs = {m["name"]: m["macs"] for m in section["modules"]}
+    assert all(r["macs"] == sum(macs[n] for n in r["name"].split("+")) for r in modules.to_pylist())
     assert [(s["phase"], s["batch"], s["tokens"]) for s in data["modules"]] == [
         ("prefill", 1, 16), ("decode", 1, 1), ("decode", 2, 1)]
     assert data["modules"][0]["mac_ratio"] == pytest.approx(section["summary"]["mac_speedup"])

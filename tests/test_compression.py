@@ -25,7 +25,7 @@ from bltool.adapt.compression import (
     truncated_svd,
 )
 from bltool.adapt.lora import GatedLoRALinear
-from bltool.adapt.lowrank import KERNEL_ENV, LowRankLinear, set_kernel
+from bltool.adapt.lowrank import KERNEL_ENV, LowRankGroup, LowRankLinear, groups, set_grouped, set_kernel
 from bltool.errors import ArtifactError, UsageError
 from bltool.models.loading import load_model, resolve_model
 
@@ -79,6 +79,35 @@ def test_compile_kernel_runs_and_matches():
     reference = layer(x)
     assert set_kernel(layer, "compile") == "compile"
     assert torch.allclose(layer(x), reference, atol=1e-5)
+
+
+def test_a_group_computes_its_members_with_one_down_gemm(monkeypatch):
+    torch.manual_seed(0)
+    layers = [LowRankLinear(16, d_out, rank, bias=bias) for d_out, rank, bias in ((16, 3, True), (8, 5, False),
+                                                                                  (8, 2, True))]
+    x = torch.randn(2, 5, 16)
+    expected = [layer(x) for layer in layers]
+    group = LowRankGroup(layers)
+    gemms = []
+    compute = LowRankGroup._compute
+    monkeypatch.setattr(LowRankGroup, "_compute", lambda self, x: gemms.append(1) or compute(self, x))
+    for kernel in ("linear", "mm", "compile"):
+        for layer in layers:
+            set_kernel(layer, kernel)
+        group.kernel = kernel
+        gemms.clear()
+        with torch.no_grad():
+            outputs = [layer(x) for layer in layers]
+        assert len(gemms) == 1, kernel  # the first member computed the group, the siblings took theirs
+        assert all(torch.allclose(o, e, atol=1e-5) for o, e in zip(outputs, expected, strict=True)), kernel
+        stacked = group.stacked
+        assert all(stacked.untyped_storage().data_ptr() == layer.down.weight.untyped_storage().data_ptr()
+                   for layer in layers)  # the factors are views of the stacked tensor: no copy kept
+    with torch.no_grad():  # a member called on another input computes again
+        assert torch.allclose(layers[1](x[:1]), expected[1][:1], atol=1e-5) and len(gemms) == 2
+    # with gradients for the factors (training) each layer computes alone and every factor gets its gradient
+    sum(layer(x).sum() for layer in layers).backward()
+    assert len(gemms) == 2 and all(layer.down.weight.grad is not None for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,8 +256,10 @@ def test_checkpoint_round_trip_is_exact_and_strict(tmp_path, family, family_mode
     # the same weights as compressing in memory
     _, again = distilled_student(tmp_path / "s2", teacher)
     compress_model(again, CompressionPolicy(dense_fallback=False))
-    with torch.no_grad():
+    with torch.no_grad():  # (ungrouped: the grouped form equals it to float tolerance, tested below)
+        set_grouped(loaded, False)
         assert torch.equal(loaded(IDS).logits, again(IDS).logits)
+        set_grouped(loaded, True)
     # generate() runs the compressed model (cached decoding equals the uncached greedy loop)
     generated = loaded.generate(IDS, max_new_tokens=5, do_sample=False)
     ids = IDS
@@ -252,6 +283,41 @@ def test_checkpoint_round_trip_is_exact_and_strict(tmp_path, family, family_mode
     bad["modules"][0]["name"] = f"{family.layers}.0.self_attn.nope"
     with pytest.raises(ArtifactError, match="absent from its config"):
         load_compressed(out, bad)
+
+
+def test_grouped_products_equal_the_ungrouped_form(tmp_path, family, family_models):
+    """q/k/v and gate/up mix dense, SVD and dropped forms here: the low-rank members of each group share one
+    down GEMM in the loaded model, and the logits equal those of the ungrouped form, for every kernel, after
+    a cast too."""
+    from bltool.stages.compress import CompressConfig, run
+
+    source, _ = distilled_student(tmp_path / "s", family_models(family.model_type))
+    out = run(CompressConfig(model=str(source), out=str(tmp_path / "c"), dense_fallback=False))
+    model = bltool.load_model(out)
+    found = groups(model)
+    expected = []
+    for layer in model.get_submodule(family.layers):
+        for fused in family.fused:
+            members = [layer.get_submodule(m) for m in fused.members]
+            lowrank = [m for m in members if isinstance(m, LowRankLinear)]
+            if len(lowrank) >= 2:
+                expected.append((lowrank, len(lowrank) < len(members)))
+    assert [g.members for g in found] == [members for members, _ in expected]
+    assert any(mixed for _, mixed in expected)  # a group with a dense member: only the low-rank ones stacked
+    for kernel in ("linear", "mm"):
+        set_kernel(model, kernel)
+        with torch.inference_mode():
+            grouped = model(IDS).logits
+            set_grouped(model, False)
+            alone = model(IDS).logits
+            set_grouped(model, True)
+        assert torch.allclose(grouped, alone, atol=1e-5), kernel
+    model.to(torch.float64)  # new storage for every factor: the groups stack again
+    with torch.no_grad():
+        grouped = model(IDS).logits
+        set_grouped(model, False)
+        assert torch.allclose(grouped, model(IDS).logits, atol=1e-10)
+    assert all(g.stacked.dtype == torch.float64 for g in found)
 
 
 def test_macs_per_token_of_the_tiny_llama(tmp_path, tiny_llama):

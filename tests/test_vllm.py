@@ -142,6 +142,15 @@ def test_compressed_student_matches_transformers(served, name):
     assert config["model_type"] == family.compressed_type and config["architectures"] == [family.compressed_class]
     assert got["model_class"] == f"bltool.serve.vllm_models.{family.compressed_class}"
     assert got["projections"] == expected_projections(family, lowrank, config["num_hidden_layers"])
+    # each split group's low-rank parts share one down GEMM: their A factors stacked, in the group's order
+    stacked = {}
+    for i in range(config["num_hidden_layers"]):
+        for group in family.fused:
+            parts = [m for m in group.members if f"{family.layers}.{i}.{m}" in lowrank]
+            if parts:
+                stacked[f"{family.layers}.{i}.{group.name}"] = [
+                    [m.rpartition(".")[2] for m in parts], sum(lowrank[f"{family.layers}.{i}.{m}"] for m in parts)]
+    assert got["stacked"] == stacked and any(len(names) > 1 for names, _ in stacked.values())
     assert got["eager"] is (name != COMPILED)
     assert_same_as_transformers(path, got)
 

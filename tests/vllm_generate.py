@@ -8,7 +8,9 @@ prompts and score them, and write what vLLM produced as JSON. The test compares 
 SPEC: {"models": [{"path": dir, "eager": bool}, ...], "prompts": [[token id, ...], ...], "max_tokens": N}
 OUT:  {dir: {"architecture": str (config.json's), "model_class": str (the class vLLM instantiated, module-
       qualified), "projections": {module name: class name} (the decoder layers' fused and row-parallel
-      projections as built), "tokens": [[id, ...] per prompt], "prompt_logprobs": [[float, ...]]}}
+      projections as built), "stacked": {module name: [[low-rank part, ...], rows of its stacked down]} (each
+      split fused group's parts whose down factors run as one GEMM), "tokens": [[id, ...] per prompt],
+      "prompt_logprobs": [[float, ...]]}}
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, as bench-serving runs it), so the
 model it built can be inspected directly (`LLM.apply_model`).
@@ -31,7 +33,10 @@ def built(model_type: str, model) -> dict:
     layers = model.get_submodule(family.layers)
     return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "projections": {f"{family.layers}.{i}.{name}": type(layer.get_submodule(name)).__name__
-                            for i, layer in enumerate(layers) for name in names}}
+                            for i, layer in enumerate(layers) for name in names},
+            "stacked": {f"{family.layers}.{i}.{group.name}": [parts.lowrank, parts.down.output_size]
+                        for i, layer in enumerate(layers) for group in family.fused
+                        if hasattr(parts := layer.get_submodule(group.name), "lowrank")}}
 
 
 def serve(path: str, eager: bool, prompts: list[list[int]], max_tokens: int) -> dict:

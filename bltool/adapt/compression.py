@@ -21,7 +21,7 @@ from torch import nn
 from bltool.adapt.adapters import adapted_modules, merge_into_linear
 from bltool.adapt.lora import GatedLoRALinear
 from bltool.adapt.lowrank import LowRankLinear, default_kernel, set_kernel
-from bltool.adapt.lowrank_models import as_compressed, as_plain, replace_module
+from bltool.adapt.lowrank_models import as_compressed, as_plain, group_model, replace_module
 from bltool.checks import check_compression
 from bltool.errors import ArtifactError
 from bltool.models.families import compressed_family, family_of
@@ -282,6 +282,7 @@ def load_compressed(directory: Path, section: dict[str, Any], dtype=None, flag: 
             replace_module(model, name, LowRankLinear(entry["in_features"], entry["out_features"],
                                                       int(entry["rank"]), bias=bool(entry["bias"]), dtype=dtype))
     load_weights_strict(model, directory / WEIGHTS, flag, "compressed modules")
+    group_model(model)
     set_kernel(model, default_kernel())
     return model.eval()
 

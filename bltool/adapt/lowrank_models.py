@@ -10,7 +10,9 @@ type refuses it with its own error. `import bltool` registers the types with tra
 low-rank model and loads every weight, without `trust_remote_code`.
 
 Each class is the family's own (`LlamaConfig` / `LlamaForCausalLM`, ...) with the listed modules swapped
-for `LowRankLinear` at construction: generation, caching and attention stay transformers' own.
+for `LowRankLinear` at construction: generation, caching and attention stay transformers' own. The
+low-rank members of each group that reads one input (the family's q/k/v and gate/up) are grouped
+(`group_model`), so their `down` factors run as one GEMM; the checkpoint still stores them one by one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import functools
 
 from torch import nn
 
-from bltool.adapt.lowrank import LowRankLinear
+from bltool.adapt.lowrank import LowRankLinear, group_layers
 from bltool.models.families import FAMILIES, compressed_family
 
 
@@ -28,6 +30,21 @@ def replace_module(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, layer)
+
+
+def group_model(model: nn.Module) -> int:
+    """Group, in every decoder layer, the low-rank members of each of the family's groups that read the same
+    input (q/k/v, gate/up: the groups vLLM fuses), so each group's `down` factors run as one GEMM; dense
+    members stay as they are. Returns the number of groups formed (a group needs two low-rank members)."""
+    family = compressed_family(model.config.model_type) or FAMILIES.get(model.config.model_type)
+    if family is None:
+        return 0
+    formed = 0
+    for layer in model.get_submodule(family.layers):
+        for fused in family.fused:
+            members = [layer.get_submodule(m) for m in fused.members]
+            formed += group_layers([m for m in members if isinstance(m, LowRankLinear)]) is not None
+    return formed
 
 
 @functools.cache
@@ -53,6 +70,7 @@ def classes(model_type: str) -> tuple[type, type]:
                 replace_module(self, module_name, LowRankLinear(
                     dense.in_features, dense.out_features, int(rank), bias=dense.bias is not None,
                     device=dense.weight.device, dtype=dense.weight.dtype))
+            group_model(self)
 
     for cls, name in ((Config, family.compressed_config_class), (ForCausalLM, family.compressed_class)):
         cls.__name__ = cls.__qualname__ = name

@@ -9,9 +9,11 @@ projections that `compress` made low-rank in the low-rank form from the start:
 - a low-rank projection is two of vLLM's linear layers, `down` (A, rank × d_in) then `up`
   (B, d_out × rank), computing B·(A·x) + b without building the d_out × d_in matrix;
 - projections that vLLM fuses (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) are computed part by
-  part when any part of the group is low-rank, each part one dense linear or one low-rank pair as
-  `compress` wrote it, and their outputs concatenated in the order vLLM's forward splits them; a group
-  with no low-rank part keeps vLLM's fused layer.
+  part when any part of the group is low-rank (`Parts`): the low-rank parts' A factors are stacked into
+  one `down` layer (one GEMM for the group; the checkpoint still stores each part's factor, loaded into
+  its rows), the code is split and each low-rank part applies its own B (`ups`), each dense part is one
+  dense linear (`dense`), and the outputs are concatenated in the order vLLM's forward splits them; a
+  group with no low-rank part keeps vLLM's fused layer.
 
 Built in place: vLLM's attention and MLP classes create their projections with the linear classes they
 import by name (`QKVParallelLinear`, `MergedColumnParallelLinear`, `RowParallelLinear`). While a
@@ -22,8 +24,9 @@ After construction every listed projection is checked to be in its low-rank form
 
 Tensor parallelism (vLLM shards column-parallel layers by output rows and row-parallel layers by input
 columns, with one all-reduce after):
-- column-parallel projections (q, k, v, gate, up): `down` is replicated on every rank, `up` is split by
-  its output rows, so each rank produces its own heads / intermediate slice from the full rank-r code;
+- column-parallel projections (q, k, v, gate, up): `down` (a group's stacked A) is replicated on every
+  rank, `up` is split by its output rows, so each rank produces its own heads / intermediate slice from
+  the full rank-r code;
 - row-parallel projections (o, down_proj): `down` is split by its input columns (the rank's shard of
   heads or intermediate units) and its r-wide partial result is all-reduced, which is r values per
   token instead of d_out; `up` is then replicated and adds the bias once.
@@ -34,8 +37,9 @@ Pipeline parallelism: vLLM builds only the decoder layers a stage owns (the othe
 so only those get low-rank projections, and the tensors of the other stages' layers are skipped.
 
 Weights load straight from the compressed safetensors (`…q_proj.down.weight`, `…q_proj.up.weight`,
-`…q_proj.up.bias`), through each vLLM layer's own weight loader, so they are sharded as above; every
-parameter must be loaded and every tensor used.
+`…q_proj.up.bias`), through each vLLM layer's own weight loader, so they are sharded as above (a part's
+`down.weight` is copied into its rows of the group's replicated stacked `down`); every parameter must be
+loaded and every tensor used.
 """
 
 from __future__ import annotations
@@ -98,15 +102,27 @@ class LowRankRowParallel(nn.Module):
 
 
 class Parts(nn.Module):
-    """Stands in for a fused `qkv_proj` / `gate_up_proj` whose parts differ in form: each part computes
-    its own (local) output and the outputs are concatenated, as the fused layer's would be."""
+    """Stands in for a fused `qkv_proj` / `gate_up_proj` whose parts differ in form: the low-rank parts'
+    A factors stacked into one replicated `down` (one GEMM), its code split by rank and each low-rank part's
+    B applied (`ups`, column-parallel), each dense part one column-parallel linear (`dense`); the parts'
+    (local) outputs concatenated in `order`, as the fused layer's would be."""
 
-    def __init__(self, parts: dict[str, nn.Module]):
+    def __init__(self, order: list[str], ranks: dict[str, int], down: nn.Module, ups: dict[str, nn.Module],
+                 dense: dict[str, nn.Module]):
         super().__init__()
-        self.parts = nn.ModuleDict(parts)
+        self.order = list(order)
+        self.lowrank = [name for name in order if name in ranks]
+        self.ranks = [ranks[name] for name in self.lowrank]
+        self.down = down
+        self.ups = nn.ModuleDict(ups)
+        self.dense = nn.ModuleDict(dense)
 
     def forward(self, x: torch.Tensor):
-        return torch.cat([part(x)[0] for part in self.parts.values()], dim=-1), None
+        code, _ = self.down(x)
+        outputs = {name: self.ups[name](h)[0] for name, h in zip(self.lowrank, code.split(self.ranks, dim=-1),
+                                                                  strict=True)}
+        outputs.update({name: layer(x)[0] for name, layer in self.dense.items()})
+        return torch.cat([outputs[name] for name in self.order], dim=-1), None
 
 
 def _layer_ranks(family: Family, lowrank: dict, n_layers: int) -> list[dict[str, int]]:
@@ -126,15 +142,21 @@ def _layer_ranks(family: Family, lowrank: dict, n_layers: int) -> list[dict[str,
 
 def _parts(prefix: str, members: dict[str, int], ranks: dict[str, int], d_in: int, bias: bool) -> Parts:
     """A `Parts` for the fused layer at `prefix`: `members` is {local projection name: d_out}, in order."""
-    from vllm.model_executor.layers.linear import ColumnParallelLinear
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear
 
-    parts = {}
+    order, group_ranks, ups, dense = [], {}, {}, {}
     for member, d_out in members.items():
         short = member.rpartition(".")[2]
-        name = f"{prefix}.parts.{short}"
-        parts[short] = (LowRankColumnParallel(d_in, d_out, ranks[member], bias, name) if member in ranks
-                        else ColumnParallelLinear(d_in, d_out, bias=bias, gather_output=False, prefix=name))
-    return Parts(parts)
+        order.append(short)
+        if member in ranks:
+            group_ranks[short] = ranks[member]
+            ups[short] = ColumnParallelLinear(ranks[member], d_out, bias=bias, gather_output=False,
+                                              prefix=f"{prefix}.ups.{short}")
+        else:
+            dense[short] = ColumnParallelLinear(d_in, d_out, bias=bias, gather_output=False,
+                                                prefix=f"{prefix}.dense.{short}")
+    down = ReplicatedLinear(d_in, sum(group_ranks.values()), bias=False, prefix=f"{prefix}.down")
+    return Parts(order, group_ranks, down, ups, dense)
 
 
 def _fused_builder(group: Fused, ranks: dict[str, int]) -> Callable[[dict], nn.Module]:
@@ -168,27 +190,40 @@ def _row_builder(local: str, ranks: dict[str, int]) -> Callable[[dict], nn.Modul
     return build
 
 
-def plan(config, prefix: str = "") -> tuple[dict[str, Callable[[dict], nn.Module]], dict[str, str]]:
+Route = tuple[str, int | None]  # (vLLM parameter name, first row in a stacked `down`, or None: the whole tensor)
+
+
+def plan(config, prefix: str = "") -> tuple[dict[str, Callable[[dict], nn.Module]], dict[str, dict[str, Route]]]:
     """From `config.lowrank_modules`: ({vLLM layer prefix: builder} for the fused and row-parallel layers
-    to build in low-rank form, {checkpoint module name: vLLM module name} for every projection they
+    to build in low-rank form, {checkpoint module name: {tensor leaf: route}} for every projection they
     compute, which `load_routed` loads directly). `prefix` is the causal LM's own vLLM prefix."""
     family = compressed_family(config.model_type)
     if family is None:
         raise ValueError(f"model type {config.model_type!r} is not one of bltool's compressed model types")
     layers = f"{prefix}.{family.layers}" if prefix else family.layers
     builders: dict[str, Callable[[dict], nn.Module]] = {}
-    routes: dict[str, str] = {}
+    routes: dict[str, dict[str, Route]] = {}
     for index, ranks in enumerate(_layer_ranks(family, config.lowrank_modules or {}, config.num_hidden_layers)):
         layer = f"{family.layers}.{index}"
         for group in family.fused:
             if any(m in ranks for m in group.members):
                 builders[f"{layers}.{index}.{group.name}"] = _fused_builder(group, ranks)
-                routes.update({f"{layer}.{m}": f"{layer}.{group.name}.parts.{m.rpartition('.')[2]}"
-                               for m in group.members})
+                fused, row = f"{layer}.{group.name}", 0
+                for member in group.members:
+                    short = member.rpartition(".")[2]
+                    if member in ranks:
+                        routes[f"{layer}.{member}"] = {"down.weight": (f"{fused}.down.weight", row),
+                                                       "up.weight": (f"{fused}.ups.{short}.weight", None),
+                                                       "up.bias": (f"{fused}.ups.{short}.bias", None)}
+                        row += ranks[member]
+                    else:
+                        routes[f"{layer}.{member}"] = {"weight": (f"{fused}.dense.{short}.weight", None),
+                                                       "bias": (f"{fused}.dense.{short}.bias", None)}
         for member in family.row_parallel:
             if member in ranks:
                 builders[f"{layers}.{index}.{member}"] = _row_builder(member, ranks)
-                routes[f"{layer}.{member}"] = f"{layer}.{member}"
+                routes[f"{layer}.{member}"] = {leaf: (f"{layer}.{member}.{leaf}", None)
+                                               for leaf in ("down.weight", "up.weight", "up.bias")}
     return builders, routes
 
 
@@ -250,14 +285,16 @@ def check_built(model: nn.Module, family: Family, builders: dict, prefix: str = 
                                f"know (it is tested with vLLM 0.32)")
 
 
-def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tuple[str, torch.Tensor]],
-                loaded: set[str]):
+def load_routed(model: nn.Module, routes: dict[str, dict[str, Route]],
+                weights: Iterable[tuple[str, torch.Tensor]], loaded: set[str]):
     """Load the tensors of routed projections through their layers' own weight loaders (which shard
-    them), adding the parameter names to `loaded`; skip those of decoder layers another pipeline stage
-    holds; yield every other (name, tensor) for vLLM's loader."""
+    them; a low-rank part's `down.weight` is copied into its rows of the group's stacked `down`, which is
+    loaded once every part's rows are), adding the parameter names to `loaded`; skip those of decoder
+    layers another pipeline stage holds; yield every other (name, tensor) for vLLM's loader."""
     from vllm.model_executor.models.utils import is_pp_missing_parameter
 
     params = dict(model.named_parameters())
+    rows: dict[str, int] = {}  # stacked `down` parameter → rows loaded so far
     for name, tensor in weights:
         module, _, leaf = name.rpartition(".")
         if module.endswith((".down", ".up")) and module.rpartition(".")[0] in routes:
@@ -266,15 +303,25 @@ def load_routed(model: nn.Module, routes: dict[str, str], weights: Iterable[tupl
         if module not in routes:
             yield name, tensor
             continue
-        target = f"{routes[module]}.{leaf}"
+        target, row = routes[module].get(leaf, (f"{module}.{leaf}", None))
         param = params.get(target)
         if param is None:
             if is_pp_missing_parameter(target, model):
                 continue
             raise ValueError(f"checkpoint tensor {name!r} does not belong to the compressed layout in "
                              f"config.json (no parameter {target!r})")
-        param.weight_loader(param, tensor)
-        loaded.add(target)
+        if row is None:
+            param.weight_loader(param, tensor)
+            loaded.add(target)
+            continue
+        if tensor.dim() != 2 or row + tensor.shape[0] > param.shape[0] or tensor.shape[1] != param.shape[1]:
+            raise ValueError(f"checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit rows {row}.. of "
+                             f"{target!r} {tuple(param.shape)}")
+        with torch.no_grad():
+            param.data[row:row + tensor.shape[0]].copy_(tensor)
+        rows[target] = rows.get(target, 0) + tensor.shape[0]
+        if rows[target] == param.shape[0]:
+            loaded.add(target)
 
 
 def _model_class(family: Family) -> type:

@@ -5,6 +5,8 @@
     the same random input, at a prefill shape (1 × --prefill-tokens) and decode shapes (B × 1 for each
     --decode-batch). Sums over modules give the measured speedup, printed next to the MAC ratio (the
     bound at compute-bound shapes) and the weight-bytes ratio (the bound at memory-bound decode shapes).
+    The low-rank members of a group (q/k/v, gate/up) share one down GEMM, so they are timed together, as
+    they run, and also each computing alone (the `ungrouped` column: what grouping buys).
 (b) End to end. Prefill tokens/s (one forward pass with a KV cache, logits for the last position only,
     as `generate()` does) and decode tokens/s (--decode-steps greedy steps after a --decode-context
     token prompt, per batch size), --baseline against MODEL, next to the MAC estimate (the ratio of their
@@ -119,40 +121,79 @@ def training_compute(path: Path, depth: int = 0) -> dict[str, Any] | None:
 # (a) modules
 
 
+def module_units(model, modules: list[dict]) -> list[list[dict]]:
+    """The compared modules as timing units: the low-rank members of one group (q/k/v, gate/up: they share
+    one down GEMM, so only the group is timed as it runs) together, every other module alone."""
+    names = {id(m): name for name, m in model.named_modules()}
+    by_name = {entry["name"]: entry for entry in modules}
+    units, seen = [], set()
+    for entry in modules:
+        if entry["name"] in seen:
+            continue
+        group = getattr(model.get_submodule(entry["name"]), "group", None)
+        members = [names[id(m)] for m in group.members] if group is not None else []
+        unit = [by_name[n] for n in members] if members and all(n in by_name for n in members) else [entry]
+        seen.update(e["name"] for e in unit)
+        units.append(unit)
+    return units
+
+
+def _set_enabled(group, enabled: bool) -> None:
+    group.enabled = enabled
+
+
 def bench_modules(model, baseline, modules, config: BenchConfig, device: str, dtype) -> list[dict[str, Any]]:
+    """One row per timing unit (`module_units`) and shape: the dense modules, the compressed ones as they run
+    (grouped), and, for a group, the same members each computing alone (`ungrouped_s`), interleaved."""
     shapes = [("prefill", 1, config.prefill_tokens)] + [("decode", b, 1) for b in config.decode_batch]
     generator = torch.Generator().manual_seed(0)
     rows = []
-    for entry in modules:
-        dense, mine = baseline.get_submodule(entry["name"]), model.get_submodule(entry["name"])
+    for unit in module_units(model, modules):
+        dense = [baseline.get_submodule(e["name"]) for e in unit]
+        mine = [model.get_submodule(e["name"]) for e in unit]
+        group = mine[0].group if len(unit) > 1 else None
+        first = dense[0]
         for phase, batch, tokens in shapes:
-            x = torch.randn(batch, tokens, dense.in_features, generator=generator).to(device=device, dtype=dtype)
-            timing = measure({"dense": lambda d=dense, x=x: d(x), "compressed": lambda m=mine, x=x: m(x)},
-                             config.warmup, config.repeats, device)
+            x = torch.randn(batch, tokens, first.in_features, generator=generator).to(device=device, dtype=dtype)
+            candidates = {"dense": lambda d=dense, x=x: [m(x) for m in d],
+                          "compressed": lambda c=mine, x=x: [m(x) for m in c]}
+            if group is not None:
+                candidates["ungrouped"] = lambda c=mine, x=x, g=group: (
+                    _set_enabled(g, False), [m(x) for m in c], _set_enabled(g, True))
+            timing = measure(candidates, config.warmup, config.repeats, device)
             rows.append({
-                **entry, "phase": phase, "batch": batch, "tokens": tokens,
-                "in_features": dense.in_features, "out_features": dense.out_features,
+                "name": "+".join(e["name"] for e in unit), "form": "+".join(e["form"] for e in unit),
+                "layout": "+".join(e["layout"] for e in unit), "members": len(unit),
+                "phase": phase, "batch": batch, "tokens": tokens,
+                "in_features": first.in_features, "out_features": sum(d.out_features for d in dense),
                 "dense_s": timing["dense"]["median_s"], "compressed_s": timing["compressed"]["median_s"],
-                "dense_macs": layer_macs(dense), "macs": layer_macs(mine),
-                "dense_weight_bytes": layer_weight_bytes(dense), "weight_bytes": layer_weight_bytes(mine),
+                "ungrouped_s": timing["ungrouped" if group is not None else "compressed"]["median_s"],
+                "dense_macs": sum(layer_macs(d) for d in dense), "macs": sum(layer_macs(m) for m in mine),
+                "dense_weight_bytes": sum(layer_weight_bytes(d) for d in dense),
+                "weight_bytes": sum(layer_weight_bytes(m) for m in mine),
             })
     return rows
 
 
 def summarize_modules(rows: list[dict]) -> list[dict[str, Any]]:
-    """Per shape: Σ time dense / Σ time compressed against Σ MACs and Σ weight bytes."""
+    """Per shape: Σ time dense / Σ time compressed against Σ MACs and Σ weight bytes; the same for the
+    ungrouped form of the compressed modules (`ungrouped_*`: each low-rank member computing alone)."""
     out = []
     for key in dict.fromkeys((r["phase"], r["batch"], r["tokens"]) for r in rows):
         group = [r for r in rows if (r["phase"], r["batch"], r["tokens"]) == key]
         dense_s, mine_s = sum(r["dense_s"] for r in group), sum(r["compressed_s"] for r in group)
+        ungrouped_s = sum(r.get("ungrouped_s", r["compressed_s"]) for r in group)
         mac_ratio = sum(r["dense_macs"] for r in group) / sum(r["macs"] for r in group)
         bytes_ratio = sum(r["dense_weight_bytes"] for r in group) / sum(r["weight_bytes"] for r in group)
         speedup = dense_s / mine_s
         bound = mac_ratio if key[0] == "prefill" else bytes_ratio
-        out.append({"phase": key[0], "batch": key[1], "tokens": key[2], "modules": len(group),
+        out.append({"phase": key[0], "batch": key[1], "tokens": key[2], "modules": sum(r.get("members", 1)
+                                                                                       for r in group),
                     "dense_s": dense_s, "compressed_s": mine_s, "speedup": speedup, "mac_ratio": mac_ratio,
                     "bytes_ratio": bytes_ratio, "bound": "macs" if key[0] == "prefill" else "weight bytes",
-                    "fraction_of_bound": speedup / bound})
+                    "fraction_of_bound": speedup / bound, "ungrouped_s": ungrouped_s,
+                    "ungrouped_speedup": dense_s / ungrouped_s,
+                    "ungrouped_fraction_of_bound": dense_s / ungrouped_s / bound})
     return out
 
 
@@ -324,13 +365,14 @@ def print_tables(result: dict) -> None:
     if result["modules"]:
         table = Table(title="(a) adapted modules: dense vs compressed, Σ over modules", title_justify="left")
         for column in ("shape", "modules", "dense ms", "compressed ms", "speedup", "MAC ratio", "bytes ratio",
-                       "of bound"):
+                       "of bound", "ungrouped"):
             table.add_column(column, justify="right")
         for s in result["modules"]:
             shape = f"{s['phase']} {s['batch']}×{s['tokens']}"
             table.add_row(shape, str(s["modules"]), f"{s['dense_s'] * 1e3:.2f}", f"{s['compressed_s'] * 1e3:.2f}",
                           f"{s['speedup']:.2f}×", f"{s['mac_ratio']:.2f}×", f"{s['bytes_ratio']:.2f}×",
-                          f"{s['fraction_of_bound']:.0%} of {s['bound']}")
+                          f"{s['fraction_of_bound']:.0%} of {s['bound']}",
+                          f"{s['ungrouped_speedup']:.2f}× ({s['ungrouped_fraction_of_bound']:.0%})")
         console.print(table)
     if result["end_to_end"]:
         table = Table(title="(b) end to end with KV cache: tokens/s", title_justify="left")

@@ -10,6 +10,9 @@
 # make vllm-install: a second environment, .venv-vllm, with vLLM's CPU build and bltool's plugin
 #            (vLLM pins transformers < 5.20, so it cannot share .venv); make test uses it for
 #            tests/test_vllm.py, and `.venv-vllm/bin/vllm serve runs/bl-0.4-c` serves a student.
+# make slurm-install: Slurm's daemons and munge (Debian's slurm-wlm and munge, with apt-get; sudo unless
+#            root), for tests/test_slurm.py: it starts a one-node Slurm on localhost and runs
+#            examples/slurm/ on it. Nothing is configured or started system-wide.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,8 +22,11 @@ VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.bltool-installed
 # tests/test_vllm.py runs vLLM from this environment, and fails (not skips) if it is missing
 VLLM_TEST_ENV := BLTOOL_VLLM_PYTHON=$(CURDIR)/$(VLLM_PY) BLTOOL_REQUIRE_VLLM=1
+# tests/test_slurm.py fails (not skips) without Slurm
+SLURM_TEST_ENV := BLTOOL_REQUIRE_SLURM=1
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install vllm-install test test-fast test-gpu test-vllm demo corpus lint clean
+.PHONY: install vllm-install slurm-install test test-fast test-gpu test-vllm demo corpus lint clean
 
 install: $(STAMP)
 
@@ -49,11 +55,18 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PY) -c "import vllm, bltool.serve.vllm_models"
 	touch $@
 
+# installed once: a machine that has the daemons is left as it is
+slurm-install:
+	@missing=; for p in munged slurmctld slurmd sbatch srun; do \
+	  command -v $$p >/dev/null || [ -x /usr/sbin/$$p ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "slurm-install: installing slurm-wlm and munge (missing:$$missing)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; fi
+
 corpus:
 	@bash scripts/install-corpus.sh >/dev/null
 
-test: install corpus vllm-install
-	$(VLLM_TEST_ENV) $(PY) -m pytest
+test: install corpus vllm-install slurm-install
+	$(VLLM_TEST_ENV) $(SLURM_TEST_ENV) $(PY) -m pytest
 
 test-vllm: install vllm-install
 	$(VLLM_TEST_ENV) $(PY) -m pytest tests/test_vllm.py

@@ -235,40 +235,14 @@ def _sync(device: str) -> None:
 
 
 def matmul_peak(dtype: str, device: str = "cpu", n: int | None = None, repeats: int = 10) -> dict:
-    """The measured matmul peak of `dtype` on `device` (TFLOP/s): the best, over the kernels the rows use
-    (`torch.mm`; on the CPU also oneDNN's linear, `bltool.adapt.kernels`), of the median rate of an
-    n × n × n product (n 2048 on the CPU, 8192 on CUDA) after 3 warm-up products."""
-    import torch
+    """The measured matmul peak of `dtype` on `device` in TFLOP/s (`bltool.serve.timing.matmul_peak`: the best
+    kernel the rows' frozen linears can take, an n × n × n product, n 2048 on the CPU and 8192 on CUDA)."""
+    from bltool.serve.timing import matmul_peak as measured_peak
 
-    from bltool.adapt.kernels import onednn_available
-
-    cuda = device.startswith("cuda")
-    n = n or (8192 if cuda else 2048)
-    torch_dtype = getattr(torch, dtype)
-    g = torch.Generator(device=device).manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g, device=device).to(torch_dtype) for _ in range(2))
-    kernels = {"torch.mm": lambda: torch.mm(a, b)}
-    if not cuda and onednn_available():
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    rates = {}
-    for name, run in kernels.items():
-        try:
-            times = []
-            for i in range(3 + repeats):
-                _sync(device)
-                began = time.perf_counter()
-                run()
-                _sync(device)
-                if i >= 3:
-                    times.append(time.perf_counter() - began)
-        except (RuntimeError, NotImplementedError) as err:  # a kernel without this dtype
-            rates[name] = f"{type(err).__name__}: {err}"[:200]
-            continue
-        rates[name] = 2 * n**3 / statistics.median(times) / 1e12
-    measured = [v for v in rates.values() if isinstance(v, float)]
-    if not measured:
-        raise RuntimeError(f"no matmul kernel ran in {dtype}: {rates}")
-    return {"tflops": max(measured), "kernels": rates, "n": n, "dtype": dtype, "repeats": repeats}
+    n = n or (8192 if device.startswith("cuda") else 2048)
+    peak = measured_peak((dtype,), size=n, warmup=3, repeats=repeats, device=device)[dtype]
+    return {"tflops": peak["gflops"] / 1e3, "kernels": {k: v / 1e3 for k, v in peak["kernels"].items()}, "n": n,
+            "dtype": dtype, "repeats": repeats}
 
 
 def peak_worker(spec: dict) -> dict:
@@ -313,12 +287,11 @@ def _after_load(device: str) -> tuple[bool, float]:
 
 
 def _frozen_dtype(spec: dict, device: str):
-    """The dtype of the frozen teacher and frozen base weights: bf16 on CUDA, fp32 on CPU (auto)."""
-    import torch
+    """The dtype of the frozen teacher and frozen base weights, as `distill --dtype` resolves it (auto: bf16 on
+    CUDA and on CPUs with native bf16, float32 elsewhere), so that every row runs alike."""
+    from bltool.models.devices import resolve_dtype
 
-    if spec["dtype"] == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, spec["dtype"])
+    return resolve_dtype(spec["dtype"], device, cpu_auto_bf16=True)
 
 
 def _fairness(teacher, prefetched: bool) -> dict:

@@ -6,16 +6,18 @@
 #   benchmarks/capacity_demo.sh [COMPRESSED_STUDENT ...]
 #
 # Environment: RUNS (default runs/capacity), TEACHER (smollm2-135m), STUDENT (runs/student, built here
-# when missing), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
+# when missing; runs/ is $BLTOOL_RUNS_ROOT and the teacher $BLTOOL_TEACHER when a site's env file sets them:
+# examples/lib/site.sh), CHUNK (256), CONCURRENCY (8), REPEATS (1), GPU_MEM (4GiB), DTYPE (float32, the CPU
 # measurement's dtype), RATE (1 request/s to plan for), VALIDATE_REQUESTS (192 per offered load), ENGINE
 # (transformers, or vllm: bench-serving --engine vllm, and the check then serves on vLLM; run it with
 # .venv-vllm/bin first on PATH).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../examples/lib/site.sh"
 
-RUNS=${RUNS:-runs/capacity}
-TEACHER=${TEACHER:-smollm2-135m}
-STUDENT=${STUDENT:-runs/student}
+RUNS=${RUNS:-${BLTOOL_RUNS_ROOT:-runs}/capacity}
+TEACHER=${TEACHER:-${BLTOOL_TEACHER:-smollm2-135m}}
+STUDENT=${STUDENT:-${BLTOOL_RUNS_ROOT:-runs}/student}
 CHUNK=${CHUNK:-256}
 CONCURRENCY=${CONCURRENCY:-8}
 REPEATS=${REPEATS:-1}
@@ -25,7 +27,7 @@ RATE=${RATE:-1}
 VALIDATE_REQUESTS=${VALIDATE_REQUESTS:-192}
 ENGINE=${ENGINE:-transformers}
 
-trace=$(python benchmarks/make_trace.py "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
+trace=$(python "$here/make_trace.py" "$RUNS/trace.csv")  # 2,000 requests, E[s] ≈ 258, E[o] ≈ 60
 [ -d "$STUDENT" ] || bltool build-student --teacher "$TEACHER" --mode mixed --layers 6 --out "$STUDENT"
 
 # b̄, P and D at the trace's mean lengths (prompt 256, output 60), CONCURRENCY sequences

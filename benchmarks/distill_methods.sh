@@ -4,9 +4,12 @@
 # teacher-logits cache. Prints one line per run from each run's manifest; /usr/bin/time gives the
 # process's peak resident set (the manifest records it too).
 #   bash benchmarks/distill_methods.sh DATA STUDENT OUT_DIR [TOKENS] [BATCH]
+# TEACHER (default smollm2-135m, or the site's BLTOOL_TEACHER: examples/lib/site.sh).
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../examples/lib/site.sh"
 data=$1; student=$2; out=$3; tokens=${4:-30720}; batch=${5:-1}
-teacher=${TEACHER:-smollm2-135m}
+teacher=${TEACHER:-${BLTOOL_TEACHER:-smollm2-135m}}
 mkdir -p "$out"
 run() {  # name, then distill flags
   local name=$1; shift

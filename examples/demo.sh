@@ -11,9 +11,10 @@
 # environment (see examples/sweep.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lib/site.sh"          # BLTOOL_HOME, BLTOOL_TEACHER, BLTOOL_CORPUS, BLTOOL_DATA_ROOT, BLTOOL_RUNS_ROOT
 
 bltool teachers
-export RUNS=${RUNS:-runs/demo}
+export RUNS=${RUNS:-${BLTOOL_RUNS_ROOT:-runs}/demo}
 export SWEEP=${SWEEP:-kd-lora budgeted-lora:0.4}
 export SEQ_LEN=${SEQ_LEN:-256}
 export TOKENS=${TOKENS:-40k}          # 156 steps of one 256-token sequence (ρ needs ~30 steps after s1)

@@ -2,15 +2,19 @@
 # One distillation run from a corpus to a report, every stage chained through the path it prints on
 # stdout. A template for cluster jobs: point TEACHER at an alias from your teachers.toml (or a
 # checkpoint directory), CORPUS at your documents, RUNS at a shared filesystem, and DISTILL at
-# "torchrun --nproc-per-node 8 -m bltool" to train data-parallel.
+# "torchrun --nproc-per-node 8 -m bltool" to train data-parallel. A site's defaults for these come from its
+# env file (examples/lib/site.sh: BLTOOL_TEACHER, BLTOOL_CORPUS, BLTOOL_DATA_ROOT, BLTOOL_RUNS_ROOT).
 #
 #   CORPUS=/data/docs METHOD=budgeted-lora BUDGET=0.4 TOKENS=50M bash examples/pipeline.sh
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lib/site.sh"
 
-CORPUS=${CORPUS:?set CORPUS to a directory of documents (or a .jsonl / .parquet / .arrow file)}
+CORPUS=${CORPUS:-${BLTOOL_CORPUS:?set CORPUS (or BLTOOL_CORPUS) to a directory of documents (or a .jsonl / .parquet / .arrow file)}}
 GLOB=${GLOB:-**/*.txt}              # which files of a CORPUS directory are documents
-RUNS=${RUNS:-runs/pipeline}
-TEACHER=${TEACHER:-smollm2-135m}
+RUNS=${RUNS:-${BLTOOL_RUNS_ROOT:-runs}/pipeline}
+data_out=${BLTOOL_DATA_ROOT:+$BLTOOL_DATA_ROOT/$(basename "$RUNS")}  # prepared data: there, or in RUNS
+TEACHER=${TEACHER:-${BLTOOL_TEACHER:-smollm2-135m}}
 LAYERS=${LAYERS:-6}
 MODE=${MODE:-mixed}
 SEQ_LEN=${SEQ_LEN:-1024}
@@ -29,7 +33,7 @@ budget=()
 if [ "$METHOD" = budgeted-lora ]; then name="$METHOD-$BUDGET"; budget=(--budget "$BUDGET"); fi
 
 data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
-  --seq-len "$SEQ_LEN" --out "$RUNS/data" --overwrite)
+  --seq-len "$SEQ_LEN" --out "${data_out:-$RUNS/data}" --overwrite)
 student=$(bltool build-student --teacher "$TEACHER" --mode "$MODE" --layers "$LAYERS" --out "$RUNS/student" \
   --overwrite)
 # shellcheck disable=SC2086

@@ -10,10 +10,11 @@
 #   README=README.md bash examples/sweep.sh         # and regenerate the README's results section
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lib/site.sh"          # BLTOOL_HOME, BLTOOL_TEACHER, BLTOOL_CORPUS, BLTOOL_DATA_ROOT, BLTOOL_RUNS_ROOT
 
-RUNS=${RUNS:-runs/sweep}
-TEACHER=${TEACHER:-smollm2-135m}
-CORPUS=${CORPUS:-$(bash "$here/../scripts/install-corpus.sh")}
+RUNS=${RUNS:-${BLTOOL_RUNS_ROOT:-runs}/sweep}
+TEACHER=${TEACHER:-${BLTOOL_TEACHER:-smollm2-135m}}
+CORPUS=${CORPUS:-${BLTOOL_CORPUS:-$(bash "$here/../scripts/install-corpus.sh")}}
 GLOB=${GLOB:-**/*.rst.txt}
 HELDOUT=${HELDOUT:-0.02}            # the docs corpus is small: 2% holds out ~10 documents, ~28k tokens
 SEQ_LEN=${SEQ_LEN:-512}
@@ -24,7 +25,8 @@ BATCH=${BATCH:-2}
 TOP_K=${TOP_K:-64}
 DISTILL=${DISTILL:-bltool}          # e.g. "torchrun --nproc-per-node 8 -m bltool"
 DISTILL_ARGS=${DISTILL_ARGS:-}
-DATA=${DATA:-}                      # a prepare-data output to use as it is (default: CORPUS prepared into RUNS)
+DATA=${DATA:-}                      # a prepare-data output to use as it is (default: CORPUS prepared into RUNS,
+                                    # or into BLTOOL_DATA_ROOT/<RUNS's name> when the site sets it)
 STUDENT=${STUDENT:-}                # a build-student output to use as it is (default: built into RUNS)
 PPL_ARGS=${PPL_ARGS:-}              # e.g. "--max-tokens 100000"
 ICL_ARGS=${ICL_ARGS:---n 10 --seeds 3}
@@ -36,8 +38,9 @@ NOTE=${NOTE:-}
 echo "sweep: $SWEEP; $TOKENS tokens each; runs in $RUNS" >&2
 data=$DATA
 if [ -z "$data" ]; then
+  data_out=${BLTOOL_DATA_ROOT:+$BLTOOL_DATA_ROOT/$(basename "$RUNS")}
   data=$(bltool prepare-data "$CORPUS" --glob "$GLOB" --tokenizer "$TEACHER" --heldout "$HELDOUT" \
-    --seq-len "$SEQ_LEN" --out "$RUNS/data" --overwrite)
+    --seq-len "$SEQ_LEN" --out "${data_out:-$RUNS/data}" --overwrite)
 fi
 student=$STUDENT
 if [ -z "$student" ]; then

@@ -1,20 +1,28 @@
 """Data-parallel runs under `torchrun` (PyTorch DDP): process-group set-up and the few collectives the
 training loop needs. A plain `bltool distill` is a world of one and never touches torch.distributed.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on CUDA and gloo on CPU.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; the backend is NCCL on CUDA and gloo on CPU. Joining the group
+waits at most $BLTOOL_RDZV_TIMEOUT seconds (default 600) for the other processes at MASTER_ADDR:MASTER_PORT,
+then fails in one line naming that endpoint (a node that never comes, a port in use).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from bltool import ui
-from bltool.errors import UsageError
+from bltool.errors import BltoolError, UsageError
+
+RDZV_TIMEOUT_ENV = "BLTOOL_RDZV_TIMEOUT"
+RDZV_TIMEOUT_DEFAULT = 600.0  # seconds, as torchrun's own join_timeout
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,56 @@ def setup(device_flag: str) -> World:
     else:
         device = "cpu"
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        join("nccl" if cuda else "gloo", rank, size)
     return World(rank, size, local, device)
+
+
+def rendezvous_timeout() -> float:
+    """Seconds to wait for the other processes to join: $BLTOOL_RDZV_TIMEOUT, default 600."""
+    text = os.environ.get(RDZV_TIMEOUT_ENV, "")
+    if not text:
+        return RDZV_TIMEOUT_DEFAULT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UsageError(f"{RDZV_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def join(backend: str, rank: int, size: int) -> None:
+    """Join the default process group through the store at MASTER_ADDR:MASTER_PORT, waiting at most
+    rendezvous_timeout() for the others; any failure to meet them is one line naming the endpoint."""
+    seconds = rendezvous_timeout()
+    endpoint = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        with _quiet_stderr():
+            store, rank, size = next(dist.rendezvous("env://", rank, size,
+                                                     timeout=datetime.timedelta(seconds=seconds)))
+        store.set_timeout(COLLECTIVE_TIMEOUT)  # met: from here on, as torch's own env:// set-up does
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+    except (RuntimeError, ValueError) as err:  # torch's DistStoreError, DistNetworkError, a missing variable
+        reason = " ".join(str(err).split())
+        if len(reason) > 200:
+            reason = reason[:200] + "…"
+        raise BltoolError(f"rank {rank} of {size} could not join the process group at {endpoint} within "
+                          f"{seconds:g} s (set {RDZV_TIMEOUT_ENV} to wait longer): {reason}") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """torch's store logs every failed try to connect, with a C++ stack, to the process's stderr (fd 2): the
+    failure is reported in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run_ranked(device_flag: str, body):

@@ -33,6 +33,8 @@ def tiny_env(tmp_path_factory, tokenizer):
         "DISTILL_ARGS": "--rank 4 --lora-alpha 8 --save-every 0",
         "ICL_ARGS": "--n 2 --seeds 1 --shots 2 --tasks capitalize,next_item",
         "BENCH_ARGS": "--prefill-tokens 32 --decode-batch 1 --decode-steps 2 --repeats 1 --warmup 1",
+        "SERVING_ARGS": "--concurrency 2 --prompt-len 24 --output-len 6 --repeats 1 --device cpu",
+        "SERVING_CHUNK": "32",
     }
     return root, env
 
@@ -162,6 +164,19 @@ def test_gpu_sweep_smoke_mode_measures_then_sweeps_from_one_cache_with_learning_
         log = pa.ipc.open_stream(pa.memory_map(str(runs / name / "distilled" / "log.arrow"))).read_all()
         assert sum(v is not None for v in log.column("eval_ppl").to_pylist()) >= 3
     assert (runs / "report" / "learning_curves.png").stat().st_size > 1000
-    assert "GPU sweep on 2 × CPU" in (runs / "report" / "report.md").read_text()
+    text = (runs / "report" / "report.md").read_text()
+    assert "GPU sweep on 2 × CPU" in text
+    # every student and the teacher served and priced by one capacity plan; the note says for what and
+    # quotes the sweep's command
+    for name in ("kd-lora", "budgeted-lora-0.4", "budgeted-lora-0.0", "teacher"):
+        row = rows[name]
+        assert float(row["serving_rate"]) > 0 and int(row["servers"]) >= 1, name
+        assert row["serving_engine"] == "transformers" and "capacity" not in row["missing"], name
+    assert rows["student"]["serving_rate"] == ""
+    note = next(line for line in text.splitlines() if line.startswith("Serving cost"))
+    assert "--prompt-len lognormal:256:0.8 --output-len geometric:128" in note and "80 GiB × 0.9" in note
+    assert "λ = 10 req/s" in note and "transformers" in note
+    assert "Sweep command: `" in text and "SERVING_CHUNK=32" in text and "bash examples/sweep.sh`" in text
+    assert "bench-serving × 4" in text and "capacity × 1" in text
 
 

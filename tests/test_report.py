@@ -552,10 +552,10 @@ def test_icl_se_from_hand_made_predictions(tmp_path):
 
 def test_frontier_names_runs_in_a_legend_not_beside_points():
     """kd-full and kd-lora at the same cost (both dense): no text sits beside any point; each run is one
-    legend entry whose colour and marker are those of its own point, and no two runs share both."""
+    legend entry whose colour (its own, `run_colors`) and marker are those of its own point."""
     from matplotlib.colors import to_rgba
 
-    from bltool.results.figures import COLORS, frontier_figure
+    from bltool.results.figures import frontier_figure, run_colors
 
     rows = [_row("full", "kd-full", perplexity=50.0, mac_speedup=1.0),
             _row("lora", "kd-lora", perplexity=52.0, mac_speedup=1.0),
@@ -568,14 +568,15 @@ def test_frontier_names_runs_in_a_legend_not_beside_points():
     assert set(points) == {"full (kd-full)", "lora (kd-lora)", "bl-0.4 (budgeted-lora F=0.4)",
                            "bl-0.5 (budgeted-lora F=0.5)"}
     styles = set()
+    colors = run_colors(rows)
     for row in rows:
         (collection,) = [c for c in ax.collections if c.get_label() == f"{row.name} ({row.method}"
                          + (f" F={row.budget:g})" if row.budget is not None else ")")]
-        assert tuple(collection.get_facecolor()[0]) == to_rgba(COLORS[row.method]), row.name
+        assert tuple(collection.get_facecolor()[0]) == to_rgba(colors[row.name]), row.name
         x, y = collection.get_offsets()[0]
         assert (x, y) == (1 / row.values["mac_speedup"], row.values["perplexity"])
-        styles.add((COLORS[row.method], collection.get_paths()[0].vertices.tobytes()))
-    assert len(styles) == len(rows)  # the two budgeted runs differ by marker
+        styles.add(to_rgba(colors[row.name]))
+    assert len(styles) == len(rows)  # every run its own colour, the two budgeted runs too
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -615,7 +616,7 @@ def _teacher(tmp_path, max_tokens=10_000, layout=((0, 0, 63), (1, 0, 30), (1, 1,
 
 def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_path):
     from bltool.artifacts import write_arrow
-    from bltool.results.figures import COLORS, learning_curves_figure
+    from bltool.results.figures import learning_curves_figure, run_colors
 
     rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, None, 400.0, None]),
             _curve(tmp_path, "bl", "budgeted-lora", 0.4, [950.0, None, 600.0, 500.0]),
@@ -629,7 +630,7 @@ def test_learning_curves_plot_each_runs_held_out_evaluations_against_tokens(tmp_
     assert list(lines["lora (kd-lora)"].get_xdata()) == [100, 300]  # steps without an evaluation skipped
     assert list(lines["lora (kd-lora)"].get_ydata()) == [900.0, 400.0]
     assert list(lines["bl (budgeted-lora F=0.4)"].get_xdata()) == [100, 300, 400]
-    assert lines["bl (budgeted-lora F=0.4)"].get_color() == COLORS["budgeted-lora"]
+    assert lines["bl (budgeted-lora F=0.4)"].get_color() == run_colors(rows)["bl"]
     # the teacher on the curves' slice (the first 128 tokens: windows 0 and 1), not its eval-ppl's 12.0
     mean = (2.5 * 63 + 3.0 * 63) / 126
     (teacher,) = [line for label, line in lines.items() if label.startswith("teacher")]
@@ -724,3 +725,167 @@ def test_report_refuses_two_evaluations_of_one_model(runs, tmp_path):
 
     out = Path(cli("report", runs, other, "--out", tmp_path / "mixed", "--allow-mixed"))
     assert "| bl † | budgeted-lora |" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving cost: capacity plans linked to the rows by content
+
+CAPACITY = ["--prompt-len", "24", "--output-len", "6", "--samples", "200", "--chunk", "32", "--dtype", "float32",
+            "--iteration-time", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def served(runs):
+    """kd-lora's compressed student measured by bench-serving (transformers, tiny load) and bl's compressed
+    student and the teacher given to capacity as models (--iteration-time), in two capacity runs whose
+    model order is swapped."""
+    root = runs.parent / "served"
+    measured = cli("bench-serving", runs / "lora" / "compressed", "--chunk", "32", "--concurrency", "2",
+                   "--prompt-len", "24", "--output-len", "6", "--repeats", "1", "--device", "cpu",
+                   "--out", root / "lora-serving")
+    first = cli("capacity", measured, runs / "bl" / "compressed", "--gpu-mem", "64MiB", "--rate", "1000",
+                *CAPACITY, "--out", root / "plan-a")
+    second = cli("capacity", runs / "bl" / "compressed", measured, "--gpu-mem", "64MiB", "--rate", "1000",
+                 *CAPACITY, "--out", root / "plan-b")
+    return root, Path(measured), Path(first), Path(second)
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path / "report.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("order", ["lora-first", "bl-first"])
+def test_serving_cost_columns_come_from_the_capacity_plan_of_each_rows_model(runs, served, tmp_path, order):
+    """Each student's serving columns are its own plan's (matched by content through the bench-serving
+    artifact or the model), whatever the order of capacity's MODELS; the teacher without a plan lists
+    `capacity` as missing, the untrained student (a quality baseline) does not."""
+    root, measured, first, second = served
+    plan_dir = first if order == "lora-first" else second
+    other = tmp_path / "cap"
+    other.mkdir()
+    import shutil
+
+    shutil.copytree(measured, other / "lora-serving")  # the bench-serving artifact, found by its hash
+    shutil.copytree(plan_dir, other / "plan")
+    out = Path(cli("report", runs, other, "--out", tmp_path / "rep"))
+    rows = {r["name"]: r for r in _csv(out)}
+    plans = json.loads((plan_dir / "result.json").read_text())["models"]
+    lora_plan, bl_plan = (plans if order == "lora-first" else plans[::-1])
+    assert lora_plan["iteration_source"].startswith("measured") and bl_plan["iteration_source"] == "--iteration-time"
+    assert lora_plan["max_stable_rate"] != bl_plan["max_stable_rate"]
+    for name, plan in (("lora", lora_plan), ("bl", bl_plan)):
+        assert float(rows[name]["serving_rate"]) == pytest.approx(plan["max_stable_rate"]), name
+        assert int(rows[name]["servers"]) == plan["gpus"] and rows[name]["serving_binding"] == plan["binding"]
+        assert "capacity" not in rows[name]["missing"]
+    measurement = json.loads((measured / "result.json").read_text())
+    assert float(rows["lora"]["serving_decode_tps"]) == pytest.approx(measurement["decode_tokens_per_s"])
+    assert rows["lora"]["serving_engine"] == "transformers" and rows["bl"]["serving_engine"] == ""
+    assert rows["teacher"]["missing"].split(", ")[-1] == "capacity"
+    assert "capacity" not in rows["student"]["missing"]
+    text = (out / "report.md").read_text()
+    assert "| req/s per server | servers for λ |" in text
+    note = next(line for line in text.splitlines() if line.startswith("Serving cost"))
+    assert "--prompt-len 24 --output-len 6 --samples 200 --seed 0" in note and "64 MiB × 0.9" in note
+    assert "λ = 1000 req/s at utilisation 0.8" in note
+    assert (f"measured by `bench-serving` with transformers {measurement['transformers']} on cpu "
+            f"({measurement['device_name']}), {measurement['threads']} thread") in note
+    assert "float32 (lora)" in note
+    assert "given by capacity --iteration-time, not measured (bl)" in note
+    stages = next(line for line in text.splitlines() if line.startswith("Artifacts found"))
+    assert "bench × 1" in stages and "bench-serving × 1" in stages and "capacity × 1" in stages
+    assert "distill × 2" in stages and "checkpoint" not in stages
+
+
+def test_reports_without_a_capacity_plan_do_not_ask_for_one(report):
+    rows = _csv(report)
+    assert all("capacity" not in r["missing"] and r["serving_rate"] == "" for r in rows)
+    text = (report / "report.md").read_text()
+    assert "Serving cost" not in text
+
+
+def test_capacity_plans_made_differently_are_refused_or_marked(runs, served, tmp_path):
+    """bl planned for 64 MiB and kd-lora for 128 MiB: not one column; --allow-mixed marks it and says why."""
+    _, measured, _, _ = served
+    other = tmp_path / "cap"
+    cli("capacity", runs / "bl" / "compressed", "--gpu-mem", "64MiB", *CAPACITY, "--out", other / "bl")
+    cli("capacity", runs / "lora" / "compressed", "--gpu-mem", "128MiB", *CAPACITY, "--out", other / "lora")
+    result = CliRunner().invoke(app, ["report", str(runs), str(other), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 2, result.stderr
+    line = result.stderr.strip()
+    assert "capacity --gpu-mem differs" in line and "bl 67108864" in line and "lora 134217728" in line, line
+    out = Path(cli("report", runs, other, "--out", tmp_path / "rep", "--allow-mixed"))
+    text = (out / "report.md").read_text()
+    assert "| req/s per server † | servers for λ † |" in text
+    assert "capacity --gpu-mem differs: bl 67108864, lora 134217728" in text
+    assert "64 MiB × 0.9 / 128 MiB × 0.9" in text
+
+
+def test_each_run_has_one_colour_in_every_figure(tmp_path):
+    """The colour of a run is its own (two runs of one method differ), the same in the frontier, ICL, dense
+    fraction and learning-curve figures, and does not depend on the order of the rows; the ICL baseline is
+    drawn in the ICL figure and the legends sit outside the axes."""
+    from matplotlib.colors import to_rgba
+
+    from bltool.artifacts import write_arrow
+    from bltool.results import figures
+
+    rows = [_curve(tmp_path, "lora", "kd-lora", None, [900.0, 400.0]),
+            _curve(tmp_path, "bl-0.4", "budgeted-lora", 0.4, [950.0, 600.0]),
+            _curve(tmp_path, "bl-0.8", "budgeted-lora", 0.8, [940.0, 500.0])]
+    for i, row in enumerate(rows):
+        write_arrow(tmp_path / f"log-{i}.arrow", [
+            {"step": s, "tokens": 100 * s, "actual_fraction": 1.0 - 0.1 * s, "target_fraction": 0.9,
+             "computed_fraction": 1.0, "eval_ppl": 900.0 - s, "eval_nll": math.log(900.0 - s), "eval_nll_se": 0.05}
+            for s in (1, 2)])
+        row.log = tmp_path / f"log-{i}.arrow"
+        row.values.update(perplexity=50.0 + i, mac_speedup=1.0 + i / 2, icl_composite=0.2 + i / 10, icl_se=0.01,
+                          icl_baseline=0.15)
+    colors = figures.run_colors(rows)
+    assert len(set(colors.values())) == 3
+    assert figures.run_colors(rows[::-1]) == colors
+    assert figures.run_colors([*rows, _row("teacher", "teacher")])["teacher"] == "black"
+    import matplotlib.pyplot as plt
+
+    for make in (figures.frontier_figure, figures.icl_figure, figures.dense_fraction_figure,
+                 figures.learning_curves_figure):
+        fig, ax = make(rows)
+        handles, labels = ax.get_legend_handles_labels()
+        drawn = {}
+        for handle, label in zip(handles, labels):
+            name = label.split(" ")[0]
+            if name in colors and not label.endswith(("target", "(ρ > 0)")):
+                color = handle.get_facecolor()[0] if hasattr(handle, "get_facecolor") else (
+                    handle.lines[0].get_color() if hasattr(handle, "lines") else handle.get_color())
+                drawn[name] = to_rgba(color)
+        assert drawn == {name: to_rgba(c) for name, c in colors.items()}, make.__name__
+        if make is figures.icl_figure:
+            assert any(label.startswith("ICL baseline 0.150") for label in labels)
+            (baseline,) = [line for line in ax.get_lines() if line.get_label().startswith("ICL baseline")]
+            assert list(baseline.get_ydata()) == [0.15, 0.15]
+        figures.place_legend(ax)
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        assert legend.x0 >= ax.get_window_extent().x1, make.__name__  # beside the axes, not over the data
+        plt.close(fig)
+
+
+def test_serving_measured_on_other_engines_or_machines_is_not_one_column():
+    """Two students served on different engines (or machines) cannot share the serving columns: the
+    difference is named, and --allow-mixed marks those columns."""
+    from bltool.results.runs import bench_serving_settings, evaluation_differences
+    from bltool.stages.report import markdown
+
+    measured = {"engine": "transformers", "device_name": "H100", "dtype": "bfloat16",
+                "settings": {"concurrency": 8, "prompt_len": 256, "output_len": 64, "chunk": 256}}
+    rows = [_row("a", "kd-lora", serving_decode_tps=900.0), _row("b", "kd-full", serving_decode_tps=800.0)]
+    rows[0].settings["bench-serving"] = bench_serving_settings(measured)
+    rows[1].settings["bench-serving"] = bench_serving_settings(measured)
+    assert evaluation_differences(rows) == {}
+    for key, other in (("engine", "vllm"), ("device_name", "A100")):
+        rows[1].settings["bench-serving"] = bench_serving_settings({**measured, key: other})
+        mixed = evaluation_differences(rows)
+        (setting, values), = mixed["bench-serving"]
+        assert values == {"a": measured[key], "b": other}
+        text = markdown(rows, "t", "", mixed=mixed)
+        assert "| decode tok/s (served) † | req/s per server † | servers for λ † |" in text

@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, Agg backend, PNG): the quality / inference-cost frontier, ICL
 against budget, the dense fraction along training, and the learning curves (held-out perplexity during
 training, `distill --eval-every`, with their standard errors as bands and the teacher scored on the same
-held-out slice). Each takes report rows and returns nothing but the file it wrote; a figure with nothing
+held-out slice). Each run has its own colour (`run_colors`), the same in every figure, and the legends sit
+beside the axes. Each takes report rows and returns nothing but the file it wrote; a figure with nothing
 to plot says so in its title rather than being skipped. Beside them, capacity --validate's two figures:
 the simulated queues and the measured server against the formula and the simulator."""
 
@@ -17,14 +18,26 @@ from bltool.eval.stats import read_pieces
 from bltool.results.runs import Row
 from bltool.train import methods
 
-COLORS = {**{m.name: m.color for m in methods.REGISTRY.values()}, "teacher": "black",
-          "student (untrained)": "tab:gray"}
+# Run colours: tab10 without its grey (the untrained student's), then tab20's lighter shades.
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+           "#9edae5")
 
 
-def _color(name: str) -> str:
-    """A row's colour: its method's (bltool.train.methods), else COLORS' or green."""
-    method = methods.find(name)
-    return method.color if method else COLORS.get(name, "tab:green")
+def run_colors(rows: list[Row]) -> dict[str, str]:
+    """Each run's own colour, by its name, the same in every figure of a report: the teacher black, the
+    untrained student grey, the other runs the palette in the order of their sorted names (so the colours
+    do not depend on the order the runs were found in; past the palette's length they repeat)."""
+    fixed = {"teacher": "black", "student (untrained)": "tab:gray"}
+    colors = {r.name: fixed[r.method] for r in rows if r.method in fixed}
+    others = sorted({r.name for r in rows if r.method not in fixed})
+    colors.update({name: PALETTE[i % len(PALETTE)] for i, name in enumerate(others)})
+    return colors
+
+
+def _method_markers(rows: list[Row]) -> dict[str, str]:
+    """A marker per method (the colour tells the runs apart, the marker what each is)."""
+    return {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(sorted({r.method for r in rows}))}
 
 
 def _pyplot():
@@ -36,12 +49,17 @@ def _pyplot():
     return plt
 
 
+def place_legend(ax, size: int = 8) -> None:
+    """The legend beside the axes, on the right, never over the data."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=size, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def _save(plt, fig, ax, path: Path, legend_size: int = 8) -> Path:
     ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.tight_layout()  # the axes keep their size; the saved image widens to take the legend beside them
+    place_legend(ax, legend_size)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -72,17 +90,16 @@ def _teacher_line(ax, rows: list[Row], label: str) -> None:
 
 
 def frontier_figure(rows: list[Row]):
-    """The frontier's (figure, axes): each run one point, named only in the legend, drawn with its
-    method's colour and a marker of its own within that method, so no label can sit beside another
-    run's point and two runs of one method remain distinguishable."""
+    """The frontier's (figure, axes): each run one point, named only in the legend, drawn in its run's
+    colour (`run_colors`, the same in every figure) with its method's marker, so no label can sit beside
+    another run's point and two runs of one method remain distinguishable."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors, markers = run_colors(rows), _method_markers(rows)
     points = [(1.0 / r.values["mac_speedup"], r.values["perplexity"], r) for r in rows
               if r.values.get("mac_speedup") and r.values.get("perplexity")]
-    seen: dict[str, int] = {}
     for cost, ppl, row in sorted(points, key=lambda p: (p[0], p[1])):
-        k = seen[row.method] = seen.get(row.method, -1) + 1
-        ax.scatter(cost, ppl, color=_color(row.method), marker=MARKERS[k % len(MARKERS)],
+        ax.scatter(cost, ppl, color=colors[row.name], marker=markers[row.method],
                    s=40, zorder=3, label=_run_label(row))
     best, front = float("inf"), []
     for cost, ppl, _ in sorted(points, key=lambda p: (p[0], p[1])):
@@ -102,58 +119,80 @@ def frontier_figure(rows: list[Row]):
 def frontier(rows: list[Row], path: Path) -> Path:
     """Perplexity (log scale) against relative inference cost of the adapted modules (1 / MAC speedup):
     the lower-left points are the better trade-offs; the frontier joins those no other point beats.
-    Runs are told apart by the legend (colour = method, marker = run), never by text beside a point."""
+    Runs are told apart by the legend (colour = run, marker = method), never by text beside a point."""
     fig, ax = frontier_figure(rows)
     return _save(_pyplot(), fig, ax, path)
 
 
 def icl_by_budget(rows: list[Row], path: Path) -> Path:
-    """ICL composite (± its standard error) against the budget F; methods without a budget as lines."""
+    """ICL composite (± its standard error) against the budget F, each run in its own colour; runs without
+    a budget as dashed lines; the ICL baseline (the best trivial answer) as a dotted grey line."""
+    fig, ax = icl_figure(rows)
+    return _save(_pyplot(), fig, ax, path)
+
+
+def icl_figure(rows: list[Row]):
+    """`icl_by_budget`'s (figure, axes)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors, markers = run_colors(rows), _method_markers(rows)
     budgeted = sorted((r for r in rows if r.budget is not None and r.values.get("icl_composite") is not None),
                       key=lambda r: r.budget)
-    for name in dict.fromkeys(r.method for r in budgeted):  # one line per method that takes a budget
+    for name in dict.fromkeys(r.method for r in budgeted):  # one thin line joins a method's budgets
         line = [r for r in budgeted if r.method == name]
-        ax.errorbar([r.budget for r in line], [r.values["icl_composite"] for r in line],
-                    yerr=[r.values.get("icl_se") or 0.0 for r in line], marker="o", capsize=3,
-                    color=_color(name), label=_method_label(name))
+        if len(line) > 1:
+            ax.plot([r.budget for r in line], [r.values["icl_composite"] for r in line], color="tab:gray",
+                    alpha=0.4, linewidth=1, zorder=1)
+    for r in budgeted:
+        ax.errorbar([r.budget], [r.values["icl_composite"]], yerr=[r.values.get("icl_se") or 0.0],
+                    marker=markers[r.method], capsize=3, color=colors[r.name], label=_run_label(r), zorder=3)
     for row in rows:
         if row.budget is None and row.values.get("icl_composite") is not None:
-            ax.axhline(row.values["icl_composite"], color=_color(row.method), linestyle="--",
-                       linewidth=1, label=_method_label(row.method))
+            ax.axhline(row.values["icl_composite"], color=colors[row.name], linestyle="--",
+                       linewidth=1, label=_run_label(row))
+    for baseline in sorted({r.values["icl_baseline"] for r in rows if r.values.get("icl_baseline") is not None}):
+        ax.axhline(baseline, color="tab:gray", linestyle=":", linewidth=1.5,
+                   label=f"ICL baseline {baseline:.3f} (best constant or copy)")
     ax.set_xlabel("dense budget F")
     ax.set_ylabel("ICL composite (exact match, ± se)")
     ax.set_xlim(-0.05, 1.05)
     has = budgeted or any(r.values.get("icl_composite") is not None for r in rows)
     ax.set_title("ICL probes against budget" if has else "no run has ICL results")
-    return _save(plt, fig, ax, path)
+    return fig, ax
 
 
 def dense_fraction(rows: list[Row], path: Path) -> Path:
     """Per distilled run (from log.arrow) against training step: the scheduled target, the retained dense
     fraction Σρc/Σc, and the fraction whose dense matmuls still run (modules with ρ > 0): the saving
-    only becomes real compute when a module reaches ρ = 0."""
+    only becomes real compute when a module reaches ρ = 0. Each run in its own colour (`run_colors`)."""
+    fig, ax = dense_fraction_figure(rows)
+    return _save(_pyplot(), fig, ax, path, legend_size=7)
+
+
+def dense_fraction_figure(rows: list[Row]):
+    """`dense_fraction`'s (figure, axes)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = run_colors(rows)
     plotted = 0
     for row in rows:
         if row.log is None:
             continue
         with pa.memory_map(str(row.log)) as source:
             log = pa.ipc.open_stream(source).read_all().to_pydict()
-        line = ax.plot(log["step"], log["actual_fraction"], label=f"{_label(row)} Σρc/Σc")[0]
+        line = ax.plot(log["step"], log["actual_fraction"], color=colors[row.name],
+                       label=f"{row.name} ({_label(row)}) Σρc/Σc")[0]
         if row.budget is not None:
             ax.plot(log["step"], log["target_fraction"], linestyle=":", color=line.get_color(),
-                    label=f"{_label(row)} target")
+                    label=f"{row.name} target")
             ax.plot(log["step"], log["computed_fraction"], linestyle="--", alpha=0.6, color=line.get_color(),
-                    label=f"{_label(row)} computed (ρ > 0)")
+                    label=f"{row.name} computed (ρ > 0)")
         plotted += 1
     ax.set_xlabel("training step")
     ax.set_ylabel("dense fraction")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("dense fraction during training" if plotted else "no distill log found")
-    return _save(plt, fig, ax, path, legend_size=7)
+    return fig, ax
 
 
 def _read_log(path: Path) -> dict[str, list]:
@@ -183,12 +222,13 @@ def _band(ax, xs, nll, se, color) -> None:
 def learning_curves_figure(rows: list[Row]):
     """The learning curves' (figure, axes): per distilled run whose log has held-out evaluations
     (`distill --eval-every`), held-out perplexity against training tokens, both on log scales, in its
-    method's colour with a marker of its own, a band of ± 1 standard error around it where the log has one;
+    run's colour (`run_colors`) with its method's marker, a band of ± 1 standard error around it where the log has one;
     the teacher as a line (with its band) scored on the same slice, from its eval-ppl's windows.arrow, or a
     note in the title saying why it is not drawn."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    seen: dict[str, int] = {}
+    colors, markers = run_colors(rows), _method_markers(rows)
+    seen: set[str] = set()
     slices: set[tuple] = set()
     for row in rows:
         if row.log is None:
@@ -200,9 +240,9 @@ def learning_curves_figure(rows: list[Row]):
         points = [(t, p, nll, se) for t, p, nll, se in zip(*columns) if p is not None]
         if not points:
             continue
-        k = seen[row.method] = seen.get(row.method, -1) + 1
-        color = _color(row.method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=MARKERS[k % len(MARKERS)],
+        seen.add(row.name)
+        color = colors[row.name]
+        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=markers[row.method],
                 markersize=4, label=_run_label(row))
         banded = [p for p in points if p[3] is not None and p[2] is not None]
         if banded:

@@ -12,6 +12,10 @@ evaluated (the teacher, the untrained student). Values a row lacks stay None and
 have produced them are listed in `missing`, so an incomplete run is reported, never dropped. A row whose
 values come from both forms of a student, or from one of two evaluations of one model by the same stage,
 says so in `conflicts` (the newest evaluation is used), for `report` to refuse or mark.
+
+A `capacity` plan covers several models: its inputs cite each as a `bench-serving` artifact (by artifact
+hash; that artifact names its model by content) or as a model by content, in the order of its result.json's
+rows, so each row gets its own model's plan (`_add_capacity`).
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from bltool.errors import UsageError
 from bltool.eval.probes import composite_se, standard_error
 from bltool.train import methods
 
-EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
+EVALUATIONS = (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH, Stage.BENCH_SERVING)
 MODELS = (Stage.DISTILL, Stage.COMPRESS, Stage.BUILD_STUDENT, Stage.IMPORT_GGUF)
 COLUMNS = ("name", "method", "budget", "tokens", "perplexity", "perplexity_se", "bits_per_byte", "icl_composite",
            "icl_se", "icl_seed_std", "icl_baseline", "compute_proxy", "compute_realised", "mac_speedup",
-           "module_speedup", "prefill_speedup", "decode_speedup", "param_reduction", "kept", "svd", "dropped",
-           "missing", "path")
+           "module_speedup", "prefill_speedup", "decode_speedup", "param_reduction", "serving_decode_tps",
+           "serving_engine", "serving_rate", "serving_binding", "servers", "kept", "svd", "dropped", "missing", "path")
 
 
 @dataclass
@@ -124,8 +128,15 @@ class Row:
     # what makes the row itself mixed: evaluations of both the distilled and the compressed form, or two
     # evaluations of one model by one stage (`report` refuses these, or marks the row with --allow-mixed)
     conflicts: list[str] = field(default_factory=list)
+    # which engine and machine measured its serving costs (bench-serving), for the report's note
+    serving_machine: str | None = None
     # the artifact each evaluation's values come from ({stage: directory}), for the paired comparisons
     sources: dict[str, Path] = field(default_factory=dict)
+
+    # the capacity plan's row for this model ({label, max_stable_rate, gpus, binding, ...}), when one was made
+    capacity: dict | None = None
+    # the content keys of the models the row stands for (the distilled student, then its compressed form)
+    keys: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         row = {"name": self.name, "method": self.method, "budget": self.budget, "tokens": self.tokens,
@@ -159,6 +170,7 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
     for d in (a for a in artifacts if a.stage == Stage.DISTILL):
         c = compressed_of.get(d.hash)
         row = _distill_row(d, c, evaluations)
+        row.keys = (d.hash, *([c.hash] if c else []))
         for key in (d.hash, *([c.hash] if c else [])):
             row.conflicts += _duplicate_notes(row.name, duplicates.get(key, {}))
         used.update({d.hash} | ({c.hash} if c else set()))
@@ -172,10 +184,11 @@ def build_rows(artifacts: list[Artifact]) -> list[Row]:
         method = {Stage.BUILD_STUDENT: "student (untrained)", Stage.IMPORT_GGUF: "teacher"}.get(
             model.stage if model else "", "teacher" if key in teachers else "model")
         name = model.name if model is not None and model.stage == Stage.BUILD_STUDENT else labels[key]
-        row = Row(name, str(model.path) if model else labels[key], method)
+        row = Row(name, str(model.path) if model else labels[key], method, keys=(key,))
         _add_evaluations(row, evals, need=(Stage.EVAL_PPL, Stage.EVAL_ICL))
         row.conflicts += _duplicate_notes(row.name, duplicates.get(key, {}))
         rows.append(row)
+    _add_capacity(rows, artifacts, by_hash)
     return rows
 
 
@@ -252,7 +265,89 @@ def _add_evaluations(row: Row, evals: dict[str, Artifact], need: tuple[str, ...]
             prefill_speedup=e2e[("prefill", 1)]["speedup"] if ("prefill", 1) in e2e else None,
             decode_speedup=e2e[decode[0]]["speedup"] if decode else None,
         )
+    if Stage.BENCH_SERVING in evals:
+        r = evals[Stage.BENCH_SERVING].result()
+        row.values.update(serving_decode_tps=r.get("decode_tokens_per_s"), serving_engine=r.get("engine"))
+        row.settings[Stage.BENCH_SERVING] = bench_serving_settings(r)
+        row.serving_machine = serving_machine(r)
     row.missing += [stage for stage in need if stage not in evals]
+
+
+def serving_machine(result: dict) -> str:
+    """Which machine and engine a bench-serving result measured on: "transformers 4.57 on cuda (NVIDIA H100),
+    bfloat16" or "vllm 0.11 on cpu (AMD EPYC …), 2 threads, float32"."""
+    engine = result.get("engine", "transformers")
+    version = result.get(engine) or ""
+    where = f"{result.get('device', '?')} ({result.get('device_name', '?')})"
+    threads = ""
+    if str(result.get("device", "")).startswith("cpu") and "threads" in result:
+        threads = f", {result['threads']} thread{'' if result['threads'] == 1 else 's'}"
+    return f"{engine} {version}".strip() + f" on {where}{threads}, {result.get('dtype', '?')}"
+
+
+def bench_serving_settings(result: dict) -> dict[str, Any]:
+    """What must match for two bench-serving measurements (and the plans made from them) to be compared: the
+    engine, the machine, the dtype and the measured load."""
+    settings = result.get("settings", {})
+    measured = ("concurrency", "prompt_len", "output_len", "chunk")
+    return {"engine": result.get("engine", "transformers"), "device": result.get("device_name"),
+            "dtype": result.get("dtype"), **{f"--{k.replace('_', '-')}": settings.get(k) for k in measured}}
+
+
+def capacity_settings(manifest: dict) -> dict[str, Any]:
+    """What must match for two capacity plans to be compared: the workload (a trace by content, or its
+    length distributions), the accelerator memory and what is planned for."""
+    config = manifest.get("config", {})
+    trace = _input(manifest, "workload")
+    workload = (f"trace {trace[0].get('sha256', '')[:12]}" if trace else
+                f"--prompt-len {config.get('prompt_len')} --output-len {config.get('output_len')} "
+                f"--samples {config.get('samples')} --seed {config.get('seed')}")
+    return {"workload": workload, "--gpu-mem": config.get("gpu_mem"), "--mem-util": config.get("mem_util"),
+            "--activation-reserve": config.get("activation_reserve"), "--dtype": config.get("dtype"),
+            "--chunk": config.get("chunk"), "--rate": config.get("rate"), "--target-util": config.get("target_util"),
+            "--iteration-stat": config.get("iteration_stat")}
+
+
+def _add_capacity(rows: list[Row], artifacts: list[Artifact], by_hash: dict[str, Artifact]) -> None:
+    """Each row's capacity plan: a `capacity` artifact's inputs are, per model, a bench-serving artifact (whose
+    own manifest names the model it served, by content) or a model by content, in the order of its
+    result.json's rows. The newest plan of a model is used (a second is a conflict), the compressed form's
+    before the distilled one's; when some row has a plan, the distilled students and the teacher without
+    one list `capacity` as missing."""
+    plans: dict[str, list[tuple[Artifact, int]]] = {}
+    for a in artifacts:
+        if a.stage != Stage.CAPACITY:
+            continue
+        models = [e for e in a.manifest.get("inputs", []) if e.get("role") in ("model", Stage.BENCH_SERVING)]
+        for i, entry in enumerate(models):
+            if entry.get("role") == Stage.BENCH_SERVING:
+                measured = by_hash.get(entry.get("hash"))
+                key = measured.model_key() if measured is not None else None
+            else:
+                key = content_key(entry.get("content"))
+            if key:
+                plans.setdefault(key, []).append((a, i))
+    for row in rows:
+        key = next((k for k in reversed(row.keys) if k in plans), None)
+        if key is None:
+            continue
+        group = plans[key]
+        artifact, index = max(enumerate(group), key=lambda item: (item[1][0].manifest.get("created_at", ""),
+                                                                   item[0]))[1]
+        if len(group) > 1:
+            others = ", ".join(str(a.path) for a, _ in group if a is not artifact)
+            row.conflicts.append(f"{row.name}: {len(group)} capacity plans for one model; used the newest, "
+                                 f"{artifact.path}, not {others}")
+        plan = artifact.result().get("models", [])[index]
+        row.capacity = plan
+        row.sources[Stage.CAPACITY] = artifact.path
+        row.settings[Stage.CAPACITY] = capacity_settings(artifact.manifest)
+        row.values.update(serving_rate=plan.get("max_stable_rate"), serving_binding=plan.get("binding"),
+                          servers=plan.get("gpus"))
+    if any(row.capacity is not None for row in rows):
+        for row in rows:
+            if row.capacity is None and (row.method == "teacher" or methods.find(row.method) is not None):
+                row.missing.append(Stage.CAPACITY)
 
 
 def icl_se_from_predictions(path: Path) -> float | None:
@@ -306,7 +401,7 @@ def evaluation_differences(rows: list[Row]) -> dict[str, list[tuple[str, dict[st
     """Per evaluation stage, the settings that differ between the rows that have it: {stage: [(setting,
     {row name: value})]}; empty when every compared row was evaluated the same way."""
     out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for stage in (Stage.EVAL_PPL, Stage.EVAL_ICL):
+    for stage in (Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH_SERVING, Stage.CAPACITY):
         having = [r for r in rows if stage in r.settings]
         keys = dict.fromkeys(k for r in having for k in r.settings[stage])
         for key in keys:
@@ -330,11 +425,12 @@ def describe_difference(setting: str, values: dict[str, Any]) -> str:
 
 FLOATS = ("perplexity", "perplexity_se", "bits_per_byte", "icl_composite", "icl_se", "icl_seed_std", "icl_baseline",
           "compute_proxy", "compute_realised", "mac_speedup", "module_speedup", "prefill_speedup", "decode_speedup",
-          "param_reduction")
+          "param_reduction", "serving_decode_tps", "serving_rate")
 
 
 def rows_table(rows: list[Row]) -> pa.Table:
     types = {"name": pa.string(), "method": pa.string(), "budget": pa.float64(), "tokens": pa.int64(),
-             **{c: pa.float64() for c in FLOATS}, "kept": pa.int64(), "svd": pa.int64(), "dropped": pa.int64(),
+             **{c: pa.float64() for c in FLOATS}, "serving_engine": pa.string(), "serving_binding": pa.string(),
+             "servers": pa.int64(), "kept": pa.int64(), "svd": pa.int64(), "dropped": pa.int64(),
              "missing": pa.string(), "path": pa.string()}
     return pa.Table.from_pylist([r.as_dict() for r in rows], schema=pa.schema([(c, types[c]) for c in COLUMNS]))

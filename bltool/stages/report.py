@@ -7,9 +7,14 @@ during training, from `distill --eval-every`). With `--readme FILE` it also repl
 part of FILE between `<!-- bltool-report:start -->` and `<!-- bltool-report:end -->` with the table and
 the figures, so a README's results are generated from the runs, never typed by hand.
 
+Beside quality and speed, each row's serving cost: the maximum stable requests/s per server and the servers
+for a rate, from the `capacity` plan of its model (linked by content, through the `bench-serving` artifact
+it measured, whose engine and machine the note names), and bench-serving's measured decode tokens/s.
+
 Rows are compared only if they were evaluated the same way: the same held-out data (by content) and
-token budget for perplexity, the same `--n`, `--shots`, `--seeds` and probe set for ICL, read from each
-run's evaluation manifests. Otherwise `report` refuses, naming the setting and the runs, or with
+token budget for perplexity, the same `--n`, `--shots`, `--seeds` and probe set for ICL, the same engine,
+machine and load for bench-serving, the same workload, memory and rate for capacity, read from each run's
+evaluation manifests. Otherwise `report` refuses, naming the setting and the runs, or with
 `--allow-mixed` marks the column (†) and says under the table what differs. A row that mixes the
 distilled and the compressed form of a student (one evaluated, the other benched, say), or that has two
 evaluations of one model by the same stage, is refused the same way, or marked (†) on its name.
@@ -38,6 +43,7 @@ from bltool.eval import stats
 from bltool.results import figures
 from bltool.results.runs import (
     COLUMNS,
+    Artifact,
     Row,
     build_rows,
     describe_difference,
@@ -46,6 +52,7 @@ from bltool.results.runs import (
     rows_table,
 )
 from bltool.train import methods
+from bltool.units import format_bytes
 
 START, END = "<!-- bltool-report:start -->", "<!-- bltool-report:end -->"
 NOISE_Z = 2.0  # a difference is "higher" / "lower" (above / below) beyond this many paired standard errors
@@ -58,11 +65,14 @@ HEADERS = {
     "compute_proxy": "train compute (proxy)",
     "compute_realised": "train compute (realised)", "mac_speedup": "MAC speedup",
     "module_speedup": "module speedup (measured)", "prefill_speedup": "prefill speedup (e2e)",
-    "decode_speedup": "decode speedup (e2e)", "param_reduction": "param reduction", "missing": "missing",
+    "decode_speedup": "decode speedup (e2e)", "param_reduction": "param reduction",
+    "serving_decode_tps": "decode tok/s (served)", "serving_rate": "req/s per server", "servers": "servers for λ",
+    "missing": "missing",
 }
 
 # The artifacts a report cites as its inputs.
-REPORTED = (Stage.DISTILL, Stage.COMPRESS, Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH)
+REPORTED = (Stage.DISTILL, Stage.COMPRESS, Stage.EVAL_PPL, Stage.EVAL_ICL, Stage.BENCH, Stage.BENCH_SERVING,
+            Stage.CAPACITY)
 
 
 def _measured_clause(r) -> str:
@@ -84,15 +94,19 @@ def _fmt(column: str, value) -> str:
         return f"{value:.2f}×"
     if column == "param_reduction":
         return f"{value:.1%}"
-    if column == "tokens":
+    if column in ("tokens", "servers"):
         return f"{value:,}"
+    if column in ("serving_decode_tps", "serving_rate"):
+        return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
     if column == "budget":
         return f"{value:g}"
     return str(value)
 
 
 # The columns each evaluation fills, marked when its rows were evaluated differently.
-EVALUATED_COLUMNS = {Stage.EVAL_PPL: ("perplexity", "bits_per_byte"), Stage.EVAL_ICL: ("icl_composite", "icl_baseline")}
+EVALUATED_COLUMNS = {Stage.EVAL_PPL: ("perplexity", "bits_per_byte"), Stage.EVAL_ICL: ("icl_composite", "icl_baseline"),
+                     Stage.BENCH_SERVING: ("serving_decode_tps", "serving_rate", "servers"),
+                     Stage.CAPACITY: ("serving_rate", "servers")}
 
 
 def mixed_columns(mixed: dict) -> set[str]:
@@ -104,13 +118,57 @@ def mixed_notes(mixed: dict) -> list[str]:
             for setting, values in diffs]
 
 
-def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".", mixed: dict | None = None) -> str:
+def stages_line(artifacts: list[Artifact]) -> str:
+    """Which stages' artifacts the report found, in pipeline order with their counts: what ran."""
+    counts: dict[str, int] = {}
+    for a in artifacts:
+        if a.stage != Stage.DISTILL_CHECKPOINT:  # a resumable checkpoint, not a stage's output
+            counts[a.stage] = counts.get(a.stage, 0) + 1
+    order = [v for k, v in vars(Stage).items() if not k.startswith("_") and isinstance(v, str)]
+    found = sorted(counts, key=lambda s: order.index(s) if s in order else len(order))
+    return "Artifacts found under the RUN_DIRs: " + ", ".join(f"{s} × {counts[s]}" for s in found) + "."
+
+
+def serving_note(rows: list[Row]) -> str:
+    """What the serving columns are: the workload, accelerator memory, dtype and rate `capacity` planned for,
+    and which engine and machine measured the iteration costs (bench-serving); "" when no row has a plan.
+    Settings that differ between the rows (`--allow-mixed`) are listed per value."""
+    planned = [r for r in rows if r.capacity is not None]
+    if not planned:
+        return ""
+
+    def values(get) -> str:
+        return " / ".join(dict.fromkeys(str(get(r)) for r in planned))
+
+    settings = [r.settings[Stage.CAPACITY] for r in planned]
+    rates = dict.fromkeys(s["--rate"] for s in settings)
+    rate = ("; servers for λ: no --rate given" if rates == {None: None} else
+            "; servers for λ = " + " / ".join(f"{x:g}" for x in rates if x is not None) + " req/s at utilisation "
+            + " / ".join(dict.fromkeys(f"{s['--target-util']:g}" for s in settings)))
+    memory = " / ".join(dict.fromkeys(f"{format_bytes(s['--gpu-mem'])} × {s['--mem-util']:g}" for s in settings))
+    by_machine: dict[str, list[str]] = {}
+    for r in planned:
+        by_machine.setdefault(r.serving_machine or "", []).append(r.name)
+    unmeasured = "given by capacity --iteration-time, not measured"
+    machines = "; ".join((f"measured by `bench-serving` with {machine}" if machine else unmeasured)
+                         + f" ({', '.join(names)})" for machine, names in by_machine.items())
+    return (f"Serving cost (`capacity`): workload {values(lambda r: r.settings[Stage.CAPACITY]['workload'])}; "
+            f"accelerator memory --gpu-mem {memory}, {values(lambda r: r.settings[Stage.CAPACITY]['--dtype'])}"
+            f"{rate}; req/s per server is the maximum stable rate (in brackets the bound that binds); iteration "
+            f"costs {machines}. Decode tok/s (served) is bench-serving's "
+            "measured decode throughput.")
+
+
+def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".", mixed: dict | None = None,
+             stages: str = "") -> str:
     mixed = mixed or {}
     marked = mixed_columns(mixed)
     columns = [c for c in HEADERS if c != "missing"] + ["missing"]
     lines = [f"## {title}", ""]
     if note:
         lines += [note, ""]
+    if stages:
+        lines += [stages, ""]
     lines += ["| " + " | ".join(HEADERS[c] + (f" {MIXED}" if c in marked else "") for c in columns) + " |",
               "|" + "---|" * len(columns)]
     for row in rows:
@@ -121,7 +179,11 @@ def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".", mixe
         ppl = _fmt("perplexity", d["perplexity"])
         if d["perplexity_se"] is not None and d["perplexity"] is not None:
             ppl += f" ± {_fmt('perplexity', d['perplexity_se'])}"
-        cells = [icl if c == "icl_composite" else ppl if c == "perplexity" else _fmt(c, d[c]) for c in columns]
+        rate = _fmt("serving_rate", d["serving_rate"])
+        if d["serving_binding"] and d["serving_rate"] is not None:
+            rate += f" ({d['serving_binding']})"
+        special = {"icl_composite": icl, "perplexity": ppl, "serving_rate": rate}
+        cells = [special[c] if c in special else _fmt(c, d[c]) for c in columns]
         if row.conflicts:
             cells[columns.index("name")] += f" {MIXED}"
         lines.append("| " + " | ".join(cells) + " |")
@@ -141,6 +203,9 @@ def markdown(rows: list[Row], title: str, note: str, figure_dir: str = ".", mixe
               "`compress`; measured speedups come from `bench` (module: prefill shape; end to end: prefill "
               "and batch-1 decode). A dash is a value the runs do not have; `missing` names the stage that "
               "would produce it.", ""]
+    serving = serving_note(rows)
+    if serving:
+        lines += [serving, ""]
     claims = comparison(rows, mixed)
     if claims:
         lines += ["### Against the paper's claims", "", *claims, ""]
@@ -328,6 +393,7 @@ def run(config: ReportConfig) -> Path:
         raise UsageError(f"RUN_DIR: a row mixes measurements ({conflicts[0]}); keep one evaluation per model and "
                          "form, or pass --allow-mixed to report it with the row marked")
     note = config.note or f"Generated by `bltool report` on {now_iso()}."
+    stages = stages_line(artifacts)
     with atomic_output(out, config.overwrite) as tmp:
         write_arrow(tmp / "report.arrow", rows_table(rows))
         _write_csv(tmp / "report.csv", rows)
@@ -335,7 +401,8 @@ def run(config: ReportConfig) -> Path:
         figures.icl_by_budget(rows, tmp / FIGURES[1])
         figures.dense_fraction(rows, tmp / FIGURES[2])
         figures.learning_curves(rows, tmp / FIGURES[3])
-        (tmp / "report.md").write_text(markdown(rows, config.title, note, mixed=mixed), encoding="utf-8")
+        (tmp / "report.md").write_text(markdown(rows, config.title, note, mixed=mixed, stages=stages),
+                                       encoding="utf-8")
         write_json(tmp / "rows.json", [r.as_dict() for r in rows])
         write_manifest(tmp, Stage.REPORT, config=asdict(config),
                        inputs=[{"role": "run", "path": str(a.path), "stage": a.stage, "hash": a.hash}
@@ -351,7 +418,7 @@ def run(config: ReportConfig) -> Path:
         # (a repository names no machine path)
         _write_csv(figure_dir / "report.csv", rows, relative_to=readme.parent)
         _update_readme(readme, markdown(rows, config.title, note, figure_dir.relative_to(readme.parent).as_posix(),
-                                        mixed=mixed))
+                                        mixed=mixed, stages=stages))
         ui.info(f"updated {readme} and {figure_dir}")
     _print(rows)
     return out

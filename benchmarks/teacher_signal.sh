@@ -26,7 +26,7 @@ BATCH=${BATCH:-2}
 SEEDS=${SEEDS:-0 1}
 SIGNALS=${SIGNALS:-live top-k:64 top-k:16 sample:32}
 EVAL_EVERY=${EVAL_EVERY:-10}
-EVAL_TOKENS=${EVAL_TOKENS:-10M}     # capped by the held-out split: all of it
+EVAL_TOKENS=${EVAL_TOKENS:-10000000}  # capped by the held-out split: all of it
 DISTILL_ARGS=${DISTILL_ARGS:-}
 
 mkdir -p "$RUNS"

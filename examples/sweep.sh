@@ -23,7 +23,7 @@ for knob in RUNS TEACHER CORPUS GLOB HELDOUT SEQ_LEN LAYERS SWEEP TOKENS BATCH T
     case ${!knob} in *[!A-Za-z0-9._:/,=+-]*|"") command+="$knob='${!knob}' " ;; *) command+="$knob=${!knob} " ;; esac
   fi
 done
-command+="bash examples/sweep.sh"
+command+="bash ${0#"$PWD"/}"
 
 RUNS=${RUNS:-${BLTOOL_RUNS_ROOT:-runs}/sweep}
 TEACHER=${TEACHER:-${BLTOOL_TEACHER:-smollm2-135m}}

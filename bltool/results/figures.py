@@ -26,13 +26,32 @@ PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
 
 def run_colors(rows: list[Row]) -> dict[str, str]:
     """Each run's own colour, by its name, the same in every figure of a report: the teacher black, the
-    untrained student grey, the other runs the palette in the order of their sorted names (so the colours
-    do not depend on the order the runs were found in; past the palette's length they repeat)."""
+    untrained student grey; a run of a registered method its method's colour (`methods.Method.color`), the
+    method's further runs shades of it (in the order of their sorted names, so the colours do not depend on
+    the order the runs were found in); other models the palette, in sorted-name order."""
     fixed = {"teacher": "black", "student (untrained)": "tab:gray"}
     colors = {r.name: fixed[r.method] for r in rows if r.method in fixed}
-    others = sorted({r.name for r in rows if r.method not in fixed})
+    by_method: dict[str, list[str]] = {}
+    for r in rows:
+        if r.method not in fixed and methods.find(r.method) is not None:
+            by_method.setdefault(r.method, []).append(r.name)
+    for method, names in by_method.items():
+        base = methods.find(method).color
+        colors.update({name: _shade(base, k) for k, name in enumerate(sorted(set(names)))})
+    others = sorted({r.name for r in rows if r.name not in colors})
     colors.update({name: PALETTE[i % len(PALETTE)] for i, name in enumerate(others)})
     return colors
+
+
+def _shade(color: str, k: int) -> str:
+    """The k-th shade of `color`: itself for k = 0, then alternately darker and lighter, further each pair."""
+    from matplotlib.colors import to_hex, to_rgb
+
+    if k == 0:
+        return color
+    toward = (0.0, 0.0, 0.0) if k % 2 else (1.0, 1.0, 1.0)
+    amount = min(0.7, 0.3 * ((k + 1) // 2))
+    return to_hex(tuple(c + (t - c) * amount for c, t in zip(to_rgb(color), toward)))
 
 
 def _method_markers(rows: list[Row]) -> dict[str, str]:

@@ -26,9 +26,9 @@ DEVICE = "auto, cpu, cuda or cuda:N."
 DEVICE_RANKED = "auto, cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."
 DTYPE = "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
 # distill and teacher-logits: their frozen weights only feed training or a cache, so `auto` takes bf16 where the
-# CPU has it natively (bltool.models.devices.cpu_bf16); evaluation and bench keep float32 on every CPU
-FROZEN_AUTO = ("auto (bfloat16 on CUDA and on CPUs with native bf16, AVX512-BF16 or AMX; else float32; "
-               "BLTOOL_CPU_BF16=0 keeps float32 on every CPU)")
+# CPU has it natively and BLTOOL_CPU_BF16=1 (bltool.models.devices.cpu_bf16); evaluation and bench keep float32
+FROZEN_AUTO = ("auto (bfloat16 on CUDA; float32 on CPUs, bfloat16 with BLTOOL_CPU_BF16=1 on a CPU with native "
+               "bf16)")
 MODEL = "Model: checkpoint directory, .gguf file or alias."
 
 KERNELS = ("auto", "linear", "mm", "compile")  # bltool.adapt.lowrank.KERNELS

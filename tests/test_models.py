@@ -405,9 +405,9 @@ def test_auto_is_bfloat16_for_frozen_weights_on_a_cpu_with_native_bf16_only(monk
             assert resolve_dtype("auto", "cpu") == torch.float32  # evaluation: float32 on every CPU
             assert resolve_dtype("float32", "cpu", cpu_auto_bf16=True) == torch.float32
             assert resolve_dtype("auto", "cuda", cpu_auto_bf16=True) == torch.bfloat16
-    monkeypatch.delenv("BLTOOL_CPU_BF16")  # unset: on
+    monkeypatch.delenv("BLTOOL_CPU_BF16")  # unset: off (opt-in), even where the CPU has native bf16
     monkeypatch.setattr(devices, "native_bf16", lambda: True)
-    assert resolve_dtype("auto", "cpu", cpu_auto_bf16=True) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", cpu_auto_bf16=True) == torch.float32
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags of Linux")

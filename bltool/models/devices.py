@@ -8,7 +8,7 @@ import os
 from bltool.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-CPU_BF16_ENV = "BLTOOL_CPU_BF16"  # "0": `auto` stays float32 on every CPU
+CPU_BF16_ENV = "BLTOOL_CPU_BF16"  # "1": `auto` takes bf16 on a CPU with native bf16 (distill, teacher-logits)
 
 
 def check_dtype(dtype: str, flag: str = "--dtype") -> None:
@@ -36,8 +36,12 @@ def native_bf16() -> bool:
 
 
 def cpu_bf16() -> bool:
-    """Whether `auto` picks bfloat16 for a CPU's frozen weights: native bf16, unless BLTOOL_CPU_BF16=0."""
-    return os.environ.get(CPU_BF16_ENV, "1") != "0" and native_bf16()
+    """Whether `auto` picks bfloat16 for a CPU's frozen weights: only when asked (BLTOOL_CPU_BF16=1) on a CPU
+    with native bf16. Not by default: native bf16 by the CPU's flags does not mean faster (on a 2-core Xeon
+    with AVX512-BF16 and no AMX, bf16 matmuls ran at half float32's rate and the teacher 1.4× slower, while a
+    2-core EPYC's ran 2.5× faster; docs/benchmarks.md), and a dtype picked by a timing would make a run's
+    precision depend on the machine's load."""
+    return os.environ.get(CPU_BF16_ENV, "0") == "1" and native_bf16()
 
 
 def resolve_dtype(dtype: str, device: str, cpu_auto_bf16: bool = False):

@@ -74,6 +74,14 @@ def place_legend(ax, size: int = 8) -> None:
         ax.legend(fontsize=size, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
+def _write_grid(plt, fig, path: Path) -> Path:
+    """A figure of several panels (each with its own legend), laid out and written to `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _save(plt, fig, ax, path: Path, legend_size: int = 8) -> Path:
     ax.grid(True, alpha=0.3)
     fig.tight_layout()  # the axes keep their size; the saved image widens to take the legend beside them
@@ -309,10 +317,7 @@ def capacity_queues(series: list[dict], rows: list[dict], loads: tuple[float, ..
         ax.set_xlabel("time (s)")
         ax.set_ylabel("requests waiting")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _write_grid(plt, fig, path)
 
 
 def capacity_validation(rows: list[dict], served: list[dict], path: Path) -> Path:
@@ -344,7 +349,4 @@ def capacity_validation(rows: list[dict], served: list[dict], path: Path) -> Pat
         bottom.set_xlabel("offered load (req/s)")
         bottom.set_ylabel("p90 latency (s)")
         bottom.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _write_grid(plt, fig, path)
